@@ -1,0 +1,109 @@
+"""The small replay buffer every agent shares: `num_envs` parallel streams, each frame stored once.
+
+Alignment convention (one sentence): row t of a stream holds the observation o_t, the reward r_t and
+the flags is_first_t / is_terminal_t received on arriving at o_t, and the action a_t the agent then
+chose at o_t (so a model that consumes a_{t-1} reads `action[:, t-1]`, and r_t follows a_{t-1}).
+
+On the first row of an episode the reward is 0 and is_first is True. The last observation of an
+episode is stored with the action that the vector env ignored (NEXT_STEP autoreset, see
+`common.envs.make_vector_env`); it never matters because the next row starts a new episode.
+
+Memory: observations dominate. 1e6 frames of 3x64x64 uint8 are 12.3 GB (plus 4 bytes per action
+dimension and 6 bytes of reward and flags per step: 12.3 GB for a 6-dim action at the default 1e6).
+The arrays are allocated once, lazily by the OS, so a short run touches only what it writes, but the
+constructor refuses a capacity the machine's available memory cannot hold (pass a smaller
+`--buffer-size`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where that file does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class ReplayBuffer:
+    """FIFO over `capacity` steps in total (`capacity // num_envs` per stream), written in lockstep.
+
+    `add` takes one row per stream; `sample(B, T)` returns contiguous (B, T) windows drawn uniformly
+    over the valid start points (inside one stream, never across the write head); `sample(B, T,
+    within_episode=True)` additionally rejects windows in which a new episode starts after the first
+    row (ALM's (B, K+1) sequences).
+    """
+
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, action_dim: int,
+                 obs_dtype=np.uint8, seed: int = 0, check_memory: bool = True):
+        if num_envs < 1 or capacity < num_envs:
+            raise ValueError(f"--buffer-size ({capacity}) must be >= --num-envs ({num_envs}) >= 1")
+        self.num_envs, self.cap = num_envs, capacity // num_envs
+        shape = (num_envs, self.cap)
+        need = int(np.prod(shape)) * (np.dtype(obs_dtype).itemsize * int(np.prod(obs_shape)) + 4 * action_dim + 6)
+        avail = available_memory_bytes()
+        if check_memory and avail is not None and need > avail:
+            raise MemoryError(
+                f"the replay buffer needs {need / 1e9:.1f} GB for --buffer-size {capacity} but only "
+                f"{avail / 1e9:.1f} GB of memory are available; pass a smaller --buffer-size"
+            )
+        self.obs = np.empty(shape + tuple(obs_shape), obs_dtype)
+        self.action = np.empty(shape + (action_dim,), np.float32)
+        self.reward = np.empty(shape, np.float32)
+        self.is_first = np.empty(shape, bool)
+        self.is_terminal = np.empty(shape, bool)
+        self.head = 0  # next write position in every stream (the oldest row once full)
+        self.count = 0  # rows written per stream, capped at self.cap
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.obs, self.action, self.reward, self.is_first, self.is_terminal))
+
+    def __len__(self) -> int:
+        """Steps stored, over all streams."""
+        return self.count * self.num_envs
+
+    def add(self, obs, action, reward, is_first, is_terminal) -> None:
+        """Write one row per stream; each argument has a leading (num_envs,) axis."""
+        h = self.head
+        self.obs[:, h] = obs
+        self.action[:, h] = action
+        self.reward[:, h] = reward
+        self.is_first[:, h] = is_first
+        self.is_terminal[:, h] = is_terminal
+        self.head = (h + 1) % self.cap
+        self.count = min(self.count + 1, self.cap)
+
+    def _windows(self, batch_size: int, seq_len: int):
+        """Stream and physical time indices (B,), (B, T) of uniform valid windows."""
+        if not 1 <= seq_len <= self.count:
+            raise ValueError(f"cannot sample sequences of {seq_len} steps from {self.count} rows per stream")
+        env = self.rng.integers(0, self.num_envs, batch_size)
+        start = self.rng.integers(0, self.count - seq_len + 1, batch_size)  # logical: 0 = oldest row
+        if self.count == self.cap:
+            start = start + self.head  # the oldest row sits at the write head once the buffer is full
+        return env, (start[:, None] + np.arange(seq_len)) % self.cap
+
+    def sample(self, batch_size: int, seq_len: int, within_episode: bool = False) -> dict:
+        """A dict of numpy arrays: obs (B, T, *obs_shape), action (B, T, A), reward, is_first, is_terminal (B, T)."""
+        env, t = self._windows(batch_size, seq_len)
+        if within_episode:
+            for _ in range(1000):
+                bad = self.is_first[env[:, None], t[:, 1:]].any(1)
+                if not bad.any():
+                    break
+                e2, t2 = self._windows(int(bad.sum()), seq_len)
+                env[bad], t[bad] = e2, t2
+            else:
+                raise RuntimeError(f"found no {seq_len}-step windows inside one episode in the replay buffer")
+        e = env[:, None]
+        return dict(obs=self.obs[e, t], action=self.action[e, t], reward=self.reward[e, t],
+                    is_first=self.is_first[e, t], is_terminal=self.is_terminal[e, t])
