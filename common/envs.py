@@ -103,7 +103,8 @@ class DMCPixelEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(self, env_id: str, seed: int, action_repeat: int = 2, size: int = 64,
-                 time_limit: int = 1000, camera: int | None = None, background: str = "plain"):
+                 time_limit: int = 1000, camera: int | None = None, background: str = "plain",
+                 background_dir: str | None = None, background_mask: str = "color", split: str = "train"):
         from dm_control import suite
 
         if action_repeat < 1:
@@ -112,6 +113,8 @@ class DMCPixelEnv(gym.Env):
             raise ValueError(f"image size and time limit must be positive, got {size} and {time_limit}")
         if background not in BACKGROUNDS:
             raise ValueError(f"--background {background!r} is not supported; choose one of {BACKGROUNDS}")
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         domain, task = env_id.split("-")
         domain = DMC_DOMAIN_ALIASES.get(domain, domain)
         # The frame budget is ours (time_limit); DMC's own 1000-step limit is switched off.
@@ -183,7 +186,11 @@ class GymEpisodeStats(gym.Wrapper):
 
 
 def make_env(env_id: str, seed: int, **options) -> gym.Env:
-    """Build one environment. DMC options: action_repeat, size, time_limit, camera, background.
+    """Build one environment.
+
+    DMC options: action_repeat, size, time_limit, camera, and the background options background
+    ("plain" or natural videos), background_dir, background_mask, split ("train" for training envs,
+    "eval" for evaluation envs, which draw backgrounds from the evaluation video set).
 
     gymnasium ids accept no options (they are the tasks as gymnasium defines them, time limit included).
     """
@@ -195,6 +202,8 @@ def make_env(env_id: str, seed: int, **options) -> gym.Env:
     background = options.pop("background", "plain")
     if background != "plain":
         raise ValueError(f"--background {background!r} applies to DMC pixel tasks only, not {env_id}")
+    for key in ("background_dir", "background_mask", "split"):  # harmless with a plain background
+        options.pop(key, None)
     if options:
         raise TypeError(f"make_env({env_id!r}) takes no options for gymnasium tasks, got {sorted(options)}")
     base_id, kwargs = GYM_TRUNCATED.get(env_id, (env_id, {}))
