@@ -7,6 +7,15 @@ chose at o_t (so a model that consumes a_{t-1} reads `action[:, t-1]`, and r_t f
 On the first row of an episode the reward is 0 and is_first is True. The last observation of an
 episode is stored with the action that the vector env ignored (NEXT_STEP autoreset, see
 `common.envs.make_vector_env`); it never matters because the next row starts a new episode.
+The loop that produces this layout with a NEXT_STEP vector env:
+
+    obs, _ = envs.reset(seed=seed)
+    reward, is_first, is_terminal, done = zeros, ones, zeros, zeros    # one entry per env
+    while ...:
+        action = policy(obs, is_first)
+        replay.add(obs, action, reward, is_first, is_terminal)
+        obs, reward, terminated, truncated, infos = envs.step(action)
+        is_first, is_terminal, done = done, terminated, terminated | truncated
 
 Memory: observations dominate. 1e6 frames of 3x64x64 uint8 are 12.3 GB (plus 4 bytes per action
 dimension and 6 bytes of reward and flags per step: 12.3 GB for a 6-dim action at the default 1e6).
