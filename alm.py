@@ -1,0 +1,560 @@
+"""ALM(K): Aligned Latent Models, from states.
+
+Paper: "Simplifying Model-based RL: Learning Representations, Latent-space Models, and Policies with
+One Objective", Ghugare, Bharadhwaj, Eysenbach, Levine, Salakhutdinov, ICLR 2023, arXiv:2209.08466
+(the text in shared/papers/alm.txt). Official code read, never copied: RajGhugare19/alm@3b70f5b.
+
+One objective, a lower bound on the return, trains the encoder e(z|s), the latent model m(z'|z,a) and
+the policy pi(a|z): replayed K-step sequences train encoder and model (Eq. 7: predicted rewards along
+the model rollout minus KL(m || target encoder), plus Q at the end); on-policy K-step model rollouts
+train the policy (Eq. 8: predicted reward + c * classifier log-odds, lambda-weighted over lengths
+1..K, bootstrapped with Q). Reward r(z,a), twin Q(z,a) and classifier C(z,a,z') learn from real
+transitions only (Eq. 9-11) on latents of the target encoder. DDPG-style exploration, UTD 1.
+
+Symbol map (paper -> code):
+    s_t -> obs (B, S)           z_t -> z (B, Z)               a_t -> action (B, A), in [-1, 1]
+    e_phi -> agent.encoder      e_phi_targ -> agent.encoder_target   m_phi -> agent.model
+    pi_phi -> agent.actor       r_theta -> agent.reward        Q_theta -> agent.critic (twin, min)
+    Q_theta_targ -> agent.critic_target   C_theta -> agent.classifier (2 logits)
+    K -> horizon   c -> classifier_coef   lambda -> lam   gamma -> gamma   tau -> tau
+Shape letters: B batch, K horizon (rollout length), S observation dim, A action dim, Z latent dim.
+
+Replay alignment (common/replay.py): row t holds s_t, the reward received on ARRIVING at s_t and the
+action a_t chosen at s_t. So transition (s_t, a_t) -> s_{t+1} has reward reward[t+1] and terminal
+flag is_terminal[t+1]; a (B, K+1) window holds K transitions.
+
+Deviations from the paper (each tagged `# DEVIATION` where it happens):
+ 1. No gamma^t discount inside Eq. 7 (paper footnote 2; the official code has none).
+ 2. The log of rewards and of Q is omitted in Eq. 7 and 8 (Sec. 4 "Differences between theory and
+    experiments", App. A.8), and c = 0.1 instead of the theory's 1 (Table 3).
+ 3. Policy objective as in the official code: lambda-returns G_t for every start t = 0..K-1 of the
+    rollout, weighted gamma^t and averaged (Dreamer-style); the paper's text describes the
+    lambda-weighted average from the first state only (App. D). G_0 is exactly that average.
+ 4. Update order of the official code (encoder+model, reward+classifier, critic, actor); Algorithm 1
+    lists the policy before classifier, Q and reward.
+ 5. The classifier sees, per sample, either the real z' (label 1) or the model's z' (label 0), a random
+    half of the batch each (official code); Eq. 9 writes both terms for every sample.
+ 6. The Q term of Eq. 7 is zero when s_K is terminal (the official code ignores terminals there).
+ 7. The actor's tanh output in [-1, 1] is mapped affinely onto the env's action box (the official
+    code clamps it to the box, which differs only for boxes other than [-1, 1], e.g. Humanoid).
+ 8. The exploration-std schedule counts steps after the warm-up (official code).
+ 9. gymnasium MuJoCo v5 tasks instead of gym v2 / mujoco-py; 10 evaluation episodes (CONVENTIONS).
+10. One sample of z ~ e_targ(s) and z' ~ e_targ(s') is shared by the reward, classifier, critic and
+    actor losses (the official code draws a fresh sample for each; same expectation).
+11. Non-finite losses are checked every --log-every steps (no host sync inside an update), not by
+    clip_grad_norm_(error_if_nonfinite=True) at every step.
+
+Run:  python alm.py --env-id HalfCheetah-v5
+"""
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+from common.envs import make_env, make_vector_env
+from common.replay import ReplayBuffer
+
+ACTION_EPS = 1e-6  # actions are clamped into [-1 + eps, 1 - eps] (official TruncatedNormal)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    capture_video: bool = False
+    """not supported by alm.py (gymnasium state tasks are built without a render mode)"""
+    save_model: bool = False
+    """save all networks and optimizers to runs/{run_name}/alm.pt at the end"""
+    env_id: str = "HalfCheetah-v5"
+    """a gymnasium MuJoCo id (HalfCheetah-v5, Hopper-v5, Walker2d-v5, Ant-v5, Humanoid-v5,
+    AntTruncatedObs-v5, HumanoidTruncatedObs-v5, InvertedPendulum-v5, ...)"""
+    total_timesteps: int = 500_000
+    """environment steps in total, warm-up included (official config num_train_steps)"""
+    num_envs: int = 1
+    """parallel training envs (the paper uses one; one update per env step in any case)"""
+    eval_every: int = 5000
+    """evaluate every this many env steps (official config eval_episode_interval)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, actor mean (CONVENTIONS; official config 5)"""
+    log_every: int = 1000
+    """log losses and check them for non-finite values every this many env steps"""
+
+    # Algorithm: ALM Table 3 unless noted
+    gamma: float = 0.99
+    """discount gamma (Table 3)"""
+    learning_starts: int = 5000
+    """warm-up steps with uniform random actions and no updates (Table 3)"""
+    tau: float = 0.005
+    """soft update rate of the target encoder and target critic (Table 3)"""
+    lam: float = 0.95
+    """lambda of the weighted average over rollout lengths 1..K (Table 3)"""
+    buffer_size: Optional[int] = None
+    """replay capacity (Table 3: 1e6 for Humanoid, 1e5 otherwise); None picks by --env-id"""
+    batch_size: int = 512
+    """batch size of both update phases (Table 3)"""
+    learning_rate: float = 1e-4
+    """Adam learning rate of every network (Table 3)"""
+    max_grad_norm: float = 100.0
+    """gradient norm clip of every network (Table 3)"""
+    latent_dim: int = 50
+    """latent dimension Z (Table 3)"""
+    classifier_coef: float = 0.1
+    """coefficient c of the classifier reward in Eq. 8 (Table 3)"""
+    expl_clip: float = 0.3
+    """exploration noise clip inside updates (Table 3, "exploration stddev. clip")"""
+    expl_start: float = 1.0
+    """exploration std at the end of warm-up (Table 3, linear(1.0, 0.1, 100000))"""
+    expl_end: float = 0.1
+    """final exploration std (Table 3)"""
+    expl_duration: int = 100_000
+    """steps of the linear exploration-std schedule (Table 3)"""
+    hidden_dim: int = 512
+    """hidden units of encoder, policy, reward, classifier and Q networks (App. D)"""
+    model_hidden_dim: int = 1024
+    """hidden units of the latent model (App. D)"""
+
+    # Ablations of Fig. 5 (defaults = paper)
+    horizon: int = 3
+    """K: model rollout length, ALM(K) (Fig. 5 center; ALM(3) is the paper's default)"""
+    kl_term: bool = True
+    """toggles the KL term of the encoder/model objective (Fig. 5 left, "no KL term for the encoder")"""
+    value_term: bool = True
+    """toggles the Q term of the encoder/model objective (Fig. 5 left, "no value term for the encoder")"""
+    classifier_reward: bool = True
+    """toggles the classifier reward of the policy objective (Fig. 5 left, "no classifier reward")"""
+
+
+def check_args(args: Args) -> None:
+    """One clear error naming the flag, before any heavy work."""
+    positive = dict(total_timesteps=args.total_timesteps, num_envs=args.num_envs, eval_every=args.eval_every,
+                    eval_episodes=args.eval_episodes, log_every=args.log_every, batch_size=args.batch_size,
+                    learning_rate=args.learning_rate, max_grad_norm=args.max_grad_norm, latent_dim=args.latent_dim,
+                    expl_duration=args.expl_duration, hidden_dim=args.hidden_dim,
+                    model_hidden_dim=args.model_hidden_dim, horizon=args.horizon)
+    if args.buffer_size is not None:
+        positive["buffer_size"] = args.buffer_size
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    for name in ("gamma", "tau", "lam"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name} must lie in [0, 1], got {getattr(args, name)}")
+    for name in ("learning_starts", "classifier_coef", "expl_clip", "expl_start", "expl_end"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.capture_video:
+        raise ValueError("--capture-video is not supported by alm.py: common.envs.make_env builds gymnasium "
+                         "state tasks without a render mode")
+
+
+def replay_capacity(args: Args) -> int:
+    """[ALM Table 3] replay buffer 1e6 for Humanoid (plain and truncated), 1e5 otherwise, unless --buffer-size."""
+    if args.buffer_size is not None:
+        return args.buffer_size
+    return 1_000_000 if "Humanoid" in args.env_id else 100_000
+
+
+# ---------------------------------------------------------------------------------------------------
+# Math helpers
+
+
+def linear_schedule(start: float, end: float, duration: int, step: int) -> float:
+    """[Table 3] linear(start, end, duration): start at step 0, end from step `duration` on."""
+    return end + (1.0 - min(step / duration, 1.0)) * (start - end)
+
+
+def sample(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Reparameterised sample of a diagonal Gaussian."""
+    return mean + std * torch.randn_like(mean)
+
+
+def gaussian_kl(mean1, std1, mean2, std2) -> torch.Tensor:
+    """KL(N(mean1, std1^2) || N(mean2, std2^2)) of diagonal Gaussians, summed over the last axis."""
+    return (torch.log(std2 / std1) + (std1**2 + (mean1 - mean2) ** 2) / (2 * std2**2) - 0.5).sum(-1)
+
+
+def log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """[ALM Sec. 4] log C/(1-C), C = softmax(logits)[..., 1] = P(z' came from the encoder): logit difference."""
+    return logits[..., 1] - logits[..., 0]
+
+
+def lambda_returns(reward: torch.Tensor, q: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """reward (B, K), q (B, K+1) -> G (B, K), the lambda-weighted average over rollout lengths:
+    G_t = r_t + gamma * ((1 - lam) * q_{t+1} + lam * G_{t+1}), G_K = q_K
+    so G_0 = (1-lam) sum_{k<K} lam^(k-1) G^k + lam^(K-1) G^K with G^k = sum_{i<k} gamma^i r_i + gamma^k q_k."""
+    last, out = q[:, -1], []
+    for t in reversed(range(reward.shape[1])):
+        last = reward[:, t] + gamma * ((1 - lam) * q[:, t + 1] + lam * last)
+        out.append(last)
+    return torch.stack(out[::-1], 1)
+
+
+def policy_objective(reward: torch.Tensor, q: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """[ALM Eq. 8, App. D] mean over batch and start step t of gamma^t * G_t (the quantity to maximise).
+    # DEVIATION: paper describes G_0 only; the official code averages gamma^t G_t over t = 0..K-1."""
+    G = lambda_returns(reward, q, gamma, lam)  # (B, K)
+    discount = gamma ** torch.arange(G.shape[1], device=G.device, dtype=G.dtype)
+    return (discount * G).mean()
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """theta_targ <- (1 - tau) theta_targ + tau theta (Table 3, every update)."""
+    with torch.no_grad():
+        for tp, p in zip(target.parameters(), source.parameters()):
+            tp.lerp_(p, tau)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks
+
+
+def mlp(inp: int, hidden: int, out: int, layer_norm: bool = False) -> nn.Sequential:
+    """2 hidden layers, ELU (App. D, App. G). layer_norm: first layer Linear-LayerNorm-Tanh (App. D applies
+    LayerNorm to the value function and rewards; the official code also to the classifier)."""
+    first = [nn.LayerNorm(hidden), nn.Tanh()] if layer_norm else [nn.ELU()]
+    net = nn.Sequential(nn.Linear(inp, hidden), *first, nn.Linear(hidden, hidden), nn.ELU(), nn.Linear(hidden, out))
+    for m in net:
+        if isinstance(m, nn.Linear):  # orthogonal weights, zero bias (official code)
+            nn.init.orthogonal_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+class Gaussian(nn.Module):
+    """Diagonal Gaussian over the latent: the encoder e(z|s) and the latent model m(z'|z,a) (App. D)."""
+
+    def __init__(self, inp: int, hidden: int, latent: int):
+        super().__init__()
+        self.net = mlp(inp, hidden, 2 * latent)
+
+    def forward(self, *x: torch.Tensor):
+        mean, raw = self.net(torch.cat(x, -1)).chunk(2, -1)
+        mean = 30 * torch.tanh(mean / 30)  # soft bound of the mean (official code)
+        std = 10 - F.softplus(10 - raw)  # std softly clamped into [0.1, 10] (official code)
+        return mean, 0.1 + F.softplus(std - 0.1)
+
+
+class Actor(nn.Module):
+    """Deterministic policy mean tanh(f(z)) plus scheduled Gaussian noise (DDPG-style, App. D)."""
+
+    def __init__(self, latent: int, hidden: int, action_dim: int):
+        super().__init__()
+        self.net = mlp(latent, hidden, action_dim)
+
+    def forward(self, z: torch.Tensor, std: float, clip: Optional[float] = None):
+        """Returns (mean, sample); the noise is clipped to +-clip when given; the sample is clamped into
+        [-1, 1] with a straight-through gradient (official TruncatedNormal)."""
+        mean = torch.tanh(self.net(z))
+        noise = torch.randn_like(mean) * std
+        if clip is not None:
+            noise = noise.clamp(-clip, clip)
+        a = mean + noise
+        return mean, a - a.detach() + a.detach().clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)
+
+
+class Critic(nn.Module):
+    """Twin Q(z, a) with LayerNorm (App. D)."""
+
+    def __init__(self, latent: int, hidden: int, action_dim: int):
+        super().__init__()
+        self.q1, self.q2 = mlp(latent + action_dim, hidden, 1, True), mlp(latent + action_dim, hidden, 1, True)
+
+    def forward(self, z, a):
+        x = torch.cat([z, a], -1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+class Agent(nn.Module):
+    """All of ALM's networks (Table 4) and the two target copies."""
+
+    def __init__(self, obs_dim: int, action_dim: int, latent: int, hidden: int, model_hidden: int):
+        super().__init__()
+        self.encoder = Gaussian(obs_dim, hidden, latent)
+        self.encoder_target = Gaussian(obs_dim, hidden, latent)
+        self.model = Gaussian(latent + action_dim, model_hidden, latent)
+        self.actor = Actor(latent, hidden, action_dim)
+        self.reward = mlp(latent + action_dim, hidden, 1, layer_norm=True)
+        self.classifier = mlp(2 * latent + action_dim, hidden, 2, layer_norm=True)
+        self.critic = Critic(latent, hidden, action_dim)
+        self.critic_target = Critic(latent, hidden, action_dim)
+        self.encoder_target.load_state_dict(self.encoder.state_dict())
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        for p in [*self.encoder_target.parameters(), *self.critic_target.parameters()]:
+            p.requires_grad_(False)
+
+    def predict_reward(self, z, a):
+        return self.reward(torch.cat([z, a], -1)).squeeze(-1)
+
+    def classify(self, z, a, z_next):
+        return self.classifier(torch.cat([z, a, z_next], -1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses and the update step
+
+
+def split_transitions(batch: dict):
+    """(B, 2) windows -> s_t, a_t, r, s_{t+1}, terminal. The reward and terminal flag of the transition
+    (s_t, a_t) -> s_{t+1} are stored on the row of s_{t+1}: reward[:, 1], is_terminal[:, 1]."""
+    obs, action = batch["obs"], batch["action"]
+    return obs[:, 0], action[:, 0], batch["reward"][:, 1], obs[:, 1], batch["is_terminal"][:, 1].float()
+
+
+def representation_loss(agent: Agent, obs, action, is_terminal, std: float, clip: float,
+                        kl_term: bool = True, value_term: bool = True):
+    """[ALM Eq. 7] on replayed windows obs (B, K+1, S), action (B, K+1, A), is_terminal (B, K+1).
+    Gradients are meant for encoder and model only (the caller differentiates w.r.t. their parameters).
+        z_0 ~ e(s_0);  z_{t+1} ~ m(z_t, a_t) with the replayed a_t
+        maximise  sum_t [ r(z_t, a_t) - KL(m(.|z_t, a_t) || e_targ(.|s_{t+1})) ] + Q(z_K, pi(z_K))
+    # DEVIATION: no gamma^t factors and no log of r and Q (paper footnote 2, Sec. 4, official code)."""
+    K = obs.shape[1] - 1
+    z = sample(*agent.encoder(obs[:, 0]))  # (B, Z)
+    with torch.no_grad():
+        target_mean, target_std = agent.encoder_target(obs[:, 1:])  # (B, K, Z) each
+    kl, reward = [], []
+    for t in range(K):
+        mean, std_m = agent.model(z, action[:, t])
+        kl.append(gaussian_kl(mean, std_m, target_mean[:, t], target_std[:, t]))  # (B,)
+        reward.append(agent.predict_reward(z, action[:, t]))  # (B,)
+        z = sample(mean, std_m)  # the model's sample, not the encoder's
+    kl, reward = torch.stack(kl, 1), torch.stack(reward, 1)  # (B, K)
+    with torch.no_grad():
+        _, a_K = agent.actor(z, std, clip)
+    q = torch.min(*agent.critic(z, a_K))  # (B,)
+    q = q * (1 - is_terminal[:, K].float())  # DEVIATION: a terminal s_K has no future return
+    objective = reward.sum(1)
+    if kl_term:  # ABLATION(kl_term): Fig. 5 "no KL term for the encoder" drops the KL from Eq. 7
+        objective = objective - kl.sum(1)
+    if value_term:  # ABLATION(value_term): Fig. 5 "no value term for the encoder" drops Q from Eq. 7
+        objective = objective + q
+    loss = -objective.mean()
+    return loss, {"losses/alm": loss, "losses/kl": kl.mean(), "stats/alm_reward": reward.mean(), "stats/alm_q": q.mean()}
+
+
+def reward_classifier_loss(agent: Agent, z, a, r, z_next, z_model):
+    """[ALM Eq. 11] (r(z,a) - r)^2 and [Eq. 9] cross-entropy of C(z, a, z'): label 1 for z' ~ e_targ(s'),
+    label 0 for z' ~ m(z, a). # DEVIATION: a random half of the batch gets the model's z' (official code)."""
+    B = z.shape[0]
+    fake = torch.zeros(B, dtype=torch.bool, device=z.device)
+    fake[torch.randperm(B, device=z.device)[: B // 2]] = True
+    logits = agent.classify(z, a, torch.where(fake[:, None], z_model, z_next))  # (B, 2)
+    classifier_loss = F.cross_entropy(logits, (~fake).long())
+    reward_loss = F.mse_loss(agent.predict_reward(z, a), r)
+    return reward_loss + classifier_loss, {"losses/reward": reward_loss, "losses/classifier": classifier_loss}
+
+
+def critic_loss(agent: Agent, z, a, r, z_next, terminal, std: float, clip: float, gamma: float):
+    """[ALM Eq. 10] TD loss on real transitions, real rewards only, target critic, clipped target noise."""
+    with torch.no_grad():
+        _, a_next = agent.actor(z_next, std, clip)
+        target = r + gamma * (1 - terminal) * torch.min(*agent.critic_target(z_next, a_next))  # (B,)
+    q1, q2 = agent.critic(z, a)
+    loss = (F.mse_loss(q1, target) + F.mse_loss(q2, target)) / 2
+    return loss, {"losses/critic": loss, "stats/q": q1.mean()}
+
+
+def policy_loss(agent: Agent, z, std: float, clip: float, gamma: float, lam: float, horizon: int,
+                classifier_coef: float, classifier_reward: bool = True):
+    """[ALM Eq. 8] on an on-policy K-step model rollout from z ~ e_targ(s) (B, Z). Gradients are meant for
+    the actor only; they flow through the model's reparameterised samples (SVG). As in the official code
+    the actor reads sg(z), and Q(z_t, sg(a_t)) passes gradient through z_t only.
+        r~_t = r(z_t, a_t) + c * log C(z_{t+1}, a_t, z_t) / (1 - C(...)),  bootstrap Q(z_K, pi(z_K))"""
+    zs, actions = [z], []
+    for _ in range(horizon):
+        _, a = agent.actor(zs[-1].detach(), std, clip)
+        actions.append(a)
+        zs.append(sample(*agent.model(zs[-1], a)))
+    actions.append(agent.actor(zs[-1].detach(), std, clip)[1])
+    z_seq, a_seq = torch.stack(zs, 1), torch.stack(actions, 1)  # (B, K+1, Z), (B, K+1, A)
+    reward = agent.predict_reward(z_seq[:, :-1], a_seq[:, :-1])  # (B, K)
+    metrics = {"stats/imag_reward": reward.mean()}
+    if classifier_reward:  # ABLATION(classifier_reward): Fig. 5 "no classifier reward" drops c * log-odds
+        bonus = log_odds(agent.classify(z_seq[:, :-1], a_seq[:, :-1], z_seq[:, 1:].detach()))  # (B, K)
+        # DEVIATION: c = 0.1, not the theory's 1 (Table 3, Sec. 4)
+        reward = reward + classifier_coef * bonus
+        metrics["stats/classifier_reward"] = bonus.mean()
+    q = torch.min(*agent.critic(z_seq, a_seq.detach()))  # (B, K+1)
+    loss = -policy_objective(reward, q, gamma, lam)
+    return loss, {"losses/actor": loss, **metrics}
+
+
+def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, max_norm: float) -> torch.Tensor:
+    """Gradient of `loss` w.r.t. `params` only (the other networks stay frozen), clip, Adam step."""
+    for p, g in zip(params, torch.autograd.grad(loss, params)):
+        p.grad = g
+    norm = nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    return norm
+
+
+def update(agent: Agent, optims: dict, groups: dict, seq: dict, batch: dict, std: float, args: Args) -> dict:
+    """One ALM update (Algorithm 1 lines 6-11) on a (B, K+1) window batch `seq` and a (B, 2) batch `batch`.
+    # DEVIATION: official order (encoder+model, reward+classifier, critic, actor), then the soft updates."""
+    loss, metrics = representation_loss(agent, seq["obs"], seq["action"], seq["is_terminal"], std, args.expl_clip,
+                                        args.kl_term, args.value_term)
+    metrics["grad_norm/model"] = optimize(optims["model"], loss, groups["model"], args.max_grad_norm)
+    obs, a, r, next_obs, terminal = split_transitions(batch)
+    with torch.no_grad():  # [App. D] reward, classifier, Q and policy use latents of the target encoder
+        z, z_next = sample(*agent.encoder_target(obs)), sample(*agent.encoder_target(next_obs))
+        z_model = sample(*agent.model(z, a))
+    loss, m = reward_classifier_loss(agent, z, a, r, z_next, z_model)
+    metrics.update(m, **{"grad_norm/reward": optimize(optims["reward"], loss, groups["reward"], args.max_grad_norm)})
+    loss, m = critic_loss(agent, z, a, r, z_next, terminal, std, args.expl_clip, args.gamma)
+    metrics.update(m, **{"grad_norm/critic": optimize(optims["critic"], loss, groups["critic"], args.max_grad_norm)})
+    loss, m = policy_loss(agent, z, std, args.expl_clip, args.gamma, args.lam, seq["obs"].shape[1] - 1,
+                          args.classifier_coef, args.classifier_reward)
+    metrics.update(m, **{"grad_norm/actor": optimize(optims["actor"], loss, groups["actor"], args.max_grad_norm)})
+    soft_update(agent.encoder_target, agent.encoder, args.tau)
+    soft_update(agent.critic_target, agent.critic, args.tau)
+    return {k: v.detach() for k, v in metrics.items()}
+
+
+def make_optimizers(agent: Agent, lr: float):
+    """Four Adams as in the official code: encoder+model, reward+classifier, critic, actor (lr Table 3)."""
+    groups = dict(model=[*agent.encoder.parameters(), *agent.model.parameters()],
+                  reward=[*agent.reward.parameters(), *agent.classifier.parameters()],
+                  critic=list(agent.critic.parameters()), actor=list(agent.actor.parameters()))
+    return {k: torch.optim.Adam(v, lr=lr) for k, v in groups.items()}, groups
+
+
+@torch.no_grad()
+def act(agent: Agent, obs: torch.Tensor, std: float, deterministic: bool) -> torch.Tensor:
+    """[Algorithm 1 line 3] a ~ pi(.|z), z ~ e(s) from the online encoder; unclipped noise; the mean at eval."""
+    mean, a = agent.actor(sample(*agent.encoder(obs)), std)
+    return mean if deterministic else a
+
+
+def to_env(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """# DEVIATION: [-1, 1] mapped affinely onto the env's action box (official code clamps)."""
+    return low + (action + 1.0) * 0.5 * (high - low)
+
+
+def evaluate(agent: Agent, env, episodes: int, device: torch.device) -> float:
+    """Mean return of `episodes` episodes with the actor's mean on the evaluation env."""
+    low, high, returns = env.action_space.low, env.action_space.high, []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        while True:
+            a = act(agent, torch.as_tensor(obs, dtype=torch.float32, device=device)[None], 0.0, True)
+            obs, _, term, trunc, info = env.step(to_env(a[0].cpu().numpy(), low, high))
+            if term or trunc:
+                returns.append(info["episode"]["r"])
+                break
+    return float(np.mean(returns))
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    envs = make_vector_env(args.env_id, args.num_envs, args.seed)  # fails here on an unknown --env-id
+    eval_env = make_env(args.env_id, args.seed + 10_000)
+    if len(envs.single_observation_space.shape) != 1:
+        raise ValueError(f"--env-id {args.env_id}: alm.py learns from state vectors; use a gymnasium MuJoCo id")
+    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    agent = Agent(obs_dim, action_dim, args.latent_dim, args.hidden_dim, args.model_hidden_dim).to(device)
+    optims, groups = make_optimizers(agent, args.learning_rate)
+    replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), action_dim, obs_dtype=np.float32, seed=args.seed)
+    K = args.horizon  # ABLATION(horizon): ALM(K), Fig. 5 center; sets the replayed window and rollout length
+    rng = np.random.default_rng(args.seed)
+
+    def tensors(b: dict) -> dict:
+        return {k: torch.as_tensor(v, device=device) for k, v in b.items()}
+
+    N = args.num_envs
+    obs, _ = envs.reset(seed=args.seed)
+    reward, is_first, is_terminal, done = np.zeros(N), np.ones(N, bool), np.zeros(N, bool), np.zeros(N, bool)
+    global_step, updates, next_log, next_eval = 0, 0, args.log_every, args.eval_every
+    metrics, recent, last_eval, start = {}, [], float("nan"), time.time()
+    try:
+        while global_step < args.total_timesteps:
+            std = linear_schedule(args.expl_start, args.expl_end, args.expl_duration,
+                                  max(global_step - args.learning_starts, 0))  # counted after warm-up (official)
+            if global_step < args.learning_starts:  # [Table 3] warm-up: uniform random actions
+                action = rng.uniform(-1, 1, (N, action_dim)).astype(np.float32)
+            else:
+                action = act(agent, torch.as_tensor(obs, dtype=torch.float32, device=device), std, False).cpu().numpy()
+            replay.add(obs, action, reward, is_first, is_terminal)
+            obs, reward, term, trunc, infos = envs.step(to_env(action, low, high))
+            frames = int((~done).sum())  # a step right after an episode end only resets (NEXT_STEP autoreset)
+            is_first, is_terminal, done = done, term, term | trunc
+            global_step += frames
+            for i in np.flatnonzero(infos.get("_episode", np.zeros(N, bool))):
+                recent = (recent + [float(infos["episode"]["r"][i])])[-10:]
+                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
+                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
+
+            if global_step >= args.learning_starts and replay.count > K:
+                for _ in range(frames):  # UTD 1: one update (both phases) per environment step
+                    seq = tensors(replay.sample(args.batch_size, K + 1, within_episode=True))
+                    batch = tensors(replay.sample(args.batch_size, 2, within_episode=True))
+                    metrics = update(agent, optims, groups, seq, batch, std, args)
+                    updates += 1
+
+            if global_step >= next_log:
+                next_log += args.log_every
+                values = {k: float(v) for k, v in metrics.items()}  # the only host sync of the updates
+                for k, v in values.items():
+                    if not math.isfinite(v):
+                        raise FloatingPointError(f"non-finite {k} = {v} at step {global_step} (after {updates} updates)")
+                    writer.add_scalar(k, v, global_step)
+                sps = global_step / (time.time() - start)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("stats/expl_std", std, global_step)
+                eta = (args.total_timesteps - global_step) / max(sps, 1e-9) / 60
+                print(f"step {global_step:>8d}  return {np.mean(recent) if recent else float('nan'):8.1f}  "
+                      f"eval {last_eval:8.1f}  actor {values.get('losses/actor', float('nan')):8.3f}  "
+                      f"SPS {sps:6.1f}  ETA {eta:6.1f} min", flush=True)
+            if global_step >= next_eval:
+                next_eval += args.eval_every
+                last_eval = evaluate(agent, eval_env, args.eval_episodes, device)
+                writer.add_scalar("eval/episodic_return", last_eval, global_step)
+
+        final = evaluate(agent, eval_env, args.eval_episodes, device)
+        writer.add_scalar("eval/episodic_return", final, global_step)
+        if args.save_model:
+            path = os.path.join(run_dir, "alm.pt")
+            torch.save({"agent": agent.state_dict(), "optims": {k: o.state_dict() for k, o in optims.items()},
+                        "args": asdict(args), "global_step": global_step}, path + ".tmp")
+            os.replace(path + ".tmp", path)  # never a half-written checkpoint
+    finally:
+        writer.close()
+        envs.close()
+        eval_env.close()
+    summary = {"final_eval_return": final, "global_step": global_step, "updates": updates, "run_dir": run_dir,
+               "sps": global_step / (time.time() - start)}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
