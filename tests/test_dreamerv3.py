@@ -1,0 +1,237 @@
+"""Tests of dreamerv3.py: the maths on hand-computed examples, the RSSM resets, a CLI smoke run, determinism."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dreamerv3 as d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
+            imag_horizon=3, train_ratio=16, buffer_size=2000, time_limit=60)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_symlog_symexp_inverse():
+    x = torch.tensor([-1e4, -3.0, -1e-3, 0.0, 1e-3, 1.0, 50.0, 1e4], dtype=torch.float64)
+    torch.testing.assert_close(d.symexp(d.symlog(x)), x)
+    torch.testing.assert_close(d.symlog(x), torch.sign(x) * torch.log(x.abs() + 1))
+    assert d.symlog(torch.tensor(math.e - 1)).item() == pytest.approx(1.0)
+
+
+def test_twohot_weights_and_round_trip():
+    bins = torch.tensor([-1.0, 0.0, 1.0, 2.0])
+    # 0.25 lies a quarter of the way from bin 0 to bin 1: weights 0.75 and 0.25.
+    torch.testing.assert_close(d.twohot(torch.tensor(0.25), bins), torch.tensor([0.0, 0.75, 0.25, 0.0]))
+    torch.testing.assert_close(d.twohot(torch.tensor(2.0), bins), torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(d.twohot(torch.tensor(-7.0), bins), torch.tensor([1.0, 0.0, 0.0, 0.0]))  # clipped
+    torch.testing.assert_close(d.twohot(torch.tensor(0.0), bins), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    # Round trip on the real 255 bins: decode(encode(x)) = x inside the symexp range.
+    bins = torch.linspace(-20, 20, 255, dtype=torch.float64)
+    x = torch.tensor([-1234.5, -1.0, -0.01, 0.0, 0.3, 7.0, 1e5], dtype=torch.float64)
+    logits = torch.log(d.twohot(d.symlog(x), bins))
+    torch.testing.assert_close(d.twohot_mean(logits, bins), x)
+    # Zero logits (the zero-initialised heads) predict 0 and give loss ln(255) for any target.
+    zero = torch.zeros(3, 255, dtype=torch.float64)
+    torch.testing.assert_close(d.twohot_mean(zero, bins), torch.zeros(3, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(d.twohot_loss(zero, x[:3], bins), torch.full((3,), math.log(255), dtype=torch.float64))
+
+
+def test_lambda_return_hand_computed():
+    # H = 3, gamma 0.9, lambda 0.5, the episode ends on arriving at s_3 (c_3 = 0):
+    # R_2 = 3 + 0 = 3;  R_1 = 2 + 0.9 (0.5 * 2 + 0.5 * 3) = 4.25;  R_0 = 1 + 0.9 (0.5 * 1 + 0.5 * 4.25) = 3.3625
+    reward = torch.tensor([[1.0], [2.0], [3.0]])  # r_1..r_3
+    value = torch.tensor([[0.5], [1.0], [2.0], [4.0]])  # v_0..v_3
+    cont = torch.tensor([[1.0], [1.0], [0.0]])  # c_1..c_3
+    ret = d.lambda_return(reward, value, cont, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(ret, torch.tensor([[3.3625], [4.25], [3.0]]))
+    # lambda = 1 and no ends: the discounted reward sum bootstrapped with gamma^3 v_3.
+    ret = d.lambda_return(reward, value, torch.ones(3, 1), gamma=0.9, lam=1.0)
+    torch.testing.assert_close(ret[0, 0], torch.tensor(1 + 0.9 * 2 + 0.81 * 3 + 0.729 * 4))
+    # lambda = 0: one-step targets r_{t+1} + gamma c_{t+1} v_{t+1}.
+    ret = d.lambda_return(reward, value, cont, gamma=0.9, lam=0.0)
+    torch.testing.assert_close(ret[:, 0], torch.tensor([1 + 0.9 * 1.0, 2 + 0.9 * 2.0, 3.0]))
+
+
+def _kl_pair(a):
+    """post = [0.5, 0.5], prior = [a, 1 - a] (one latent, two classes): KL = -ln 2 - 0.5 ln(a (1 - a))."""
+    post = torch.log(torch.tensor([[[0.5, 0.5]]])).requires_grad_()  # (b, S, K) = (1, 1, 2)
+    prior = torch.log(torch.tensor([[[a, 1 - a]]])).requires_grad_()
+    return post, prior, -math.log(2) - 0.5 * math.log(a * (1 - a))
+
+
+def test_kl_free_bits_at_the_clip_boundary():
+    for a, expect_grad in ((0.04, False), (0.03, True)):  # KL = 0.937 nats (below 1) and 1.075 nats (above)
+        post, prior, kl = _kl_pair(a)
+        torch.testing.assert_close(d.categorical_kl(post, prior), torch.tensor([kl]))
+        dyn, rep = d.kl_terms(post, prior, free_bits=1.0)
+        torch.testing.assert_close(dyn, torch.tensor([max(1.0, kl)]))
+        torch.testing.assert_close(rep, torch.tensor([max(1.0, kl)]))
+        dyn.sum().backward(retain_graph=True)
+        # L_dyn trains only the prior (sg on the posterior), and only above the free bits.
+        assert post.grad is None or post.grad.abs().sum() == 0
+        assert (prior.grad.abs().sum() > 0) == expect_grad
+        prior.grad = None
+        rep.sum().backward()
+        assert prior.grad is None or prior.grad.abs().sum() == 0  # L_rep trains only the posterior
+        assert (post.grad.abs().sum() > 0) == expect_grad
+
+
+def test_unimix_floor():
+    logits = torch.randn(64, 32, 32) * 50  # very peaked categoricals
+    probs = d.unimix_logits(logits, 0.01).exp()
+    assert probs.min() >= 0.01 / 32 * (1 - 1e-5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(64, 32))
+    # The RSSM's priors and posteriors carry the same floor.
+    rssm = d.RSSM(deter=8, stoch=32, classes=32, units=8, action_dim=2, embed_dim=4, unimix=0.01)
+    assert rssm.prior_logits(torch.randn(5, 8) * 100).exp().min() >= 0.01 / 32 * (1 - 1e-5)
+    # Straight-through samples are one-hot in value and carry the gradient of the probabilities.
+    logits = torch.randn(10, 4, 6, requires_grad=True)
+    sample = d.sample_onehot(logits)
+    onehot = torch.nn.functional.one_hot(sample.detach().argmax(-1), 6).float()
+    torch.testing.assert_close(sample.detach(), onehot)  # (up to float rounding of + probs - sg(probs))
+    (sample * torch.arange(6.0)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_percentile_return_normalisation():
+    ret = torch.arange(101.0)  # 5th percentile 5, 95th percentile 95
+    norm = d.ReturnNorm(decay=0.5, low_pct=5, high_pct=95, limit=1.0)
+    offset, scale = norm(ret)
+    torch.testing.assert_close((offset, scale), (torch.tensor(2.5), torch.tensor(45.0)))  # EMAs start at 0
+    offset, scale = norm(ret)
+    torch.testing.assert_close((offset, scale), (torch.tensor(3.75), torch.tensor(67.5)))
+    # Small returns are not scaled up: max(1, S).
+    norm = d.ReturnNorm(decay=0.99, low_pct=5, high_pct=95, limit=1.0)
+    assert norm(torch.linspace(0, 0.1, 50))[1].item() == 1.0
+
+
+def test_rssm_resets_at_is_first():
+    torch.manual_seed(0)
+    rssm = d.RSSM(deter=8, stoch=3, classes=4, units=8, action_dim=2, embed_dim=5, unimix=0.01)
+    init_deter, init_stoch = rssm.initial(2)
+    deter, stoch, act = torch.randn(2, 8), torch.randn(2, 3, 4), torch.randn(2, 2)
+    d2, s2, a2 = rssm.reset(deter, stoch, act, torch.tensor([True, False]))
+    torch.testing.assert_close(d2[0], init_deter[0])
+    torch.testing.assert_close(s2[0], init_stoch[0])
+    assert torch.all(a2[0] == 0)
+    torch.testing.assert_close((d2[1], s2[1], a2[1]), (deter[1], stoch[1], act[1]))
+    torch.testing.assert_close(init_deter[0], torch.tanh(rssm.h0))
+    # In a sequence: two rows that differ before an episode start at t=2 (embeddings and the action a_1
+    # that step 2 would consume) have the same h_2 = f(h_0, z_0, 0) there, but differ without the reset.
+    embed, action = torch.randn(2, 4, 5), torch.randn(2, 4, 2)
+    embed[1, 2:], action[1, 2:] = embed[0, 2:], action[0, 2:]
+    is_first = torch.zeros(2, 4, dtype=torch.bool)
+    is_first[:, 2] = True
+    h = rssm.observe(embed, action, is_first)[0]
+    torch.testing.assert_close(h[0, 2], h[1, 2])
+    torch.testing.assert_close(h[:, 2], rssm.recurrent(init_deter, init_stoch, torch.zeros(2, 2)))
+    assert not torch.allclose(rssm.observe(embed, action, torch.zeros(2, 4, dtype=torch.bool))[0][0, 2], h[1, 2])
+    # Step t consumes action[:, t-1]: changing the last action changes nothing, changing a_0 changes h_1.
+    a2 = action.clone()
+    a2[:, -1] += 1
+    torch.manual_seed(1)
+    h_a = rssm.observe(embed, action, is_first)[0]
+    torch.manual_seed(1)
+    torch.testing.assert_close(rssm.observe(embed, a2, is_first)[0], h_a)
+    a2[:, 0] += 1
+    torch.manual_seed(1)
+    assert not torch.allclose(rssm.observe(embed, a2, is_first)[0][:, 1], h_a[:, 1])
+
+
+def test_discrete_actor_is_unimix_onehot():
+    actor = d.Actor(feat_dim=6, action_dim=3, units=8, layers=1, discrete=True, min_std=0.1, max_std=1.0, unimix=0.01)
+    action, logp, ent = actor(torch.randn(5, 6) * 100)
+    torch.testing.assert_close(action.detach(), torch.nn.functional.one_hot(action.detach().argmax(-1), 3).float())
+    assert torch.all(logp(action.detach()) >= math.log(0.01 / 3) - 1e-5)
+    assert torch.all(ent > 0)
+
+
+def test_one_update_is_finite_and_trains_every_network(one_thread):
+    torch.manual_seed(0)
+    a = d.Args(**{k: v for k, v in TINY.items() if k in d.Args.__dataclass_fields__})
+    wm = d.WorldModel((3, 16, 16), 2, a.deter, a.stoch, a.classes, a.units, a.mlp_layers, a.cnn_depth, a.unimix, 255)
+    feat = a.deter + a.stoch * a.classes
+    actor = d.Actor(feat, 2, a.units, 1, False, 0.1, 1.0, 0.01)
+    critic, slow = d.Critic(feat, a.units, 1, 255), d.Critic(feat, a.units, 1, 255)
+    slow.load_state_dict(critic.state_dict())
+    opts = tuple(torch.optim.Adam(m.parameters(), lr=1e-3) for m in (wm, actor, critic))
+    B, T = 3, 6
+    data = dict(obs=torch.randint(0, 256, (B, T, 3, 16, 16), dtype=torch.uint8), action=torch.rand(B, T, 2) * 2 - 1,
+                reward=torch.randn(B, T), is_first=torch.rand(B, T) < 0.2, is_terminal=torch.rand(B, T) < 0.1)
+    nets = {"wm": wm, "actor": actor, "critic": critic}
+    before = {f"{k}.{n}": p.clone() for k, net in nets.items() for n, p in net.named_parameters()}
+    m = d.update(wm, actor, critic, slow, d.ReturnNorm(0.99, 5, 95, 1.0), opts, data, a)
+    assert all(torch.isfinite(v) for v in m.values())
+    # The first reward loss is ln(255): the zero-initialised output layer predicts uniform bins.
+    assert m["losses/reward"].item() == pytest.approx(math.log(255), rel=1e-5)
+    after = {f"{k}.{n}": p for k, net in nets.items() for n, p in net.named_parameters()}
+    unchanged = {n for n in before if torch.equal(before[n], after[n])}
+    # Every parameter moves except the hidden layers behind the zero-initialised outputs (no gradient yet).
+    assert unchanged == {"wm.heads.reward.0.weight", "wm.heads.reward.1.weight", "wm.heads.reward.1.bias",
+                         "critic.net.0.weight", "critic.net.1.weight", "critic.net.1.bias"}
+    assert all(p.requires_grad for p in wm.parameters())  # restored after the behaviour update
+
+
+def test_bad_input_names_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--env-id"):
+        d.main(d.Args(env_id="walker-sprint"))
+    with pytest.raises(SystemExit, match="--batch-length"):
+        d.main(d.Args(batch_length=1))
+
+
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    return ea
+
+
+def test_smoke_cli(tmp_path):
+    """The real command line with a tiny model: final JSON line, finite losses, events, video, checkpoint."""
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 240, "eval_every": 160,
+             "eval_episodes": 2, "log_every": 80, "video_every": 160}
+    cmd = [sys.executable, os.path.join(ROOT, "dreamerv3.py"), "--capture-video", "--save-model"]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads(out.stdout.strip().splitlines()[-1])
+    assert math.isfinite(final["final_eval_return"]) and len(final["eval_returns"]) == 2
+    assert final["updates"] > 10
+    run_dir = os.path.join(tmp_path, final["run_dir"])
+    ea = _events(run_dir)
+    tags = ea.Tags()["scalars"]
+    for tag in ("losses/image", "losses/reward", "losses/cont", "losses/kl_dyn", "losses/kl_rep",
+                "losses/actor", "losses/critic", "eval/episodic_return", "charts/episodic_return", "charts/SPS"):
+        assert tag in tags, tag
+        assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
+    assert {"openloop", "eval/video"} <= set(ea.Tags()["images"])
+    assert glob.glob(os.path.join(run_dir, "videos", "eval_*.gif"))
+    ckpt = torch.load(os.path.join(run_dir, "dreamerv3.pt"), weights_only=False)
+    assert {"wm", "actor", "critic", "slow_critic", "return_norm", "opts"} <= set(ckpt)
+
+
+def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    args = d.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
+                  eval_every=10**6, eval_episodes=1, log_every=80, video_every=0)
+    first, second = d.main(args), d.main(args)
+    assert first["updates"] > 0 and first["losses"]
+    assert first["losses"] == second["losses"]
