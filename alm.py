@@ -397,7 +397,7 @@ def policy_loss(agent: Agent, z, std: float, clip: float, gamma: float, lam: flo
 
 def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, max_norm: float) -> torch.Tensor:
     """Gradient of `loss` w.r.t. `params` only (the other networks stay frozen), clip, Adam step."""
-    for p, g in zip(params, torch.autograd.grad(loss, params)):
+    for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)):
         p.grad = g
     norm = nn.utils.clip_grad_norm_(params, max_norm)
     opt.step()

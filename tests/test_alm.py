@@ -1,0 +1,267 @@
+"""alm.py: values from the paper's equations on hand-computed examples, the replay alignment, every
+ablation flag, and smoke runs through the real command line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributions as td
+
+from alm import (Agent, Args, check_args, gaussian_kl, lambda_returns, linear_schedule, log_odds, make_optimizers,
+                 policy_loss, policy_objective, replay_capacity, representation_loss, soft_update, split_transitions,
+                 update)
+from common.replay import ReplayBuffer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(latent_dim=4, hidden_dim=16, model_hidden_dim=16, batch_size=8)
+
+
+def tiny_agent(obs_dim=3, action_dim=2, seed=0):
+    torch.manual_seed(seed)
+    return Agent(obs_dim, action_dim, TINY["latent_dim"], TINY["hidden_dim"], TINY["model_hidden_dim"])
+
+
+def test_classifier_reward_is_log_odds():
+    logits = torch.tensor([[0.3, 1.5], [2.0, -1.0]])
+    assert torch.allclose(log_odds(logits), torch.tensor([1.2, -3.0]))
+    c = torch.softmax(logits, -1)[:, 1]  # C = P(z' came from the encoder)
+    assert torch.allclose(log_odds(logits), torch.log(c / (1 - c)), atol=1e-6)
+
+
+def test_lambda_weighted_objective_k3_by_hand():
+    gamma, lam = 0.9, 0.5
+    r = torch.tensor([[1.0, 2.0, 3.0]])  # r~_0..r~_2
+    q = torch.tensor([[10.0, 20.0, 30.0, 40.0]])  # Q(z_0..z_3)
+    # k-step returns from t=0: G1 = 1 + .9*20 = 19; G2 = 1 + 1.8 + .81*30 = 27.1; G3 = 1 + 1.8 + 2.43 + .729*40 = 34.39
+    # lambda-weighted over lengths 1..3: (1-lam)(G1 + lam G2) + lam^2 G3 = .5 * (19 + 13.55) + .25 * 34.39 = 24.8725
+    # from t=1: (1-lam)(2 + .9*30) + lam (2 + 2.7 + .81*40) = 14.5 + 18.55 = 33.05; from t=2: 3 + .9*40 = 39
+    G = lambda_returns(r, q, gamma, lam)
+    assert torch.allclose(G, torch.tensor([[24.8725, 33.05, 39.0]]), atol=1e-4)
+    # policy objective: mean_t gamma^t G_t = (24.8725 + .9 * 33.05 + .81 * 39) / 3
+    assert math.isclose(policy_objective(r, q, gamma, lam).item(), (24.8725 + 29.745 + 31.59) / 3, rel_tol=1e-5)
+    # lam = 1 gives the K-step return, lam = 0 the one-step return
+    assert math.isclose(lambda_returns(r, q, gamma, 1.0)[0, 0].item(), 34.39, rel_tol=1e-5)
+    assert math.isclose(lambda_returns(r, q, gamma, 0.0)[0, 0].item(), 19.0, rel_tol=1e-5)
+
+
+def test_noise_schedule_endpoints_and_midpoint():
+    assert linear_schedule(1.0, 0.1, 100_000, 0) == 1.0
+    assert math.isclose(linear_schedule(1.0, 0.1, 100_000, 50_000), 0.55)
+    assert math.isclose(linear_schedule(1.0, 0.1, 100_000, 100_000), 0.1)
+    assert math.isclose(linear_schedule(1.0, 0.1, 100_000, 300_000), 0.1)
+    a = Args()
+    assert (a.expl_start, a.expl_end, a.expl_duration, a.expl_clip) == (1.0, 0.1, 100_000, 0.3)
+
+
+def test_actor_noise_clip_and_action_bounds():
+    agent = tiny_agent()
+    z = torch.randn(1000, TINY["latent_dim"])
+    mean, a = agent.actor(z, std=10.0, clip=0.3)
+    inside = (a.abs() < 1 - 1e-3)  # away from the [-1, 1] clamp the noise is at most the clip
+    assert ((a - mean)[inside].abs() <= 0.3 + 1e-6).all()
+    assert (a.abs() <= 1).all()
+    _, a_free = agent.actor(z, std=10.0)  # acting: unclipped noise, so most samples hit the clamp
+    assert (a_free.abs() > 0.99).float().mean() > 0.5
+
+
+def test_soft_update_moves_targets_by_tau():
+    agent = tiny_agent()
+    with torch.no_grad():
+        for p in agent.encoder_target.parameters():
+            p.fill_(0.0)
+        for p in agent.encoder.parameters():
+            p.fill_(1.0)
+    soft_update(agent.encoder_target, agent.encoder, 0.005)
+    for p in agent.encoder_target.parameters():
+        assert torch.allclose(p, torch.full_like(p, 0.005))
+    soft_update(agent.encoder_target, agent.encoder, 0.005)  # 0.005 + 0.005 * (1 - 0.005)
+    assert torch.allclose(next(agent.encoder_target.parameters()), torch.tensor(0.009975))
+
+
+def test_targets_start_equal_and_move_by_tau_in_update():
+    agent = tiny_agent()
+    for p, pt in zip(agent.critic.parameters(), agent.critic_target.parameters()):
+        assert torch.equal(p, pt)
+    before_c = [p.clone() for p in agent.critic_target.parameters()]
+    before_e = [p.clone() for p in agent.encoder_target.parameters()]
+    args = Args(**TINY)
+    optims, groups = make_optimizers(agent, 1e-3)
+    seq, batch = fake_windows(3, 2, 8, 4), fake_windows(3, 2, 8, 2)
+    update(agent, optims, groups, seq, batch, 0.5, args)
+    for old, new, online in zip(before_c, agent.critic_target.parameters(), agent.critic.parameters()):
+        assert torch.allclose(new, 0.995 * old + 0.005 * online, atol=1e-7)
+    for old, new, online in zip(before_e, agent.encoder_target.parameters(), agent.encoder.parameters()):
+        assert torch.allclose(new, 0.995 * old + 0.005 * online, atol=1e-7)
+
+
+def test_gaussian_kl_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    m1, m2 = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    s1, s2 = torch.rand(5, 4, generator=g) + 0.1, torch.rand(5, 4, generator=g) + 0.1
+    ref = td.kl_divergence(td.Independent(td.Normal(m1, s1), 1), td.Independent(td.Normal(m2, s2), 1))
+    assert torch.allclose(gaussian_kl(m1, s1, m2, s2), ref, atol=1e-5)
+
+
+class LineEnv:
+    """obs (s, step, episode); s' = s + a, reward(s, a) = 10 s + a; 4-step episodes, the 2nd one terminated."""
+
+    def __init__(self):
+        self.episode = 0
+
+    def obs(self):
+        return np.array([self.s, self.t, self.episode], np.float32)
+
+    def reset(self):
+        self.s, self.t, self.episode = 0.0, 0, self.episode + 1
+        return self.obs()
+
+    def step(self, a):
+        r = 10 * self.s + a
+        self.s, self.t = self.s + a, self.t + 1
+        end = self.t == 4
+        return self.obs(), r, end and self.episode == 2, end and self.episode != 2
+
+
+def test_replay_alignment_reward_of_transition_t_is_reward_t_plus_1():
+    """Fill the buffer with main()'s NEXT_STEP loop; every sampled transition must satisfy the env's laws."""
+    env, rng = LineEnv(), np.random.default_rng(0)
+    replay = ReplayBuffer(200, 1, (3,), 1, obs_dtype=np.float32, seed=0)
+    obs, reward, is_first, is_terminal, done = env.reset(), 0.0, True, False, False
+    for _ in range(60):
+        a = float(rng.integers(1, 5))
+        replay.add(obs[None], np.array([[a]]), reward, is_first, is_terminal)
+        if done:  # NEXT_STEP autoreset: this step ignores the action and starts a new episode
+            obs, reward, term, trunc = env.reset(), 0.0, False, False
+        else:
+            obs, reward, term, trunc = env.step(a)
+        is_first, is_terminal, done = done, term, term or trunc
+    batch = {k: torch.as_tensor(v) for k, v in replay.sample(256, 2, within_episode=True).items()}
+    s, a, r, s_next, terminal = (x.numpy() for x in split_transitions(batch))
+    assert np.allclose(r, 10 * s[:, 0] + a[:, 0])  # reward[t+1] belongs to (s_t, a_t)
+    assert np.allclose(s_next[:, 0], s[:, 0] + a[:, 0]) and np.all(s_next[:, 1] == s[:, 1] + 1)
+    assert np.array_equal(terminal == 1, (s_next[:, 1] == 4) & (s_next[:, 2] == 2)) and terminal.any()
+    seq = replay.sample(256, 4, within_episode=True)  # K = 3 windows: obs[t+1] = obs[t] + action[t]
+    assert np.allclose(seq["obs"][:, 1:, 0], seq["obs"][:, :-1, 0] + seq["action"][:, :-1, 0])
+    assert not seq["is_terminal"][:, :-1].any()  # a terminal can only be the window's last row
+
+
+def fake_windows(obs_dim, action_dim, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(obs=torch.randn(B, T, obs_dim, generator=g), action=torch.rand(B, T, action_dim, generator=g) * 2 - 1,
+                reward=torch.randn(B, T, generator=g), is_first=torch.zeros(B, T, dtype=torch.bool),
+                is_terminal=torch.zeros(B, T, dtype=torch.bool))
+
+
+def rep_loss(agent, seq, **flags):
+    torch.manual_seed(1)  # the same latent samples for every variant
+    return representation_loss(agent, seq["obs"], seq["action"], seq["is_terminal"], 0.5, 0.3, **flags)
+
+
+def test_representation_loss_ablations_kl_term_and_value_term():
+    agent, seq = tiny_agent(), fake_windows(3, 2, 8, 4)
+    full, m = rep_loss(agent, seq)
+    no_kl, _ = rep_loss(agent, seq, kl_term=False)
+    no_value, _ = rep_loss(agent, seq, value_term=False)
+    neither, _ = rep_loss(agent, seq, kl_term=False, value_term=False)
+    K = 3  # loss = -mean(sum_t r_t - sum_t KL_t + Q)
+    assert torch.allclose(full - no_kl, K * m["losses/kl"], atol=1e-5)
+    assert torch.allclose(full - no_value, -m["stats/alm_q"], atol=1e-5)
+    assert torch.allclose(neither, -K * m["stats/alm_reward"], atol=1e-5)
+    assert m["losses/kl"] > 0
+    seq["is_terminal"][:, -1] = True  # a terminal s_K contributes no Q
+    assert torch.allclose(rep_loss(agent, seq)[0], no_value, atol=1e-5)
+
+
+def test_representation_loss_gradients_only_where_eq7_says():
+    agent, seq = tiny_agent(), fake_windows(3, 2, 8, 4)
+    loss, _ = rep_loss(agent, seq)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.encoder.parameters())
+    assert all(p.grad is not None for p in agent.model.parameters())
+    assert all(p.grad is None for p in [*agent.actor.parameters(), *agent.encoder_target.parameters()])
+
+
+def test_policy_loss_classifier_reward_ablation():
+    agent = tiny_agent()
+    z = torch.randn(8, TINY["latent_dim"])
+
+    def run(flag, coef=0.1):
+        torch.manual_seed(2)
+        return policy_loss(agent, z, 0.5, 0.3, 0.99, 0.95, 3, coef, classifier_reward=flag)
+
+    with_c, m = run(True)
+    without_c, _ = run(False)
+    zero_coef, _ = run(True, coef=0.0)
+    assert torch.allclose(without_c, zero_coef)
+    # the objective is linear in the rewards: the difference is the objective of c * bonus with Q = 0
+    torch.manual_seed(2)
+    z_seq, a_seq = [z], []
+    for _ in range(3):
+        a_seq.append(agent.actor(z_seq[-1], 0.5, 0.3)[1])
+        mean, std = agent.model(z_seq[-1], a_seq[-1])
+        z_seq.append(mean + std * torch.randn_like(mean))
+    bonus = torch.stack([log_odds(agent.classify(z_seq[t], a_seq[t], z_seq[t + 1])) for t in range(3)], 1)
+    expected = -policy_objective(0.1 * bonus, torch.zeros(8, 4), 0.99, 0.95)
+    assert torch.allclose(with_c - without_c, expected, atol=1e-5)
+    assert torch.allclose(m["stats/classifier_reward"], bonus.mean(), atol=1e-5)
+
+
+def test_defaults_are_table3_and_bad_flags_are_named():
+    a = Args()
+    assert (a.gamma, a.learning_starts, a.tau, a.lam, a.batch_size, a.learning_rate, a.max_grad_norm) == \
+        (0.99, 5000, 0.005, 0.95, 512, 1e-4, 100.0)
+    assert (a.latent_dim, a.classifier_coef, a.hidden_dim, a.model_hidden_dim, a.horizon) == (50, 0.1, 512, 1024, 3)
+    assert replay_capacity(Args(env_id="Humanoid-v5")) == 1_000_000
+    assert replay_capacity(Args(env_id="HumanoidTruncatedObs-v5")) == 1_000_000
+    assert replay_capacity(Args(env_id="Hopper-v5")) == 100_000
+    assert replay_capacity(Args(env_id="Humanoid-v5", buffer_size=500)) == 500
+    for bad, flag in [(dict(horizon=0), "--horizon"), (dict(lam=1.5), "--lam"), (dict(batch_size=0), "--batch-size"),
+                      (dict(capture_video=True), "--capture-video")]:
+        with pytest.raises(ValueError, match=flag):
+            check_args(Args(**bad))
+
+
+def run_cli(tmp_path, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, "alm.py"), "--env-id", "InvertedPendulum-v5", "--total-timesteps", "300",
+           "--learning-starts", "100", "--batch-size", "16", "--hidden-dim", "32", "--model-hidden-dim", "32",
+           "--latent-dim", "8", "--eval-every", "150", "--eval-episodes", "2", "--log-every", "100", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+
+
+def read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("extra", [["--save-model"], ["--no-kl-term", "--no-value-term", "--no-classifier-reward",
+                                                       "--horizon", "1"]])
+def test_smoke_cli(tmp_path, extra):
+    out = run_cli(tmp_path, *extra)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert math.isfinite(summary["final_eval_return"]) and summary["global_step"] == 300 and summary["updates"] > 150
+    run_dir = tmp_path / summary["run_dir"]
+    scalars = read_scalars(run_dir)
+    for tag in ["losses/alm", "losses/reward", "losses/classifier", "losses/critic", "losses/actor"]:
+        assert scalars[tag] and all(math.isfinite(v) for v in scalars[tag]), tag
+    assert "eval/episodic_return" in scalars and "charts/episodic_return" in scalars
+    assert ("stats/classifier_reward" in scalars) == ("--no-classifier-reward" not in extra)
+    assert json.load(open(run_dir / "args.json"))["horizon"] == (1 if "--horizon" in extra else 3)
+    if "--save-model" in extra:
+        ckpt = torch.load(run_dir / "alm.pt", weights_only=False)
+        assert ckpt["global_step"] == 300 and "encoder_target.net.0.weight" in ckpt["agent"]
+
+
+def test_cli_bad_env_id_exits_with_message(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "alm.py"), "--env-id", "NoSuchEnv-v0"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--env-id" in out.stderr
