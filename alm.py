@@ -465,9 +465,10 @@ def main(args: Args) -> dict:
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     envs = make_vector_env(args.env_id, args.num_envs, args.seed)  # fails here on an unknown --env-id
-    eval_env = make_env(args.env_id, args.seed + 10_000)
     if len(envs.single_observation_space.shape) != 1:
+        envs.close()
         raise ValueError(f"--env-id {args.env_id}: alm.py learns from state vectors; use a gymnasium MuJoCo id")
+    eval_env = make_env(args.env_id, args.seed + 10_000)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributions as td
 
-from alm import (Agent, Args, check_args, gaussian_kl, lambda_returns, linear_schedule, log_odds, make_optimizers,
+from alm import (Agent, Args, check_args, main, gaussian_kl, lambda_returns, linear_schedule, log_odds, make_optimizers,
                  policy_loss, policy_objective, replay_capacity, representation_loss, soft_update, split_transitions,
                  update)
 from common.replay import ReplayBuffer
@@ -227,9 +227,9 @@ def test_defaults_are_table3_and_bad_flags_are_named():
 
 
 def run_cli(tmp_path, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "alm.py"), "--env-id", "InvertedPendulum-v5", "--total-timesteps", "300",
-           "--learning-starts", "100", "--batch-size", "16", "--hidden-dim", "32", "--model-hidden-dim", "32",
-           "--latent-dim", "8", "--eval-every", "150", "--eval-episodes", "2", "--log-every", "100", *extra]
+    cmd = [sys.executable, os.path.join(ROOT, "alm.py"), "--env-id", "InvertedPendulum-v5", "--total-timesteps", "240",
+           "--learning-starts", "80", "--batch-size", "16", "--hidden-dim", "32", "--model-hidden-dim", "32",
+           "--latent-dim", "8", "--eval-every", "120", "--eval-episodes", "2", "--log-every", "100", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
 
@@ -248,7 +248,7 @@ def test_smoke_cli(tmp_path, extra):
     out = run_cli(tmp_path, *extra)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert math.isfinite(summary["final_eval_return"]) and summary["global_step"] == 300 and summary["updates"] > 150
+    assert math.isfinite(summary["final_eval_return"]) and summary["global_step"] == 240 and summary["updates"] > 120
     run_dir = tmp_path / summary["run_dir"]
     scalars = read_scalars(run_dir)
     for tag in ["losses/alm", "losses/reward", "losses/classifier", "losses/critic", "losses/actor"]:
@@ -258,10 +258,13 @@ def test_smoke_cli(tmp_path, extra):
     assert json.load(open(run_dir / "args.json"))["horizon"] == (1 if "--horizon" in extra else 3)
     if "--save-model" in extra:
         ckpt = torch.load(run_dir / "alm.pt", weights_only=False)
-        assert ckpt["global_step"] == 300 and "encoder_target.net.0.weight" in ckpt["agent"]
+        assert ckpt["global_step"] == 240 and "encoder_target.net.0.weight" in ckpt["agent"]
 
 
-def test_cli_bad_env_id_exits_with_message(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "alm.py"), "--env-id", "NoSuchEnv-v0"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "--env-id" in out.stderr
+def test_bad_env_id_is_named_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--env-id"):
+        main(Args(env_id="NoSuchEnv-v0"))
+    with pytest.raises(ValueError, match="--env-id"):  # pixels: alm.py learns from state vectors
+        main(Args(env_id="cartpole-balance", **TINY))
+    assert not (tmp_path / "runs").exists()
