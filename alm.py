@@ -524,9 +524,10 @@ def main(args: Args) -> dict:
             if global_step >= next_log:
                 next_log += args.log_every
                 values = {k: float(v) for k, v in metrics.items()}  # the only host sync of the updates
+                bad = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(f"non-finite {', '.join(bad)} at step {global_step} ({updates} updates)")
                 for k, v in values.items():
-                    if not math.isfinite(v):
-                        raise FloatingPointError(f"non-finite {k} = {v} at step {global_step} (after {updates} updates)")
                     writer.add_scalar(k, v, global_step)
                 sps = global_step / (time.time() - start)
                 writer.add_scalar("charts/SPS", sps, global_step)

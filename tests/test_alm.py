@@ -268,3 +268,21 @@ def test_bad_env_id_is_named_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--env-id"):  # pixels: alm.py learns from state vectors
         main(Args(env_id="cartpole-balance", **TINY))
     assert not (tmp_path / "runs").exists()
+
+
+def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatch):
+    import alm
+
+    def nan_critic_loss(*a, **k):
+        loss, m = critic_loss(*a, **k)
+        return loss * float("nan"), {**m, "losses/critic": loss * float("nan")}
+
+    critic_loss = alm.critic_loss
+    monkeypatch.setattr(alm, "critic_loss", nan_critic_loss)
+    monkeypatch.chdir(tmp_path)
+    args = Args(env_id="InvertedPendulum-v5", total_timesteps=200, learning_starts=50, log_every=100, eval_every=1000,
+                eval_episodes=1, **TINY)
+    with pytest.raises(FloatingPointError, match=r"losses/critic.*at step 100"):
+        main(args)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert any(f.name.startswith("events") for f in run_dir.iterdir()) and (run_dir / "args.json").exists()
