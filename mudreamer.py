@@ -1,0 +1,989 @@
+"""MuDreamer: "MuDreamer: Learning Predictive World Models without Reconstruction", Burchi & Timofte 2024,
+arXiv:2405.15083. Built on DreamerV3 (arXiv:2301.04104v1, 2023 code); this file is dreamerv3.py with the
+paper's changes (Sec. 4), so that `diff dreamerv3.py mudreamer.py` reads as its method section.
+
+The world model learns without reconstruction, by predicting rewards, continues, the value (Eq. 5) and the
+previous action from x_t and s_{t-1}, with BatchNorm in the representation network and KL scales 0.95 / 0.05
+(Eq. 4); an optional decoder learns from sg(s_t) for pictures. Behaviour learning is DreamerV3's (Sec. 4.2).
+
+Paper symbol -> code name
+    o_t  obs (uint8 image)            x_t  embed = encoder(o_t)          a_t  action
+    h_t  deter (GRU state)            z_t  stoch (32 one-hot latents)    s_t = [h_t, z_t]  feat
+    q(z_t | h_t, x_t)  post_logits    p(z_t | h_t)  prior_logits         r_t, c_t  reward, cont
+    v(s_t)  critic   v'(s_t)  slow_critic   pi(a_t | s_t)  actor   R^lambda_t  ret   S  scale
+    value predictor v_phi(s_t)  heads["value"]   its slow EMA copy v_phi'  slow_value
+    action predictor p(a_{t-1} | x_t, s_{t-1})  heads["action"]    decoder p(o_t | sg(s_t))  decoder
+
+Shape letters: B batch, T sequence length, H imagination horizon, N = B*T imagination starts,
+D deter, S stoch latents, K classes per latent, F = D + S*K feature size, E embed, A action dim.
+
+Replay alignment (common/replay.py): row t holds o_t, the r_t and is_first_t / is_terminal_t received
+on arriving at o_t, and the action a_t chosen at o_t; so RSSM step t consumes action[:, t-1], and at
+is_first the state is reset to the learned initial state AND the previous action is zeroed.
+
+Deviations from the paper / the 2023 code (each also tagged `# DEVIATION` where it happens):
+ 1. float32 instead of float16 with loss scaling (no non-finite step skipping; a non-finite loss stops
+    the run instead).
+ 2. Every replayed batch starts from the learned initial state; the 2023 code carries the last
+    posterior of the previous batch into the next, unrelated one.
+ 3. Pixel observations only (DMC ids); the MLP encoder/decoder for vector observations is left out.
+ 4. Eq. 5 across episode boundaries (the paper does not say): where is_first[t+1] the recursion restarts,
+    R_t = v'(s_t); the value loss skips those steps and the last one (as the critic skips its bootstrap state).
+ 5. BatchNorm statistics are per time step over the B sequences inside the sequential posterior loop (each of
+    the T steps updates the running statistics), as a recurrent model must; BatchNorm eps is torch's 1e-5.
+
+Run:  python mudreamer.py --env-id walker-run
+"""
+
+import copy
+import io
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+from common.envs import make_vector_env
+from common.replay import ReplayBuffer
+
+LN_EPS = 1e-3  # LayerNorm epsilon of the DreamerV3 2023 code
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    capture_video: bool = False
+    """if toggled, log a video of one evaluation episode at every evaluation"""
+    save_model: bool = False
+    """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
+    env_id: str = "walker-walk"
+    """the environment id (DMC pixel tasks: domain-task)"""
+    total_timesteps: int = 1_000_000
+    """environment frames (after action repeat) of the run (MuDreamer Table 1: 1M)"""
+    num_envs: int = 4
+    """parallel training environments (MuDreamer Table 5, DMC: 4)"""
+    eval_every: int = 10_000
+    """evaluate every this many frames"""
+    eval_episodes: int = 10
+    """episodes per evaluation (MuDreamer Sec. 5: 10)"""
+    log_every: int = 2_000
+    """log metrics every this many frames"""
+
+    # Environment
+    action_repeat: int = 2
+    """frames per agent step, rewards summed (DreamerV3 DMC setting, MuDreamer Sec. 5)"""
+    time_limit: int = 1000
+    """episode length in frames (DMC standard: 1000)"""
+    background: str = "plain"
+    """DMC background: "plain" or natural videos (common/envs.py)"""
+    background_dir: Optional[str] = None
+    """folder of background videos (natural backgrounds only)"""
+    background_mask: str = "color"
+    """how the background is found: "color" or "segmentation" (natural backgrounds only)"""
+
+    # Replay and training schedule (MuDreamer Table 5, DreamerV3 DMC settings)
+    buffer_size: int = 1_000_000
+    """replay capacity in steps, FIFO (Table 5: 1e6)"""
+    batch_size: int = 16
+    """sequences per batch, B (Table 5: 16)"""
+    batch_length: int = 64
+    """steps per sequence, T (Table 5: 64)"""
+    train_ratio: int = 512
+    """replayed steps per policy step (Table 5, DMC: 512)"""
+
+    # Model size (DreamerV3 "S", MuDreamer Table 5 "DreamerV3 Small" and Tables 6-10)
+    deter: int = 512
+    """GRU state size, D (Table 7: 512)"""
+    stoch: int = 32
+    """number of categorical latents, S (Table 5: 32)"""
+    classes: int = 32
+    """classes per latent, K (Table 5: 32)"""
+    units: int = 512
+    """hidden width of the RSSM layers and of every MLP (Tables 7-10: 512)"""
+    mlp_layers: int = 2
+    """hidden layers of the reward, continue, actor and critic MLPs (DreamerV3 "S": 2)"""
+    cnn_depth: int = 32
+    """channels of the first conv layer, doubled per stage (Table 6: 32-64-128-256)"""
+
+    # World model (DreamerV3 Sec. 2 and its 2023 code; MuDreamer Table 5)
+    unimix: float = 0.01
+    """uniform mixture of every categorical (DreamerV3: 1%)"""
+    reward_bins: int = 255
+    """two-hot bins of reward and critic, linspace(-20, 20) in symlog space (DreamerV3: 255)"""
+    kl_dyn: float = 0.95
+    """dynamics loss scale beta_dyn (MuDreamer Eq. 4, Table 5: 0.95; Table 3 ablates other pairs)"""
+    kl_rep: float = 0.05
+    """representation loss scale beta_rep (MuDreamer Eq. 4, Table 5: 0.05)"""
+    pred_scale: float = 1.0
+    """prediction loss scale beta_pred of the reward, continue, value and action terms (Table 5: 1.0)"""
+    reward_loss_scale: float = 1.0
+    """extra factor on the reward loss (A.15: 100 for the 6-task natural-background comparison)"""
+    value_ema_decay: float = 0.99
+    """decay of the slow value predictor v', 1 - tau, updated every step (Eq. 5: tau 0.01; Table 5: 0.99)"""
+    bn_momentum: float = 0.9
+    """BatchNorm momentum of the representation network, running = m running + (1 - m) batch (Table 5: 0.9)"""
+    decoder: bool = True
+    """train the auxiliary decoder on sg(s_t) for pictures only, no effect on training (Eq. 1, Fig. 2/5)"""
+    free_bits: float = 1.0
+    """free nats per (b, t) below which the KL terms are clipped (DreamerV3 Eq. 5: 1)"""
+    model_lr: float = 1e-4
+    """world model Adam learning rate (Table 5: 1e-4)"""
+    model_eps: float = 1e-8
+    """world model Adam epsilon (Table 5: 1e-8)"""
+    model_clip: float = 1000.0
+    """world model gradient norm clip (Table 5: 1000)"""
+
+    # Actor-critic (DreamerV3 Sec. 3; MuDreamer Table 5)
+    imag_horizon: int = 15
+    """imagination horizon H (Table 5: 15)"""
+    gamma: float = 0.997
+    """discount gamma, 1 - 1/333 (Table 5: 0.997)"""
+    lam: float = 0.95
+    """return lambda (Table 5: 0.95)"""
+    critic_ema_decay: float = 0.98
+    """decay of the slow critic EMA, updated every step (Table 5: 0.98)"""
+    critic_slow_reg: float = 1.0
+    """scale of the slow critic regulariser (Table 5: 1.0)"""
+    return_norm_decay: float = 0.99
+    """EMA decay of the return percentiles (Table 5: 0.99)"""
+    return_norm_low: float = 5.0
+    """lower return percentile (Table 5: 5th)"""
+    return_norm_high: float = 95.0
+    """upper return percentile (Table 5: 95th)"""
+    return_norm_limit: float = 1.0
+    """returns are divided by max(limit, S) (DreamerV3 Eq. 7: 1)"""
+    actor_entropy: float = 3e-4
+    """entropy scale eta (Table 5: 3e-4)"""
+    actor_min_std: float = 0.1
+    """minimum std of the continuous actor (DreamerV3 2023 code: 0.1)"""
+    actor_max_std: float = 1.0
+    """maximum std of the continuous actor (DreamerV3 2023 code: 1.0)"""
+    actor_lr: float = 3e-5
+    """actor Adam learning rate (Table 5: 3e-5)"""
+    critic_lr: float = 3e-5
+    """critic Adam learning rate (Table 5: 3e-5)"""
+    ac_eps: float = 1e-5
+    """actor and critic Adam epsilon (Table 5: 1e-5)"""
+    ac_clip: float = 100.0
+    """actor and critic gradient norm clip (Table 5: 100)"""
+
+    # Pictures
+    video_every: int = 50_000
+    """log an open-loop prediction video every this many frames (0: never)"""
+    video_context: int = 5
+    """context frames of the open-loop video (MuDreamer Fig. 5: 5)"""
+
+    # Ablations (MuDreamer Table 3; KL pairs via --kl-dyn --kl-rep)
+    no_value_predictor: bool = False
+    """drop the value prediction loss (Table 3 "No Value Predictor")"""
+    no_action_predictor: bool = False
+    """drop the action prediction loss (Table 3 "No Action Predictor")"""
+    no_batch_norm: bool = False
+    """LayerNorm instead of BatchNorm in the representation network (Table 3 "No Batch Normalization")"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small math helpers
+# ---------------------------------------------------------------------------------------------
+def symlog(x):
+    # [DreamerV3 Eq. 1] symlog(x) = sign(x) ln(|x| + 1)
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x):
+    # [DreamerV3 Eq. 1] symexp(x) = sign(x) (exp(|x|) - 1), the inverse of symlog
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+def twohot(x, bins):
+    """[DreamerV3 Eq. 9] Two-hot encoding of x (...,) over sorted bins (K,): weights on the two nearest bins."""
+    x = x.clamp(bins[0], bins[-1])
+    above = torch.bucketize(x, bins, right=True).clamp(1, len(bins) - 1)  # first bin > x
+    below = above - 1
+    w_above = (x - bins[below]) / (bins[above] - bins[below])
+    return (F.one_hot(below, len(bins)) * (1 - w_above)[..., None]
+            + F.one_hot(above, len(bins)) * w_above[..., None])
+
+
+def twohot_loss(logits, x, bins):
+    """-log p(x) of the symlog two-hot distribution, for targets x in the original space."""
+    return -(twohot(symlog(x), bins) * F.log_softmax(logits, -1)).sum(-1)
+
+
+def twohot_mean(logits, bins):
+    """[DreamerV3 Eq. 10] y = symexp(softmax(logits)^T bins)."""
+    return symexp((F.softmax(logits, -1) * bins).sum(-1))
+
+
+def unimix_logits(logits, unimix):
+    """[DreamerV3 Sec. 2] probs = (1 - unimix) softmax(logits) + unimix / K; returns log(probs)."""
+    probs = F.softmax(logits, -1)
+    return torch.log((1 - unimix) * probs + unimix / logits.shape[-1])
+
+
+def sample_onehot(logits):
+    """Straight-through one-hot sample: sample + probs - sg(probs) (DreamerV3 Sec. 2)."""
+    probs = F.softmax(logits, -1)
+    gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(1e-20, 1.0)))
+    sample = F.one_hot((logits + gumbel).argmax(-1), logits.shape[-1]).to(probs.dtype)
+    return sample + probs - probs.detach()
+
+
+def categorical_kl(logits_p, logits_q):
+    """KL[p || q] of S independent categoricals, summed over the S latents: (..., S, K) -> (...)."""
+    logp, logq = F.log_softmax(logits_p, -1), F.log_softmax(logits_q, -1)
+    return (logp.exp() * (logp - logq)).sum((-2, -1))
+
+
+def kl_terms(post, prior, free_bits):
+    """Dynamics and representation losses, free bits per (b, t) after summing over the S latents."""
+    # [DreamerV3 Eq. 5] L_dyn = max(1, KL[sg(q) || p])
+    dyn = torch.clamp(categorical_kl(post.detach(), prior), min=free_bits)
+    # [DreamerV3 Eq. 5] L_rep = max(1, KL[q || sg(p)])
+    rep = torch.clamp(categorical_kl(post, prior.detach()), min=free_bits)
+    return dyn, rep
+
+
+def lambda_return(reward, value, cont, gamma, lam):
+    """[DreamerV3 Eq. 7] R_t = r_{t+1} + gamma c_{t+1} ((1 - lam) v_{t+1} + lam R_{t+1}), R_H = v_H.
+
+    reward, cont: (H, N) r_1..r_H and c_1..c_H; value: (H+1, N) v_0..v_H. Returns (H, N) R_0..R_{H-1}.
+        state   s_0 --a_0--> s_1 --a_1--> s_2 ... s_H
+        target  R_0          R_1               (R_H = v_H)
+    """
+    disc = gamma * cont
+    interm = reward + disc * (1 - lam) * value[1:]
+    ret, out = value[-1], []
+    for t in reversed(range(reward.shape[0])):
+        ret = interm[t] + disc[t] * lam * ret
+        out.append(ret)
+    return torch.stack(out[::-1])
+
+
+def value_targets(reward, cont, is_first, slow_value, gamma, lam):
+    """[MuDreamer Eq. 5] R_t = r_{t+1} + gamma c_{t+1} ((1 - lam) v'(s_{t+1}) + lam R_{t+1}), R_T = v'(s_T).
+
+    (B, T) replay rows: r_{t+1} = reward[:, t+1], c_{t+1} = cont[:, t+1], v'(s_t) = slow_value[:, t]. Where is_first[:, t+1]
+    the recursion restarts, R_t = v'(s_t) (DEVIATION 4). Returns R_0..R_{T-2} (B, T-1) and a mask that is 0 there.
+    """
+    first = is_first[:, 1:]  # (B, T-1)
+    ret, out = slow_value[:, -1], []
+    for t in reversed(range(reward.shape[1] - 1)):
+        ret = reward[:, t + 1] + gamma * cont[:, t + 1] * ((1 - lam) * slow_value[:, t + 1] + lam * ret)
+        ret = torch.where(first[:, t], slow_value[:, t], ret)
+        out.append(ret)
+    return torch.stack(out[::-1], 1), (~first).to(reward.dtype)
+
+
+class ReturnNorm(nn.Module):
+    """[DreamerV3 Eq. 7] S = EMA(Per(R, 95) - Per(R, 5), 0.99); returns are divided by max(1, S).
+
+    `low` and `high` are EMAs starting at 0, without debiasing (2023 code). Kept on the device, no syncs.
+    """
+
+    def __init__(self, decay, low_pct, high_pct, limit):
+        super().__init__()
+        self.decay, self.q, self.limit = decay, torch.tensor([low_pct / 100, high_pct / 100]), limit
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+
+    @torch.no_grad()
+    def forward(self, ret):
+        """Update the EMAs with a batch of returns; return (offset, scale) for (ret - offset) / scale."""
+        low, high = torch.quantile(ret.detach().flatten().float(), self.q.to(ret.device))
+        self.low.lerp_(low, 1 - self.decay)
+        self.high.lerp_(high, 1 - self.decay)
+        return self.low.clone(), torch.clamp(self.high - self.low, min=self.limit)
+
+
+def init_weights(m):
+    """Truncated normal (+-2 sigma), variance scaling 1/fan_avg, zero bias (DreamerV3 2023 code)."""
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(m.weight)
+        std = (2.0 / (fan_in + fan_out)) ** 0.5 / 0.87962566103423978  # std of N(0,1) truncated to +-2
+        nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a (N, C, H, W) map (DreamerV3 CNN norm)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def mlp(inp, units, layers, out):
+    """[MuDreamer Table 10] `layers` x (Linear + LayerNorm + SiLU), then a Linear to `out` (no bias before a norm)."""
+    mods = []
+    for i in range(layers):
+        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU()]
+    return nn.Sequential(*mods, nn.Linear(units if layers else inp, out))
+
+
+class Encoder(nn.Module):
+    """[MuDreamer Table 6] Conv k4 s2 p1 + LN + SiLU, depth doubling, down to 4x4; flatten to E."""
+
+    def __init__(self, channels, depth, size):
+        super().__init__()
+        layers, c_in, c_out = [], channels, depth
+        while size > 4:
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), ChannelNorm(c_out, eps=LN_EPS), nn.SiLU()]
+            c_in, c_out, size = c_out, 2 * c_out, size // 2
+        self.net, self.out_dim = nn.Sequential(*layers), c_in * size * size
+
+    def forward(self, obs):  # (..., C, H, W) uint8 -> (..., E)
+        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5
+        return self.net(x).reshape(*obs.shape[:-3], -1)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder: Linear to 4x4 maps, transposed convs k4 s2 p1 (+ LN + SiLU but the last)."""
+
+    def __init__(self, feat_dim, channels, depth, size):
+        super().__init__()
+        n = int(np.log2(size // 4))
+        self.c0 = depth * 2 ** (n - 1)
+        self.inp = nn.Linear(feat_dim, self.c0 * 16)
+        layers, c = [], self.c0
+        for i in range(n):
+            last = i == n - 1
+            c_out = channels if last else c // 2
+            layers += [nn.ConvTranspose2d(c, c_out, 4, 2, 1, bias=last)]
+            layers += [] if last else [ChannelNorm(c_out, eps=LN_EPS), nn.SiLU()]
+            c = c_out
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, feat):  # (..., F) -> (..., C, H, W) in [0, 1] on average
+        x = self.inp(feat.reshape(-1, feat.shape[-1])).reshape(-1, self.c0, 4, 4)
+        x = self.net(x) + 0.5
+        return x.reshape(*feat.shape[:-1], *x.shape[1:])
+
+
+class RSSM(nn.Module):
+    """[DreamerV3 Eq. 3, MuDreamer Tables 7-9] Recurrent state-space model with categorical latents.
+
+    sequence model      h_t = f(h_{t-1}, z_{t-1}, a_{t-1})       (img_in + LayerNorm GRU)
+    representation      z_t ~ q(z_t | h_t, x_t)                    (obs_out)
+    dynamics predictor  z^_t ~ p(z^_t | h_t)                       (img_out)
+    """
+
+    def __init__(self, deter, stoch, classes, units, action_dim, embed_dim, unimix, batch_norm=True, bn_momentum=0.9):
+        super().__init__()
+        self.deter, self.stoch, self.classes, self.unimix = deter, stoch, classes, unimix
+        self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_dim, units, bias=False),
+                                    nn.LayerNorm(units, eps=LN_EPS), nn.SiLU())
+        # GRU with one fused Linear for the three gates and LayerNorm on them (DreamerV3 2023 code).
+        self.gru = nn.Linear(units + deter, 3 * deter, bias=False)
+        self.gru_norm = nn.LayerNorm(3 * deter, eps=LN_EPS)
+        self.img_out = nn.Sequential(nn.Linear(deter, units, bias=False), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU(),
+                                     nn.Linear(units, stoch * classes))
+        # [MuDreamer Table 8] Representation: Linear([h_t, x_t]) + BatchNorm + SiLU, then a Linear to the logits.
+        # The x_t part of the first Linear is applied to all T steps at once in `observe` (same maths, faster).
+        norm = nn.BatchNorm1d(units, momentum=1 - bn_momentum) if batch_norm else nn.LayerNorm(units, eps=LN_EPS)
+        # (torch's BatchNorm momentum is the weight of the new batch: 1 - the paper's 0.9 = 0.1)
+        self.obs_in = nn.Linear(deter + embed_dim, units, bias=False)
+        self.obs_out = nn.Sequential(norm, nn.SiLU(), nn.Linear(units, stoch * classes))
+        self.h0 = nn.Parameter(torch.zeros(deter))  # learned initial state, h_0 = tanh(h0)
+
+    def initial(self, n):
+        """Learned initial state: h_0 = tanh(w), z_0 = mode of p(z | h_0). (n, D), (n, S, K)."""
+        deter = torch.tanh(self.h0)[None]
+        logits = self.prior_logits(deter)
+        stoch = F.one_hot(logits.argmax(-1), self.classes).to(deter.dtype)
+        return deter.expand(n, -1), stoch.expand(n, -1, -1)
+
+    def recurrent(self, deter, stoch, action):
+        """h_t = GRU(h_{t-1}, img_in([z_{t-1}, a_{t-1}])), update gate bias -1."""
+        # DreamerV3 2023 code: actions larger than 1 are rescaled to norm 1 before entering the model.
+        action = action / torch.clamp(action.abs(), min=1.0).detach()
+        x = self.img_in(torch.cat([stoch.flatten(-2), action], -1))
+        reset, cand, update = self.gru_norm(self.gru(torch.cat([x, deter], -1))).chunk(3, -1)
+        reset, update = torch.sigmoid(reset), torch.sigmoid(update - 1.0)
+        cand = torch.tanh(reset * cand)
+        return update * cand + (1 - update) * deter
+
+    def prior_logits(self, deter):  # (..., D) -> (..., S, K), with unimix
+        return unimix_logits(self.img_out(deter).unflatten(-1, (self.stoch, self.classes)), self.unimix)
+
+    def post_logits(self, deter, embed_proj):  # embed_proj = W_x x_t, precomputed
+        h = F.linear(deter, self.obs_in.weight[:, : self.deter]) + embed_proj
+        return unimix_logits(self.obs_out(h).unflatten(-1, (self.stoch, self.classes)), self.unimix)
+
+    def embed_proj(self, embed):
+        return F.linear(embed, self.obs_in.weight[:, self.deter:])
+
+    def reset(self, deter, stoch, prev_action, is_first, init=None):
+        """[replay alignment] where is_first: state <- learned initial state AND previous action <- 0."""
+        init_deter, init_stoch = self.initial(len(is_first)) if init is None else init
+        f = is_first.to(deter.dtype)[:, None]  # (B, 1)
+        deter = f * init_deter + (1 - f) * deter
+        stoch = f[..., None] * init_stoch + (1 - f[..., None]) * stoch
+        return deter, stoch, (1 - f) * prev_action
+
+    def obs_step(self, deter, stoch, prev_action, embed_proj, is_first, init=None):
+        """One posterior step: reset where is_first, h_t = f(h_{t-1}, z_{t-1}, a_{t-1}), z_t ~ q(z_t | h_t, x_t)."""
+        deter, stoch, prev_action = self.reset(deter, stoch, prev_action, is_first, init)
+        deter = self.recurrent(deter, stoch, prev_action)
+        logits = self.post_logits(deter, embed_proj)
+        return deter, sample_onehot(logits), logits
+
+    def observe(self, embed, action, is_first):
+        """Posterior states of a (B, T) sequence; step t consumes action[:, t-1].
+
+            row     t-1                  t
+            data    o_{t-1}, a_{t-1}     o_t, a_t
+            RSSM                         h_t = f(h_{t-1}, z_{t-1}, a_{t-1}),  z_t ~ q(z_t | h_t, x_t)
+        Returns deter (B, T, D), stoch (B, T, S, K), post and prior logits (B, T, S, K).
+        """
+        B, T = is_first.shape
+        # DEVIATION: every batch starts from the learned initial state (row 0 is treated as is_first);
+        # the 2023 code carries the last posterior of the previous batch, which belongs to other sequences.
+        init = self.initial(B)
+        deter, stoch = init
+        first = is_first.clone()
+        first[:, 0] = True
+        embed_proj = self.embed_proj(embed)  # (B, T, units) for all steps at once
+        prev_action = torch.cat([torch.zeros_like(action[:, :1]), action[:, :-1]], 1)  # a_{t-1}
+        deters, stochs, logits = [], [], []
+        for t in range(T):
+            deter, stoch, logit = self.obs_step(deter, stoch, prev_action[:, t], embed_proj[:, t], first[:, t], init)
+            deters.append(deter), stochs.append(stoch), logits.append(logit)
+        deter = torch.stack(deters, 1)
+        # The prior does not feed back into the recurrence, so it runs once for all T steps.
+        return deter, torch.stack(stochs, 1), torch.stack(logits, 1), self.prior_logits(deter)
+
+    def img_step(self, deter, stoch, action):
+        """One imagined step with the dynamics predictor: h_t = f(...), z^_t ~ p(z^_t | h_t)."""
+        deter = self.recurrent(deter, stoch, action)
+        return deter, sample_onehot(self.prior_logits(deter))
+
+
+class WorldModel(nn.Module):
+    """[MuDreamer Eq. 1] Encoder, RSSM, the reward, continue, value and action predictors, the optional decoder."""
+
+    def __init__(self, obs_shape, action_dim, deter, stoch, classes, units, mlp_layers, cnn_depth,
+                 unimix, reward_bins, discrete, min_std, max_std, batch_norm=True, bn_momentum=0.9, decoder=True):
+        super().__init__()
+        self.encoder = Encoder(obs_shape[0], cnn_depth, obs_shape[-1])
+        self.rssm = RSSM(deter, stoch, classes, units, action_dim, self.encoder.out_dim, unimix, batch_norm, bn_momentum)
+        feat_dim = deter + stoch * classes
+        # [MuDreamer Table 10] 3-layer MLPs (2 x Linear + LN + SiLU, output Linear); the action predictor
+        # has the actor's architecture on [x_t, s_{t-1}] (Normal for continuous, one-hot for discrete actions).
+        self.heads = nn.ModuleDict({
+            "reward": mlp(feat_dim, units, mlp_layers, reward_bins),
+            "cont": mlp(feat_dim, units, mlp_layers, 1),
+            "value": mlp(feat_dim, units, mlp_layers, reward_bins),
+            "action": Actor(self.encoder.out_dim + feat_dim, action_dim, units, mlp_layers, discrete, min_std,
+                            max_std, unimix),
+        })
+        self.register_buffer("bins", torch.linspace(-20.0, 20.0, reward_bins))
+        self.apply(init_weights)
+        # DreamerV3 2023 code: the reward output layer starts at zero (predicts 0 at init).
+        nn.init.zeros_(self.heads["reward"][-1].weight)
+        nn.init.zeros_(self.heads["reward"][-1].bias)
+        nn.init.zeros_(self.heads["value"][-1].weight)  # the value predictor too, like the critic
+        nn.init.zeros_(self.heads["value"][-1].bias)
+        # [MuDreamer Sec. 4.1] auxiliary decoder p(o_t | sg(s_t)), trained by its own optimiser; built last so
+        # that every other parameter starts the same with or without it.
+        self.decoder = Decoder(feat_dim, obs_shape[0], cnn_depth, obs_shape[-1]).apply(init_weights) if decoder else None
+
+
+def feature(deter, stoch):
+    """s_t = [h_t, flatten(z_t)]: (..., D), (..., S, K) -> (..., F)."""
+    return torch.cat([deter, stoch.flatten(-2)], -1)
+
+
+class Actor(nn.Module):
+    """pi(a_t | s_t): Normal(tanh(mu), sigma) for continuous actions, unimix one-hot for discrete ones."""
+
+    def __init__(self, feat_dim, action_dim, units, layers, discrete, min_std, max_std, unimix):
+        super().__init__()
+        self.discrete, self.min_std, self.max_std, self.unimix = discrete, min_std, max_std, unimix
+        self.net = mlp(feat_dim, units, layers, action_dim if discrete else 2 * action_dim)
+        self.apply(init_weights)
+
+    def forward(self, feat):
+        """Returns (action sample with gradient, log-prob function, entropy)."""
+        out = self.net(feat)
+        if self.discrete:
+            logits = unimix_logits(out, self.unimix)
+            action = sample_onehot(logits)  # straight-through
+            logp = F.log_softmax(logits, -1)
+            return action, lambda a: (a * logp).sum(-1), -(logp.exp() * logp).sum(-1)
+        mean, std = out.chunk(2, -1)
+        std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
+        dist = torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std), 1)
+        return dist.rsample(), dist.log_prob, dist.entropy()
+
+
+class Critic(nn.Module):
+    """v(s_t) as a symlog two-hot distribution over 255 bins; output layer zero-initialised."""
+
+    def __init__(self, feat_dim, units, layers, bins):
+        super().__init__()
+        self.net = mlp(feat_dim, units, layers, bins)
+        self.register_buffer("bins", torch.linspace(-20.0, 20.0, bins))
+        self.apply(init_weights)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, feat):  # logits (..., bins)
+        return self.net(feat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and the update step
+# ---------------------------------------------------------------------------------------------
+def world_model_loss(wm, slow_value, data, loss_scales, free_bits, gamma, lam):
+    """[MuDreamer Eq. 2] L = beta_pred L_pred + beta_dyn L_dyn + beta_rep L_rep over a (B, T) batch, no reconstruction.
+
+    `loss_scales` lists every term; "value" and "action" are computed only when named (Table 3 ablations).
+    Returns (loss, metrics, posterior states (deter, stoch)).
+    """
+    obs, action = data["obs"], data["action"]
+    embed = wm.encoder(obs)  # (B, T, E)
+    deter, stoch, post, prior = wm.rssm.observe(embed, action, data["is_first"])
+    feat = feature(deter, stoch)  # (B, T, F)
+    losses = {}
+    # [DreamerV3 Eq. 5] -ln p(r_t | s_t), symlog two-hot
+    losses["reward"] = twohot_loss(wm.heads["reward"](feat), data["reward"], wm.bins)
+    # [DreamerV3 Eq. 5] -ln p(c_t | s_t), Bernoulli with target c_t = 1 - is_terminal
+    cont_target = 1.0 - data["is_terminal"].float()
+    losses["cont"] = F.binary_cross_entropy_with_logits(wm.heads["cont"](feat)[..., 0], cont_target,
+                                                        reduction="none")
+    if "value" in loss_scales:
+        # [MuDreamer Eq. 5] -ln p(sg(R_t) | s_t), symlog two-hot, toward lambda-returns of the real rewards and
+        # continues bootstrapped by the slow value predictor v'; the gradient shapes the representation.
+        with torch.no_grad():
+            slow = twohot_mean(slow_value(feat), wm.bins)  # (B, T) v'(s_t)
+            ret, valid = value_targets(data["reward"], cont_target, data["is_first"], slow, gamma, lam)
+        losses["value"] = twohot_loss(wm.heads["value"](feat[:, :-1]), ret, wm.bins) * valid  # (B, T-1)
+    if "action" in loss_scales:
+        # [MuDreamer Eq. 1] action predictor -ln p(a_{t-1} | x_t, s_{t-1}) for t >= 1, not where an episode starts
+        _, logp, _ = wm.heads["action"](torch.cat([embed[:, 1:], feat[:, :-1]], -1))
+        losses["action"] = -logp(action[:, :-1]) * ~data["is_first"][:, 1:]  # (B, T-1)
+    losses["kl_dyn"], losses["kl_rep"] = kl_terms(post, prior, free_bits)
+    assert losses.keys() == loss_scales.keys(), (sorted(losses), sorted(loss_scales))
+    loss = sum(loss_scales[k] * v.mean() for k, v in losses.items())
+    metrics = {f"losses/{k}": v.mean().detach() for k, v in losses.items()}
+    metrics["losses/world_model"] = loss.detach()
+    metrics["stats/prior_entropy"] = -(prior.exp() * prior).sum((-2, -1)).mean().detach()
+    metrics["stats/posterior_entropy"] = -(post.exp() * post).sum((-2, -1)).mean().detach()
+    return loss, metrics, (deter.detach(), stoch.detach())
+
+
+def imagine(rssm, actor, deter, stoch, horizon):
+    """Roll the dynamics predictor H steps from N start states with actions from pi(a | sg(s)).
+
+    Returns feat (H+1, N, F) for s_0..s_H, actions (H+1, N, A), log-prob functions and entropies (H+1, N).
+    """
+    feats, actions, logps, ents = [], [], [], []
+    for t in range(horizon + 1):
+        feat = feature(deter, stoch)
+        action, logp, ent = actor(feat.detach())  # the actor sees sg(s_t)
+        feats.append(feat), actions.append(action), logps.append(logp), ents.append(ent)
+        if t < horizon:
+            deter, stoch = rssm.img_step(deter, stoch, action)
+    return torch.stack(feats), torch.stack(actions), logps, torch.stack(ents)
+
+
+def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch, is_terminal,
+                      horizon, gamma, lam, entropy_scale, slow_reg):
+    """[DreamerV3 Eqs. 6-8] Actor and critic losses on trajectories imagined from N posterior states.
+
+    deter (N, D), stoch (N, S, K), is_terminal (N,) of the start states. Returns
+    (actor_loss, critic_loss, metrics).
+    """
+    feat, action, logps, ent = imagine(wm.rssm, actor, deter, stoch, horizon)  # (H+1, N, ...)
+    reward = twohot_mean(wm.heads["reward"](feat[1:]), wm.bins)  # (H, N) r_1..r_H
+    # Continue: real flag for the start state, the continue head's mode afterwards (2023 code).
+    cont = (wm.heads["cont"](feat[1:])[..., 0] > 0).to(feat.dtype)  # (H, N) c_1..c_H
+    cont0 = (1.0 - is_terminal.to(feat.dtype))[None]
+    # [DreamerV3 2023 code] weight_t = prod_{i<=t} gamma c_i / gamma: discount for states cut off by an end.
+    weight = (torch.cumprod(gamma * torch.cat([cont0, cont]), 0) / gamma).detach()  # (H+1, N)
+    value = twohot_mean(critic(feat), critic.bins)  # (H+1, N), online critic (2023 code)
+    ret = lambda_return(reward, value, cont, gamma, lam)  # (H, N)
+
+    # [DreamerV3 Eq. 7] scale = max(1, EMA(Per(R, 95) - Per(R, 5))); the offset cancels in R - v.
+    _, scale = return_norm(ret)
+    adv = (ret - value[:-1]) / scale  # (H, N)
+    if actor.discrete:
+        # [DreamerV3 Eq. 7] REINFORCE for discrete actions: -ln pi(a_t | s_t) sg(A_t)
+        logpi = torch.stack([logps[t](action[t].detach()) for t in range(horizon)])
+        actor_loss = -logpi * adv.detach()
+    else:
+        # [DreamerV3 Eq. 7] continuous actions: backpropagate the return through the dynamics
+        actor_loss = -adv
+    # [DreamerV3 Eq. 7] entropy regulariser -eta H[pi(a_t | s_t)]
+    actor_loss = ((actor_loss - entropy_scale * ent[:-1]) * weight[:-1]).mean()
+
+    # [DreamerV3 Eq. 8] critic: -ln p(sg(R_t) | s_t) - ln p(sg(v'(s_t)) | s_t), on sg(s_t)
+    logits = critic(feat[:-1].detach())
+    slow_value = twohot_mean(slow_critic(feat[:-1].detach()), critic.bins).detach()
+    critic_loss = twohot_loss(logits, ret.detach(), critic.bins) + slow_reg * twohot_loss(logits, slow_value, critic.bins)
+    critic_loss = (critic_loss * weight[:-1]).mean()
+    metrics = {"losses/actor": actor_loss.detach(), "losses/critic": critic_loss.detach(),
+               "stats/actor_entropy": ent.mean().detach(), "stats/return_scale": scale,
+               "stats/imagined_return": ret.mean().detach(), "stats/imagined_reward": reward.mean().detach()}
+    return actor_loss, critic_loss, metrics
+
+
+def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args):
+    """One training update: world model, then actor and critic from its posterior states. No host syncs."""
+    wm_opt, actor_opt, critic_opt, decoder_opt = opts
+    # World model
+    loss_scales = {"reward": args.pred_scale * args.reward_loss_scale, "cont": args.pred_scale,
+                   "kl_dyn": args.kl_dyn, "kl_rep": args.kl_rep}
+    if not args.no_value_predictor:  # ABLATION(no_value_predictor)
+        loss_scales["value"] = args.pred_scale
+    if not args.no_action_predictor:  # ABLATION(no_action_predictor)
+        loss_scales["action"] = args.pred_scale
+    wm_loss, metrics, (deter, stoch) = world_model_loss(wm, slow_value, data, loss_scales, args.free_bits,
+                                                        args.gamma, args.lam)
+    wm_opt.zero_grad(set_to_none=True)
+    wm_loss.backward()
+    metrics["grad_norm/world_model"] = nn.utils.clip_grad_norm_(wm_opt.param_groups[0]["params"], args.model_clip)
+    wm_opt.step()
+    # [MuDreamer Eq. 5] slow value predictor: v' <- decay v' + (1 - decay) v every update (tau = 1 - decay = 0.01)
+    with torch.no_grad():
+        for p_slow, p in zip(slow_value.parameters(), wm.heads["value"].parameters()):
+            p_slow.lerp_(p, 1.0 - args.value_ema_decay)
+    if wm.decoder is not None:
+        # [MuDreamer Sec. 4.1] auxiliary decoder -ln p(o_t | sg(s_t)), MSE summed over pixels, own optimiser and clip
+        recon = wm.decoder(feature(deter, stoch))  # (B, T, C, H, W) from the detached posterior states
+        image_loss = ((recon - data["obs"].float() / 255.0) ** 2).sum((-3, -2, -1)).mean()
+        decoder_opt.zero_grad(set_to_none=True)
+        image_loss.backward()
+        metrics["grad_norm/decoder"] = nn.utils.clip_grad_norm_(wm.decoder.parameters(), args.model_clip)
+        decoder_opt.step()
+        metrics["losses/image"] = image_loss.detach()
+
+    # Actor-critic in imagination, from all B*T posterior states (the world model is not trained here)
+    wm.requires_grad_(False)
+    actor_loss, critic_loss, ac_metrics = actor_critic_loss(
+        wm, actor, critic, slow_critic, return_norm, deter.flatten(0, 1), stoch.flatten(0, 1),
+        data["is_terminal"].flatten(), args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
+        args.critic_slow_reg)
+    wm.requires_grad_(True)
+    metrics.update(ac_metrics)
+    actor_opt.zero_grad(set_to_none=True)
+    critic_opt.zero_grad(set_to_none=True)
+    # Each loss reaches only its own network's parameters (the actor loss also runs through the critic).
+    actor_loss.backward(inputs=list(actor.parameters()))
+    critic_loss.backward(inputs=list(critic.parameters()))
+    metrics["grad_norm/actor"] = nn.utils.clip_grad_norm_(actor.parameters(), args.ac_clip)
+    metrics["grad_norm/critic"] = nn.utils.clip_grad_norm_(critic.parameters(), args.ac_clip)
+    actor_opt.step()
+    critic_opt.step()
+    # Slow critic: EMA of the critic, v' <- decay v' + (1 - decay) v, every update
+    with torch.no_grad():
+        for p_slow, p in zip(slow_critic.parameters(), critic.parameters()):
+            p_slow.lerp_(p, 1.0 - args.critic_ema_decay)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Acting, evaluation, pictures
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def policy(wm, actor, state, obs, is_first):
+    """Filter the new observation into the posterior state and sample a_t ~ pi(a_t | s_t)."""
+    deter, stoch, prev_action = state
+    embed_proj = wm.rssm.embed_proj(wm.encoder(obs))
+    deter, stoch, _ = wm.rssm.obs_step(deter, stoch, prev_action, embed_proj, is_first)
+    # The 2023 code samples from the policy both when training and when evaluating.
+    action, _, _ = actor(feature(deter, stoch))
+    return action, (deter, stoch, action)
+
+
+def set_mode(training, *modules):
+    """Act in eval mode, train in train mode (a no-op with LayerNorm; BatchNorm variants rely on it)."""
+    for m in modules:
+        m.train(training)
+
+
+def to_env(action, discrete):
+    """Policy output (N, A) -> what the vector env takes (indices for Discrete spaces)."""
+    action = action.cpu().numpy()
+    return action.argmax(-1) if discrete else action
+
+
+def evaluate(wm, actor, envs, episodes, device, discrete, seed=None, capture=False):
+    """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode frames."""
+    set_mode(False, wm, actor)
+    n, action_dim = envs.num_envs, actor.net[-1].out_features // (1 if discrete else 2)
+    state = (torch.zeros(n, wm.rssm.deter, device=device),
+             torch.zeros(n, wm.rssm.stoch, wm.rssm.classes, device=device), torch.zeros(n, action_dim, device=device))
+    obs, _ = envs.reset(seed=seed)
+    is_first, returns, frames = np.ones(n, bool), [], []
+    while len(returns) < episodes:
+        if capture and not returns:
+            frames.append(obs[0].transpose(1, 2, 0))
+        action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
+                               torch.as_tensor(is_first, device=device))
+        obs, _, term, trunc, infos = envs.step(to_env(action, discrete))
+        is_first = term | trunc
+        if "episode" in infos:
+            returns += [float(r) for r, m in zip(infos["episode"]["r"], infos["_episode"]) if m]
+    set_mode(True, wm, actor)
+    return returns[:episodes], np.stack(frames) if frames else None
+
+
+@torch.no_grad()
+def openloop_video(wm, actor, data, context, n=4):
+    """[MuDreamer Fig. 5] `context` observed frames, then the model imagines the rest with the real actions.
+
+    Returns (T, 3*H, n*W, C) uint8 frames: real on top, model in the middle, error at the bottom.
+    """
+    set_mode(False, wm, actor)
+    obs, action = data["obs"][:n], data["action"][:n]
+    deter, stoch, _, _ = wm.rssm.observe(wm.encoder(obs[:, :context]), action[:, :context], data["is_first"][:n, :context])
+    d, s, feats = deter[:, -1], stoch[:, -1], [feature(deter, stoch)]
+    for t in range(context, obs.shape[1]):
+        d, s = wm.rssm.img_step(d, s, action[:, t - 1])  # s_t from s_{t-1} and a_{t-1}
+        feats.append(feature(d, s)[:, None])
+    model = wm.decoder(torch.cat(feats, 1)).clamp(0, 1)  # (n, T, C, H, W)
+    truth = obs.float() / 255.0
+    video = torch.cat([truth, model, (model - truth + 1) / 2], 3)  # stack rows along H
+    set_mode(True, wm, actor)
+    video = torch.cat(list(video), 3)  # (T, C, 3H, nW): sequences side by side
+    return (video.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def collapse_monitor(wm, data):
+    """[MuDreamer Fig. 13] Per-channel std over the batch of the l2-normalised x_t and h_t, averaged over channels."""
+    set_mode(False, wm)
+    embed = wm.encoder(data["obs"])  # (B, T, E)
+    deter = wm.rssm.observe(embed, data["action"], data["is_first"])[0]  # (B, T, D)
+    set_mode(True, wm)
+    std = lambda x: F.normalize(x.flatten(0, 1), dim=-1).std(0).mean().item()  # noqa: E731
+    return {"mudreamer/embed_std": std(embed), "mudreamer/deter_std": std(deter)}
+
+
+def log_video(writer, tag, frames, step, fps, path=None):
+    """Log (T, H, W, C) uint8 frames as an animated GIF image (TensorBoard's add_video needs moviepy)."""
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    buf = io.BytesIO()
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    h, w, c = frames.shape[1:]
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def check_args(args):
+    checks = [
+        (args.total_timesteps > 0, "--total-timesteps must be > 0"),
+        (args.num_envs >= 1, "--num-envs must be >= 1"),
+        (args.eval_episodes >= 1, "--eval-episodes must be >= 1"),
+        (args.eval_every > 0 and args.log_every > 0, "--eval-every and --log-every must be > 0"),
+        (args.video_every >= 0, "--video-every must be >= 0 (0 disables the open-loop video)"),
+        (args.batch_size >= 2 and args.batch_length >= 2, "--batch-size (BatchNorm) and --batch-length must be >= 2"),
+        (0 < args.video_context < args.batch_length, "--video-context must lie in [1, --batch-length)"),
+        (args.train_ratio > 0, "--train-ratio must be > 0"),
+        (args.buffer_size >= args.batch_size * args.batch_length, "--buffer-size must hold one batch (B*T steps)"),
+        (min(args.deter, args.stoch, args.classes, args.units, args.cnn_depth) >= 1 and args.mlp_layers >= 0,
+         "model sizes (--deter --stoch --classes --units --cnn-depth) must be >= 1, --mlp-layers >= 0"),
+        (0 <= args.unimix < 1, "--unimix must lie in [0, 1)"),
+        (args.reward_bins >= 2, "--reward-bins must be >= 2"),
+        (args.imag_horizon >= 1, "--imag-horizon must be >= 1"),
+        (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must lie in (0, 1] and --lam in [0, 1]"),
+        (0 <= args.critic_ema_decay < 1 and 0 <= args.return_norm_decay < 1, "EMA decays must lie in [0, 1)"),
+        (0 <= args.value_ema_decay < 1 and 0 <= args.bn_momentum < 1, "--value-ema-decay and --bn-momentum: [0, 1)"),
+        (min(args.pred_scale, args.reward_loss_scale, args.kl_dyn, args.kl_rep) >= 0, "loss scales must be >= 0"),
+        (0 <= args.return_norm_low < args.return_norm_high <= 100, "need 0 <= --return-norm-low < --return-norm-high <= 100"),
+        (0 < args.actor_min_std <= args.actor_max_std, "need 0 < --actor-min-std <= --actor-max-std"),
+        (min(args.model_lr, args.actor_lr, args.critic_lr, args.model_eps, args.ac_eps) > 0, "learning rates and eps must be > 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"error: {msg}")
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                      background_dir=args.background_dir, background_mask=args.background_mask)
+    try:
+        envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                                split="eval", **env_kwargs)
+    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
+    if len(obs_shape) != 3:
+        envs.close(), eval_envs.close()
+        raise SystemExit(f"error: mudreamer.py learns from pixels; --env-id {args.env_id} has observations of shape "
+                         f"{obs_shape} (use a DMC id such as walker-walk)")
+    discrete = isinstance(act_space, gym.spaces.Discrete)
+    action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
+
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Agent: world model, actor, critic and its slow EMA copy, return normaliser, optimisers
+    wm = WorldModel(obs_shape, action_dim, args.deter, args.stoch, args.classes, args.units, args.mlp_layers,
+                    args.cnn_depth, args.unimix, args.reward_bins, discrete, args.actor_min_std, args.actor_max_std,
+                    not args.no_batch_norm, args.bn_momentum, args.decoder).to(device)  # ABLATION(no_batch_norm)
+    slow_value = copy.deepcopy(wm.heads["value"]).requires_grad_(False)  # v' of Eq. 5, starts as a copy
+    feat_dim = args.deter + args.stoch * args.classes
+    actor = Actor(feat_dim, action_dim, args.units, args.mlp_layers, discrete, args.actor_min_std,
+                  args.actor_max_std, args.unimix).to(device)
+    critic = Critic(feat_dim, args.units, args.mlp_layers, args.reward_bins).to(device)
+    slow_critic = Critic(feat_dim, args.units, args.mlp_layers, args.reward_bins).to(device)
+    slow_critic.load_state_dict(critic.state_dict())
+    slow_critic.requires_grad_(False)
+    return_norm = ReturnNorm(args.return_norm_decay, args.return_norm_low, args.return_norm_high,
+                             args.return_norm_limit).to(device)
+    opts = (torch.optim.Adam([p for n, p in wm.named_parameters() if not n.startswith("decoder.")], lr=args.model_lr, eps=args.model_eps),
+            torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
+            torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps),
+            torch.optim.Adam(wm.decoder.parameters(), lr=args.model_lr, eps=args.model_eps) if args.decoder else None)
+    replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
+    B, T, N = args.batch_size, args.batch_length, args.num_envs
+
+    # TRY NOT TO MODIFY: start the game
+    obs, _ = envs.reset(seed=args.seed)
+    reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
+    autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
+    state = (torch.zeros(N, args.deter, device=device), torch.zeros(N, args.stoch, args.classes, device=device),
+             torch.zeros(N, action_dim, device=device))
+    global_step, updates, updates_due, start_time = 0, 0, 0.0, time.time()
+    next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
+    metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
+    try:
+        while global_step < args.total_timesteps:
+            # ALGO LOGIC: prefill with random actions until the replay holds one batch, then act with the policy
+            ready = replay.count >= T and len(replay) >= B * T
+            if ready:
+                set_mode(False, wm, actor)
+                action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
+                                       torch.as_tensor(is_first, device=device))
+                set_mode(True, wm, actor)
+            else:
+                action = (F.one_hot(torch.randint(0, action_dim, (N,)), action_dim).float() if discrete
+                          else torch.rand(N, action_dim) * 2 - 1)
+            replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
+
+            # TRY NOT TO MODIFY: execute the game and log data
+            obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
+            global_step += args.action_repeat * int((~autoreset).sum())
+            is_first, is_terminal = term | trunc, term
+            autoreset = is_first.copy()
+            if "episode" in infos:
+                for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
+                    if m:
+                        recent_returns = (recent_returns + [float(r)])[-10:]
+                        writer.add_scalar("charts/episodic_return", r, global_step)
+                        writer.add_scalar("charts/episodic_length", l, global_step)
+
+            # ALGO LOGIC: training, train_ratio replayed steps per policy step
+            if ready:
+                updates_due += N * args.train_ratio / (B * T)
+            while updates_due >= 1:
+                data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
+                metrics = update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args)
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v
+                n_metrics, updates, updates_due = n_metrics + 1, updates + 1, updates_due - 1
+                if args.video_every and args.decoder and global_step >= next_video:
+                    next_video += args.video_every
+                    log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), global_step, fps=10)
+
+            if global_step >= next_log:
+                next_log += args.log_every
+                if n_metrics:
+                    last_metrics = {k: v for k, v in zip(metric_sums, torch.stack(list(metric_sums.values())).div(n_metrics).tolist())}
+                    for k, v in last_metrics.items():
+                        if not np.isfinite(v):
+                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at step {global_step}")
+                        writer.add_scalar(k, v, global_step)
+                    metric_sums, n_metrics = {}, 0
+                    for k, v in collapse_monitor(wm, data).items():
+                        writer.add_scalar(k, v, global_step)
+                sps = int(global_step / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("charts/updates", updates, global_step)
+                eta = (args.total_timesteps - global_step) / max(sps, 1) / 60
+                print(f"frames {global_step}/{args.total_timesteps} | return {np.mean(recent_returns) if recent_returns else float('nan'):.1f} "
+                      f"| eval {eval_return:.1f} | updates {updates} | wm {last_metrics.get('losses/world_model', float('nan')):.2f} "
+                      f"| SPS {sps} | ETA {eta:.1f} min", flush=True)
+
+            if global_step >= next_eval and global_step < args.total_timesteps:
+                next_eval += args.eval_every
+                returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete,
+                                           capture=args.capture_video)
+                eval_return = float(np.mean(returns))
+                writer.add_scalar("eval/episodic_return", eval_return, global_step)
+                if frames is not None:
+                    log_video(writer, "eval/video", frames, global_step, fps=30,
+                              path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
+
+        # Final evaluation and saving
+        returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete, capture=args.capture_video)
+        eval_return = float(np.mean(returns))
+        writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        if frames is not None:
+            log_video(writer, "eval/video", frames, global_step, fps=30,
+                      path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
+        if args.save_model:
+            path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            torch.save({"wm": wm.state_dict(), "actor": actor.state_dict(), "critic": critic.state_dict(),
+                        "slow_critic": slow_critic.state_dict(), "return_norm": return_norm.state_dict(),
+                        "opts": [o.state_dict() for o in opts if o is not None], "slow_value": slow_value.state_dict(),
+                        "args": asdict(args), "global_step": global_step},
+                       path + ".tmp")
+            os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+    finally:
+        envs.close()
+        eval_envs.close()
+        writer.close()
+    summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
+               "updates": updates, "run_dir": run_dir, "losses": last_metrics}
+    print(json.dumps({k: summary[k] for k in ("final_eval_return", "eval_returns", "global_step", "updates", "run_dir")}))
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
