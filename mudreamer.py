@@ -503,9 +503,10 @@ class WorldModel(nn.Module):
         nn.init.zeros_(self.heads["reward"][-1].bias)
         nn.init.zeros_(self.heads["value"][-1].weight)  # the value predictor too, like the critic
         nn.init.zeros_(self.heads["value"][-1].bias)
-        # [MuDreamer Sec. 4.1] auxiliary decoder p(o_t | sg(s_t)), trained by its own optimiser; built last so
-        # that every other parameter starts the same with or without it.
-        self.decoder = Decoder(feat_dim, obs_shape[0], cnn_depth, obs_shape[-1]).apply(init_weights) if decoder else None
+        # [MuDreamer Sec. 4.1] auxiliary decoder p(o_t | sg(s_t)), trained by its own optimiser; its init draws
+        # nothing from the global RNG, so that a run is the same with or without it.
+        with torch.random.fork_rng(devices=[]):
+            self.decoder = Decoder(feat_dim, obs_shape[0], cnn_depth, obs_shape[-1]).apply(init_weights) if decoder else None
 
 
 def feature(deter, stoch):

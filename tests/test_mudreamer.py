@@ -1,0 +1,299 @@
+"""Tests of mudreamer.py: what the paper changes on top of dreamerv3.py (whose maths tests/test_dreamerv3.py covers).
+
+Value targets (Eq. 5) by hand, the action predictor's inputs, the decoder's stop-gradient, BatchNorm modes,
+the collapse monitor, every Table 3 ablation in a smoke run, and one smoke run through the real command line.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mudreamer as m
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
+            imag_horizon=3, train_ratio=16, buffer_size=2000, time_limit=60)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _agent(args, action_dim=2, discrete=False, decoder=True, batch_norm=True, seed=0):
+    """World model, slow value, actor, critic, slow critic, return norm and the four optimisers, as main() builds them."""
+    torch.manual_seed(seed)
+    a = args
+    wm = m.WorldModel((3, 16, 16), action_dim, a.deter, a.stoch, a.classes, a.units, a.mlp_layers, a.cnn_depth,
+                      a.unimix, a.reward_bins, discrete, a.actor_min_std, a.actor_max_std, batch_norm,
+                      a.bn_momentum, decoder)
+    feat = a.deter + a.stoch * a.classes
+    actor = m.Actor(feat, action_dim, a.units, a.mlp_layers, discrete, a.actor_min_std, a.actor_max_std, a.unimix)
+    critic, slow_critic = m.Critic(feat, a.units, a.mlp_layers, 255), m.Critic(feat, a.units, a.mlp_layers, 255)
+    slow_critic.load_state_dict(critic.state_dict())
+    slow_value = m.copy.deepcopy(wm.heads["value"]).requires_grad_(False)
+    opts = (torch.optim.Adam([p for n, p in wm.named_parameters() if not n.startswith("decoder.")], lr=1e-3),
+            torch.optim.Adam(actor.parameters(), lr=1e-3), torch.optim.Adam(critic.parameters(), lr=1e-3),
+            torch.optim.Adam(wm.decoder.parameters(), lr=1e-3) if decoder else None)
+    return wm, slow_value, actor, critic, slow_critic, m.ReturnNorm(0.99, 5, 95, 1.0), opts
+
+
+def _batch(B=3, T=6, A=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = True
+    return dict(obs=torch.randint(0, 256, (B, T, 3, 16, 16), dtype=torch.uint8, generator=g),
+                action=torch.rand(B, T, A, generator=g) * 2 - 1, reward=torch.randn(B, T, generator=g),
+                is_first=is_first, is_terminal=torch.zeros(B, T, dtype=torch.bool))
+
+
+def _tiny_args(**kw):
+    return m.Args(**{**TINY, **kw})
+
+
+def test_paper_defaults():
+    a = m.Args()
+    assert (a.kl_dyn, a.kl_rep, a.free_bits, a.pred_scale, a.reward_loss_scale) == (0.95, 0.05, 1.0, 1.0, 1.0)
+    assert (a.value_ema_decay, a.bn_momentum, a.gamma, a.lam) == (0.99, 0.9, 0.997, 0.95)
+    assert (a.batch_size, a.batch_length, a.train_ratio, a.num_envs, a.deter, a.stoch, a.classes) == (16, 64, 512, 4, 512, 32, 32)
+    assert not (a.no_value_predictor or a.no_action_predictor or a.no_batch_norm)
+    # Table 8: Linear + BatchNorm + SiLU in the representation network, torch momentum 1 - 0.9; LayerNorm elsewhere.
+    rssm = m.RSSM(deter=8, stoch=2, classes=3, units=8, action_dim=2, embed_dim=4, unimix=0.01)
+    bn = [x for x in rssm.modules() if isinstance(x, nn.BatchNorm1d)]
+    assert len(bn) == 1 and bn[0] is rssm.obs_out[0] and bn[0].momentum == pytest.approx(0.1)
+    assert isinstance(m.RSSM(8, 2, 3, 8, 2, 4, 0.01, batch_norm=False).obs_out[0], nn.LayerNorm)
+
+
+def test_value_targets_hand_computed():
+    # One sequence of T = 5 rows, gamma 0.9, lambda 0.5. Row 2 is terminal (c_2 = 0), row 3 starts a new
+    # episode (is_first), so the step 2 -> 3 is no transition.  v' = [0.5, 1, 2, 4, 8].
+    #   R_4 = v'_4 = 8 (bootstrap, not returned)
+    #   R_3 = r_4 + g c_4 ((1 - l) v'_4 + l R_4) = 1 + 0.9 (4 + 4) = 8.2
+    #   R_2 = v'_2 = 2 (cut: is_first at row 3, masked)
+    #   R_1 = r_2 + g c_2 (...) = 2 + 0 = 2 (terminal: only the reward)
+    #   R_0 = r_1 + g c_1 ((1 - l) v'_1 + l R_1) = 1 + 0.9 (0.5 + 1) = 2.35
+    reward = torch.tensor([[0.0, 1.0, 2.0, 0.0, 1.0]])
+    cont = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]])
+    is_first = torch.tensor([[True, False, False, True, False]])
+    slow = torch.tensor([[0.5, 1.0, 2.0, 4.0, 8.0]])
+    ret, mask = m.value_targets(reward, cont, is_first, slow, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(ret, torch.tensor([[2.35, 2.0, 2.0, 8.2]]))
+    torch.testing.assert_close(mask, torch.tensor([[1.0, 1.0, 0.0, 1.0]]))
+    # No ends, lambda = 1: the discounted sum of the real rewards bootstrapped with gamma^k v'(s_T).
+    ret, mask = m.value_targets(torch.tensor([[9.0, 1.0, 2.0, 3.0]]), torch.ones(1, 4), torch.zeros(1, 4, dtype=torch.bool),
+                                torch.tensor([[7.0, 7.0, 7.0, 5.0]]), gamma=0.9, lam=1.0)
+    torch.testing.assert_close(ret[0, 0], torch.tensor(1 + 0.9 * 2 + 0.81 * 3 + 0.729 * 5))
+    assert mask.min() == 1  # reward[:, 0] (received before the sequence) is never used
+
+
+def test_value_and_action_losses_masked_and_shape_the_representation(one_thread):
+    a = _tiny_args()
+    wm, slow_value, *_ = _agent(a)
+    scales = {"reward": 0.0, "cont": 0.0, "kl_dyn": 0.0, "kl_rep": 0.0, "value": 1.0, "action": 1.0}
+    # Every row starts an episode: no step has a real transition, so both losses are 0 (all masked).
+    data = _batch()
+    data["is_first"][:] = True
+    loss, metrics, _ = m.world_model_loss(wm, slow_value, data, scales, 1.0, a.gamma, a.lam)
+    assert loss.item() == 0 and metrics["losses/value"].item() == 0 and metrics["losses/action"].item() == 0
+    # Normal data: the value loss at init is ln(255) on the unmasked steps (zero-initialised output), and with
+    # a non-zero output layer its gradient reaches the encoder and the RSSM; never the slow copy v'.
+    data = _batch()
+    for k in ("value", "action"):
+        loss, metrics, _ = m.world_model_loss(wm, slow_value, data, {**scales, "value": 0.0, "action": 0.0, k: 1.0},
+                                              1.0, a.gamma, a.lam)
+        if k == "value":
+            assert metrics["losses/value"].item() == pytest.approx(math.log(255), rel=1e-5)
+            nn.init.normal_(wm.heads["value"][-1].weight)
+            loss = m.world_model_loss(wm, slow_value, data, {**scales, "action": 0.0}, 1.0, a.gamma, a.lam)[0]
+        wm.zero_grad()
+        loss.backward()
+        for net in (wm.encoder, wm.rssm.obs_in, wm.rssm.gru, wm.heads[k]):
+            assert sum(p.grad.abs().sum() for p in net.parameters()) > 0, (k, net)
+        assert all(p.grad is None for p in slow_value.parameters())
+
+
+def test_action_predictor_reads_only_x_t_and_s_prev(one_thread):
+    """Output j predicts a_j from [x_{j+1}, s_j]: changing a_2 changes s_3.. (so outputs 3, 4) but not outputs 0-2."""
+    a = _tiny_args()
+    wm, slow_value, *_ = _agent(a)
+    outs = []
+    wm.heads["action"].net.register_forward_hook(lambda mod, inp, out: outs.append(out.detach()))
+    scales = {"reward": 1.0, "cont": 1.0, "kl_dyn": 0.95, "kl_rep": 0.05, "value": 1.0, "action": 1.0}
+
+    def predict(data):
+        torch.manual_seed(3)  # same latent samples in every call
+        m.world_model_loss(wm, slow_value, data, scales, 1.0, a.gamma, a.lam)
+        return outs[-1]  # (B, T-1, 2A)
+
+    data = _batch()
+    base = predict(data)
+    changed = dict(data, action=data["action"].clone())
+    changed["action"][:, 2] += 0.7  # a_2
+    out = predict(changed)
+    torch.testing.assert_close(out[:, :3], base[:, :3], rtol=0, atol=0)
+    assert (out[:, 3:] - base[:, 3:]).abs().amin(-1).min() > 0  # the later states do see a_2
+    changed = dict(data, obs=data["obs"].clone())
+    changed["obs"][:, 3] = 255 - changed["obs"][:, 3]  # o_3 -> x_3 feeds the prediction of a_2
+    out = predict(changed)
+    torch.testing.assert_close(out[:, :2], base[:, :2], rtol=0, atol=0)
+    assert (out[:, 2] - base[:, 2]).abs().amin(-1).min() > 0
+
+
+def test_decoder_changes_no_other_gradient(one_thread):
+    """Same seed with the decoder on and off: identical init, identical gradients and steps of everything else."""
+    a = _tiny_args()
+    runs = {}
+    for decoder in (True, False):
+        agent = _agent(a, decoder=decoder)
+        wm, slow_value, actor, critic, slow_critic, norm, opts = agent
+        torch.manual_seed(5)
+        metrics = m.update(wm, actor, critic, slow_critic, slow_value, norm, opts, _batch(), a)
+        runs[decoder] = (agent, metrics)
+    (on, m_on), (off, m_off) = runs[True], runs[False]
+    for net_on, net_off in zip(on[:5], off[:5]):
+        named_off = dict(net_off.named_parameters())
+        for n, p in net_on.named_parameters():
+            if n.startswith("decoder."):
+                assert p.grad is not None and p.grad.abs().sum() > 0  # the decoder does learn
+                continue
+            assert (p.grad is None) == (named_off[n].grad is None), n
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, named_off[n].grad, rtol=0, atol=0, msg=n)
+            torch.testing.assert_close(p, named_off[n], rtol=0, atol=0, msg=n)
+    assert "losses/image" in m_on and "losses/image" not in m_off
+    for k in m_off:
+        torch.testing.assert_close(m_on[k], m_off[k], rtol=0, atol=0, msg=k)
+
+
+def test_batchnorm_acts_with_running_stats_and_trains_with_batch_stats(one_thread):
+    a = _tiny_args()
+    wm, slow_value, actor, critic, slow_critic, norm, opts = _agent(a)
+    bn = wm.rssm.obs_out[0]
+    stats = lambda: [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]  # noqa: E731
+    before = stats()
+    # Acting as main() does: one env (a batch of 1 would be an error for BatchNorm in train mode).
+    state = (torch.zeros(1, a.deter), torch.zeros(1, a.stoch, a.classes), torch.zeros(1, 2))
+    obs = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    m.set_mode(False, wm, actor)
+    for first in (True, False, False):
+        _, state = m.policy(wm, actor, state, obs, torch.tensor([first]))
+    m.set_mode(True, wm, actor)
+    for x, y in zip(stats(), before):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    m.collapse_monitor(wm, _batch())  # logging does not touch them either
+    for x, y in zip(stats(), before):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert bn.training and wm.training
+    # A training step updates them once per time step of the sequential posterior loop.
+    m.update(wm, actor, critic, slow_critic, slow_value, norm, opts, _batch(T=6), a)
+    after = stats()
+    assert after[2].item() == 6
+    assert not torch.allclose(after[0], before[0]) and not torch.allclose(after[1], before[1])
+
+
+def test_slow_value_is_an_ema_of_the_value_predictor(one_thread):
+    a = _tiny_args()
+    wm, slow_value, actor, critic, slow_critic, norm, opts = _agent(a)
+    old = [p.clone() for p in slow_value.parameters()]
+    m.update(wm, actor, critic, slow_critic, slow_value, norm, opts, _batch(), a)
+    for p_slow, p_old, p in zip(slow_value.parameters(), old, wm.heads["value"].parameters()):
+        torch.testing.assert_close(p_slow, 0.99 * p_old + 0.01 * p)
+    assert any(not torch.equal(p_old, p) for p_old, p in zip(old, wm.heads["value"].parameters()))
+
+
+def test_collapse_monitor_values():
+    a = _tiny_args()
+    wm = _agent(a)[0]
+    data = _batch(B=4, T=5)
+    out = m.collapse_monitor(wm, data)
+    with torch.no_grad():
+        embed = torch.nn.functional.normalize(wm.encoder(data["obs"]).flatten(0, 1), dim=-1)  # (20, E)
+    assert out["mudreamer/embed_std"] == pytest.approx(embed.std(0).mean().item(), rel=1e-5)
+    assert out["mudreamer/deter_std"] > 0
+    data["obs"][:] = data["obs"][0, 0]  # every image the same: the encoder features have no spread at all
+    assert m.collapse_monitor(wm, data)["mudreamer/embed_std"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bad_input_names_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--batch-size"):
+        m.main(m.Args(batch_size=1))
+    with pytest.raises(SystemExit, match="--bn-momentum"):
+        m.main(m.Args(bn_momentum=1.5))
+    with pytest.raises(SystemExit, match="--env-id"):
+        m.main(m.Args(env_id="walker-sprint"))
+
+
+@pytest.mark.parametrize("flags", [dict(no_value_predictor=True), dict(no_action_predictor=True),
+                                   dict(no_batch_norm=True), dict(kl_dyn=1.0, kl_rep=0.0),
+                                   dict(no_value_predictor=True, no_action_predictor=True, decoder=False)])
+def test_ablation_smoke(flags, tmp_path, monkeypatch, one_thread):
+    """Each Table 3 ablation (and the run without decoder) trains in main(); acting always in eval mode."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    policy = m.policy
+
+    def checked_policy(wm, actor, state, obs, is_first):
+        assert not wm.training and not actor.training  # act with the running statistics
+        seen.append(wm)
+        return policy(wm, actor, state, obs, is_first)
+
+    monkeypatch.setattr(m, "policy", checked_policy)
+    args = _tiny_args(env_id="cartpole-balance", num_envs=1, total_timesteps=80, time_limit=20, eval_every=10**6,
+                      eval_episodes=1, log_every=80, video_every=0, **flags)
+    out = m.main(args)
+    assert out["updates"] > 0 and all(math.isfinite(v) for v in out["losses"].values())
+    losses = out["losses"]
+    assert ("losses/value" in losses) != bool(flags.get("no_value_predictor"))
+    assert ("losses/action" in losses) != bool(flags.get("no_action_predictor"))
+    assert ("losses/image" in losses) == flags.get("decoder", True)
+    norm = seen[0].rssm.obs_out[0]
+    assert isinstance(norm, nn.LayerNorm if flags.get("no_batch_norm") else nn.BatchNorm1d)
+    if "kl_rep" in flags:
+        assert losses["losses/world_model"] == pytest.approx(
+            losses["losses/reward"] + losses["losses/cont"] + losses["losses/value"] + losses["losses/action"]
+            + 1.0 * losses["losses/kl_dyn"], rel=1e-4)  # (averaged over updates: linear, so it still adds up)
+
+
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    return ea
+
+
+def test_smoke_cli(tmp_path):
+    """The real command line (natural backgrounds, default offline clips): JSON line, finite losses, events, pictures."""
+    flags = {**TINY, "env_id": "walker-run", "background": "natural", "num_envs": 1, "total_timesteps": 240,
+             "time_limit": 80, "eval_every": 160, "eval_episodes": 1, "log_every": 80, "video_every": 160}
+    cmd = [sys.executable, os.path.join(ROOT, "mudreamer.py"), "--save-model"]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads(out.stdout.strip().splitlines()[-1])
+    assert math.isfinite(final["final_eval_return"]) and final["updates"] > 10
+    run_dir = os.path.join(tmp_path, final["run_dir"])
+    ea = _events(run_dir)
+    tags = ea.Tags()["scalars"]
+    for tag in ("losses/reward", "losses/cont", "losses/value", "losses/action", "losses/image", "losses/kl_dyn",
+                "losses/kl_rep", "losses/actor", "losses/critic", "mudreamer/embed_std", "mudreamer/deter_std",
+                "eval/episodic_return", "charts/SPS"):
+        assert tag in tags, tag
+        assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
+    assert all(e.value > 0 for e in ea.Scalars("mudreamer/embed_std"))
+    assert "openloop" in ea.Tags()["images"]
+    ckpt = torch.load(os.path.join(run_dir, "mudreamer.pt"), weights_only=False)
+    assert {"wm", "actor", "critic", "slow_critic", "slow_value", "opts"} <= set(ckpt)
+    assert len(ckpt["opts"]) == 4
