@@ -77,7 +77,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    """if toggled, cuda will be enabled when available"""
     capture_video: bool = False
     """not supported by alm.py (gymnasium state tasks are built without a render mode)"""
     save_model: bool = False
@@ -324,6 +324,10 @@ def representation_loss(agent: Agent, obs, action, is_terminal, std: float, clip
         z_0 ~ e(s_0);  z_{t+1} ~ m(z_t, a_t) with the replayed a_t
         maximise  sum_t [ r(z_t, a_t) - KL(m(.|z_t, a_t) || e_targ(.|s_{t+1})) ] + Q(z_K, pi(z_K))
     # DEVIATION: no gamma^t factors and no log of r and Q (paper footnote 2, Sec. 4, official code)."""
+    # row t:      0          1          2          3 = K
+    # obs:        s_0 -> e   s_1 -> KL  s_2 -> KL  s_3 -> KL target (e_targ)
+    # action:     a_0        a_1        a_2        (not used: Q(z_K, pi(z_K)) picks its own action)
+    # latent:     z_0 ~ e    z_1 ~ m    z_2 ~ m    z_3 ~ m
     K = obs.shape[1] - 1
     z = sample(*agent.encoder(obs[:, 0]))  # (B, Z)
     with torch.no_grad():
