@@ -1,0 +1,39 @@
+"""One full dreamerv3.py update (world model + actor-critic) at the paper "S" size on a synthetic batch.
+
+B x T = 16 x 64 images 3x64x64, 6-dim continuous actions (walker), imagination horizon 15 from all
+B*T posterior states. Run with `python benchmarks/update_speed.py --agents dreamerv3 --device cpu`.
+"""
+
+import torch
+
+import dreamerv3 as d
+
+
+def setup(device):
+    args = d.Args()  # paper defaults: deter 512, 32x32 latents, units 512, cnn depth 32, batch 16 x 64
+    torch.manual_seed(0)
+    A, B, T, obs_shape = 6, args.batch_size, args.batch_length, (3, 64, 64)
+    wm = d.WorldModel(obs_shape, A, args.deter, args.stoch, args.classes, args.units, args.mlp_layers,
+                      args.cnn_depth, args.unimix, args.reward_bins).to(device)
+    feat = args.deter + args.stoch * args.classes
+    actor = d.Actor(feat, A, args.units, args.mlp_layers, False, args.actor_min_std, args.actor_max_std,
+                    args.unimix).to(device)
+    critic = d.Critic(feat, args.units, args.mlp_layers, args.reward_bins).to(device)
+    slow_critic = d.Critic(feat, args.units, args.mlp_layers, args.reward_bins).to(device)
+    slow_critic.load_state_dict(critic.state_dict())
+    slow_critic.requires_grad_(False)
+    return_norm = d.ReturnNorm(args.return_norm_decay, args.return_norm_low, args.return_norm_high,
+                               args.return_norm_limit).to(device)
+    opts = (torch.optim.Adam(wm.parameters(), lr=args.model_lr, eps=args.model_eps),
+            torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
+            torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps))
+    data = dict(obs=torch.randint(0, 256, (B, T, *obs_shape), dtype=torch.uint8, device=device),
+                action=torch.rand(B, T, A, device=device) * 2 - 1, reward=torch.rand(B, T, device=device),
+                is_first=torch.zeros(B, T, dtype=torch.bool, device=device),
+                is_terminal=torch.zeros(B, T, dtype=torch.bool, device=device))
+    data["is_first"][:, 0] = True
+
+    def step():
+        d.update(wm, actor, critic, slow_critic, return_norm, opts, data, args)
+
+    return step, f"dreamerv3.py 'S' (deter 512, 32x32, units 512, cnn 32), B x T = {B} x {T}, H = 15, A = {A}"
