@@ -48,6 +48,8 @@ from torch.utils.tensorboard import SummaryWriter
 from common.envs import make_vector_env
 from common.replay import ReplayBuffer
 
+LN_EPS = 1e-3  # LayerNorm epsilon of the DreamerV3 2023 code
+
 
 @dataclass
 class Args:
@@ -294,7 +296,7 @@ def mlp(inp, units, layers, out):
     """[MuDreamer Table 10] `layers` x (Linear + LayerNorm + SiLU), then a Linear to `out` (no bias before a norm)."""
     mods = []
     for i in range(layers):
-        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), nn.LayerNorm(units), nn.SiLU()]
+        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU()]
     return nn.Sequential(*mods, nn.Linear(units if layers else inp, out))
 
 
@@ -305,7 +307,7 @@ class Encoder(nn.Module):
         super().__init__()
         layers, c_in, c_out = [], channels, depth
         while size > 4:
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), ChannelNorm(c_out), nn.SiLU()]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), ChannelNorm(c_out, eps=LN_EPS), nn.SiLU()]
             c_in, c_out, size = c_out, 2 * c_out, size // 2
         self.net, self.out_dim = nn.Sequential(*layers), c_in * size * size
 
@@ -327,7 +329,7 @@ class Decoder(nn.Module):
             last = i == n - 1
             c_out = channels if last else c // 2
             layers += [nn.ConvTranspose2d(c, c_out, 4, 2, 1, bias=last)]
-            layers += [] if last else [ChannelNorm(c_out), nn.SiLU()]
+            layers += [] if last else [ChannelNorm(c_out, eps=LN_EPS), nn.SiLU()]
             c = c_out
         self.net = nn.Sequential(*layers)
 
@@ -349,16 +351,16 @@ class RSSM(nn.Module):
         super().__init__()
         self.deter, self.stoch, self.classes, self.unimix = deter, stoch, classes, unimix
         self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_dim, units, bias=False),
-                                    nn.LayerNorm(units), nn.SiLU())
+                                    nn.LayerNorm(units, eps=LN_EPS), nn.SiLU())
         # GRU with one fused Linear for the three gates and LayerNorm on them (DreamerV3 2023 code).
         self.gru = nn.Linear(units + deter, 3 * deter, bias=False)
-        self.gru_norm = nn.LayerNorm(3 * deter)
-        self.img_out = nn.Sequential(nn.Linear(deter, units, bias=False), nn.LayerNorm(units), nn.SiLU(),
+        self.gru_norm = nn.LayerNorm(3 * deter, eps=LN_EPS)
+        self.img_out = nn.Sequential(nn.Linear(deter, units, bias=False), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU(),
                                      nn.Linear(units, stoch * classes))
         # Representation: Linear([h_t, x_t]) + LN + SiLU, then a Linear to the logits. The x_t part of
         # the first Linear is applied to all T steps at once in `observe` (same maths, faster).
         self.obs_in = nn.Linear(deter + embed_dim, units, bias=False)
-        self.obs_out = nn.Sequential(nn.LayerNorm(units), nn.SiLU(), nn.Linear(units, stoch * classes))
+        self.obs_out = nn.Sequential(nn.LayerNorm(units, eps=LN_EPS), nn.SiLU(), nn.Linear(units, stoch * classes))
         self.h0 = nn.Parameter(torch.zeros(deter))  # learned initial state, h_0 = tanh(h0)
 
     def initial(self, n):
@@ -534,15 +536,14 @@ def world_model_loss(wm, data, loss_scales, free_bits):
 def imagine(rssm, actor, deter, stoch, horizon):
     """Roll the dynamics predictor H steps from N start states with actions from pi(a | sg(s)).
 
-    Returns feat (H+1, N, F) for s_0..s_H, actions (H+1, N, A), log-prob functions and entropies (H+1, N).
+    Returns feat (H+1, N, F) for s_0..s_H, and for s_0..s_{H-1} the actions (H, N, A), log-prob
+    functions and entropies (H, N). (The action at s_H would enter no loss, so it is not drawn.)
     """
-    feats, actions, logps, ents = [], [], [], []
-    for t in range(horizon + 1):
-        feat = feature(deter, stoch)
-        action, logp, ent = actor(feat.detach())  # the actor sees sg(s_t)
-        feats.append(feat), actions.append(action), logps.append(logp), ents.append(ent)
-        if t < horizon:
-            deter, stoch = rssm.img_step(deter, stoch, action)
+    feats, actions, logps, ents = [feature(deter, stoch)], [], [], []
+    for t in range(horizon):
+        action, logp, ent = actor(feats[-1].detach())  # the actor sees sg(s_t)
+        deter, stoch = rssm.img_step(deter, stoch, action)
+        feats.append(feature(deter, stoch)), actions.append(action), logps.append(logp), ents.append(ent)
     return torch.stack(feats), torch.stack(actions), logps, torch.stack(ents)
 
 
@@ -560,7 +561,10 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
     cont0 = (1.0 - is_terminal.to(feat.dtype))[None]
     # [DreamerV3 2023 code] weight_t = prod_{i<=t} gamma c_i / gamma: discount for states cut off by an end.
     weight = (torch.cumprod(gamma * torch.cat([cont0, cont]), 0) / gamma).detach()  # (H+1, N)
-    value = twohot_mean(critic(feat), critic.bins)  # (H+1, N), online critic (2023 code)
+    # One critic pass serves both losses: the actor's gradient flows through v(s_t) into the dynamics,
+    # the critic's loss sees s_t as data (each backward in `update` reaches only its own parameters).
+    logits = critic(feat)  # (H+1, N, bins)
+    value = twohot_mean(logits, critic.bins)  # (H+1, N), online critic (2023 code)
     ret = lambda_return(reward, value, cont, gamma, lam)  # (H, N)
 
     # [DreamerV3 Eq. 7] scale = max(1, EMA(Per(R, 95) - Per(R, 5))); the offset cancels in R - v.
@@ -574,12 +578,12 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
         # [DreamerV3 Eq. 7] continuous actions: backpropagate the return through the dynamics
         actor_loss = -adv
     # [DreamerV3 Eq. 7] entropy regulariser -eta H[pi(a_t | s_t)]
-    actor_loss = ((actor_loss - entropy_scale * ent[:-1]) * weight[:-1]).mean()
+    actor_loss = ((actor_loss - entropy_scale * ent) * weight[:-1]).mean()
 
     # [DreamerV3 Eq. 8] critic: -ln p(sg(R_t) | s_t) - ln p(sg(v'(s_t)) | s_t), on sg(s_t)
-    logits = critic(feat[:-1].detach())
     slow_value = twohot_mean(slow_critic(feat[:-1].detach()), critic.bins).detach()
-    critic_loss = twohot_loss(logits, ret.detach(), critic.bins) + slow_reg * twohot_loss(logits, slow_value, critic.bins)
+    critic_loss = (twohot_loss(logits[:-1], ret.detach(), critic.bins)
+                   + slow_reg * twohot_loss(logits[:-1], slow_value, critic.bins))
     critic_loss = (critic_loss * weight[:-1]).mean()
     metrics = {"losses/actor": actor_loss.detach(), "losses/critic": critic_loss.detach(),
                "stats/actor_entropy": ent.mean().detach(), "stats/return_scale": scale,
@@ -608,8 +612,8 @@ def update(wm, actor, critic, slow_critic, return_norm, opts, data, args):
     metrics.update(ac_metrics)
     actor_opt.zero_grad(set_to_none=True)
     critic_opt.zero_grad(set_to_none=True)
-    # Each loss reaches only its own network's parameters (the actor loss also runs through the critic).
-    actor_loss.backward(inputs=list(actor.parameters()))
+    # Each loss reaches only its own network's parameters (the two share the critic's forward pass).
+    actor_loss.backward(inputs=list(actor.parameters()), retain_graph=True)
     critic_loss.backward(inputs=list(critic.parameters()))
     metrics["grad_norm/actor"] = nn.utils.clip_grad_norm_(actor.parameters(), args.ac_clip)
     metrics["grad_norm/critic"] = nn.utils.clip_grad_norm_(critic.parameters(), args.ac_clip)
