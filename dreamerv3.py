@@ -468,6 +468,7 @@ class Actor(nn.Module):
     def __init__(self, feat_dim, action_dim, units, layers, discrete, min_std, max_std, unimix):
         super().__init__()
         self.discrete, self.min_std, self.max_std, self.unimix = discrete, min_std, max_std, unimix
+        self.action_dim = action_dim
         self.net = mlp(feat_dim, units, layers, action_dim if discrete else 2 * action_dim)
         self.apply(init_weights)
 
@@ -640,6 +641,12 @@ def policy(wm, actor, state, obs, is_first):
     return action, (deter, stoch, action)
 
 
+@torch.no_grad()
+def initial_state(wm, actor, n, device):
+    """Acting state (h, z, previous action) of n envs: the learned initial state and a zero action."""
+    return (*wm.rssm.initial(n), torch.zeros(n, actor.action_dim, device=device))
+
+
 def set_mode(training, *modules):
     """Act in eval mode, train in train mode (a no-op with LayerNorm; BatchNorm variants rely on it)."""
     for m in modules:
@@ -652,14 +659,11 @@ def to_env(action, discrete):
     return action.argmax(-1) if discrete else action
 
 
-def evaluate(wm, actor, envs, episodes, device, discrete, seed=None, capture=False):
+def evaluate(wm, actor, envs, episodes, device, discrete, capture=False):
     """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode frames."""
     set_mode(False, wm, actor)
-    n, action_dim = envs.num_envs, actor.net[-1].out_features // (1 if discrete else 2)
-    state = (torch.zeros(n, wm.rssm.deter, device=device),
-             torch.zeros(n, wm.rssm.stoch, wm.rssm.classes, device=device), torch.zeros(n, action_dim, device=device))
-    obs, _ = envs.reset(seed=seed)
-    is_first, returns, frames = np.ones(n, bool), [], []
+    state, (obs, _) = initial_state(wm, actor, envs.num_envs, device), envs.reset()
+    is_first, returns, frames = np.ones(envs.num_envs, bool), [], []
     while len(returns) < episodes:
         if capture and not returns:
             frames.append(obs[0].transpose(1, 2, 0))
@@ -718,8 +722,7 @@ def check_args(args):
     checks = [
         (args.total_timesteps > 0, "--total-timesteps must be > 0"),
         (args.num_envs >= 1, "--num-envs must be >= 1"),
-        (args.eval_episodes >= 1, "--eval-episodes must be >= 1"),
-        (args.eval_every > 0 and args.log_every > 0, "--eval-every and --log-every must be > 0"),
+        (min(args.eval_episodes, args.eval_every, args.log_every) >= 1, "--eval-episodes, --eval-every, --log-every must be >= 1"),
         (args.video_every >= 0, "--video-every must be >= 0 (0 disables the open-loop video)"),
         (args.batch_size >= 1 and args.batch_length >= 2, "--batch-size must be >= 1 and --batch-length >= 2"),
         (0 < args.video_context < args.batch_length, "--video-context must lie in [1, --batch-length)"),
@@ -727,13 +730,12 @@ def check_args(args):
         (args.buffer_size >= args.batch_size * args.batch_length, "--buffer-size must hold one batch (B*T steps)"),
         (min(args.deter, args.stoch, args.classes, args.units, args.cnn_depth) >= 1 and args.mlp_layers >= 0,
          "model sizes (--deter --stoch --classes --units --cnn-depth) must be >= 1, --mlp-layers >= 0"),
-        (0 <= args.unimix < 1, "--unimix must lie in [0, 1)"),
-        (args.reward_bins >= 2, "--reward-bins must be >= 2"),
-        (args.imag_horizon >= 1, "--imag-horizon must be >= 1"),
+        (0 <= args.unimix < 1 and args.reward_bins >= 2 and args.imag_horizon >= 1,
+         "need 0 <= --unimix < 1, --reward-bins >= 2, --imag-horizon >= 1"),
         (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must lie in (0, 1] and --lam in [0, 1]"),
         (0 <= args.critic_ema_decay < 1 and 0 <= args.return_norm_decay < 1, "EMA decays must lie in [0, 1)"),
-        (0 <= args.return_norm_low < args.return_norm_high <= 100, "need 0 <= --return-norm-low < --return-norm-high <= 100"),
-        (0 < args.actor_min_std <= args.actor_max_std, "need 0 < --actor-min-std <= --actor-max-std"),
+        (0 <= args.return_norm_low < args.return_norm_high <= 100 and 0 < args.actor_min_std <= args.actor_max_std,
+         "need 0 <= --return-norm-low < --return-norm-high <= 100 and 0 < --actor-min-std <= --actor-max-std"),
         (min(args.model_lr, args.actor_lr, args.critic_lr, args.model_eps, args.ac_eps) > 0, "learning rates and eps must be > 0"),
     ]
     for ok, msg in checks:
@@ -760,6 +762,11 @@ def main(args: Args) -> dict:
                          f"{obs_shape} (use a DMC id such as walker-walk)")
     discrete = isinstance(act_space, gym.spaces.Discrete)
     action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
+    try:
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
+    except (MemoryError, ValueError) as e:
+        envs.close(), eval_envs.close()
+        raise SystemExit(f"error: {e}")
 
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -788,15 +795,13 @@ def main(args: Args) -> dict:
     opts = (torch.optim.Adam(wm.parameters(), lr=args.model_lr, eps=args.model_eps),
             torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
             torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps))
-    replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
     B, T, N = args.batch_size, args.batch_length, args.num_envs
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
     autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
-    state = (torch.zeros(N, args.deter, device=device), torch.zeros(N, args.stoch, args.classes, device=device),
-             torch.zeros(N, action_dim, device=device))
+    state = None  # acting state, from the learned initial state once the policy takes over
     global_step, updates, updates_due, start_time = 0, 0, 0.0, time.time()
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
@@ -806,6 +811,7 @@ def main(args: Args) -> dict:
             ready = replay.count >= T and len(replay) >= B * T
             if ready:
                 set_mode(False, wm, actor)
+                state = initial_state(wm, actor, N, device) if state is None else state
                 action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
                                        torch.as_tensor(is_first, device=device))
                 set_mode(True, wm, actor)
