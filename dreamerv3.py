@@ -19,6 +19,9 @@ Replay alignment (common/replay.py): row t holds o_t, the r_t and is_first_t / i
 on arriving at o_t, and the action a_t chosen at o_t; so RSSM step t consumes action[:, t-1], and at
 is_first the state is reset to the learned initial state AND the previous action is zeroed.
 
+Tags: `[MuDreamer Eq. N]` points at arXiv:2405.15083v1 Sec. 4, which restates DreamerV3's equations (the
+DreamerV3 paper is not in papers/, so DreamerV3-only items are tagged by topic, e.g. `[DreamerV3 two-hot]`).
+
 Deviations from the paper / the 2023 code (each also tagged `# DEVIATION` where it happens):
  1. float32 instead of float16 with loss scaling (no non-finite step skipping; a non-finite loss stops
     the run instead).
@@ -120,11 +123,11 @@ class Args:
     reward_bins: int = 255
     """two-hot bins of reward and critic, linspace(-20, 20) in symlog space (DreamerV3: 255)"""
     kl_dyn: float = 0.5
-    """dynamics loss scale beta_dyn (DreamerV3 Eq. 5: 0.5; MuDreamer uses 0.95)"""
+    """dynamics loss scale beta_dyn (DreamerV3 2023: 0.5; MuDreamer Table 5 uses 0.95)"""
     kl_rep: float = 0.1
-    """representation loss scale beta_rep (DreamerV3 Eq. 5: 0.1; MuDreamer uses 0.05)"""
+    """representation loss scale beta_rep (DreamerV3 2023: 0.1; MuDreamer Table 5 uses 0.05)"""
     free_bits: float = 1.0
-    """free nats per (b, t) below which the KL terms are clipped (DreamerV3 Eq. 5: 1)"""
+    """free nats per (b, t) below which the KL terms are clipped (MuDreamer Eq. 4: 1)"""
     model_lr: float = 1e-4
     """world model Adam learning rate (Table 5: 1e-4)"""
     model_eps: float = 1e-8
@@ -150,7 +153,7 @@ class Args:
     return_norm_high: float = 95.0
     """upper return percentile (Table 5: 95th)"""
     return_norm_limit: float = 1.0
-    """returns are divided by max(limit, S) (DreamerV3 Eq. 7: 1)"""
+    """returns are divided by max(limit, S) (MuDreamer Sec. 4.2: 1)"""
     actor_entropy: float = 3e-4
     """entropy scale eta (Table 5: 3e-4)"""
     actor_min_std: float = 0.1
@@ -177,17 +180,17 @@ class Args:
 # Small math helpers
 # ---------------------------------------------------------------------------------------------
 def symlog(x):
-    # [DreamerV3 Eq. 1] symlog(x) = sign(x) ln(|x| + 1)
+    # [DreamerV3 symlog] symlog(x) = sign(x) ln(|x| + 1)
     return torch.sign(x) * torch.log1p(x.abs())
 
 
 def symexp(x):
-    # [DreamerV3 Eq. 1] symexp(x) = sign(x) (exp(|x|) - 1), the inverse of symlog
+    # [DreamerV3 symlog] symexp(x) = sign(x) (exp(|x|) - 1), the inverse of symlog
     return torch.sign(x) * torch.expm1(x.abs())
 
 
 def twohot(x, bins):
-    """[DreamerV3 Eq. 9] Two-hot encoding of x (...,) over sorted bins (K,): weights on the two nearest bins."""
+    """[DreamerV3 two-hot] Two-hot encoding of x (...,) over sorted bins (K,): weights on the two nearest bins."""
     x = x.clamp(bins[0], bins[-1])
     above = torch.bucketize(x, bins, right=True).clamp(1, len(bins) - 1)  # first bin > x
     below = above - 1
@@ -202,18 +205,18 @@ def twohot_loss(logits, x, bins):
 
 
 def twohot_mean(logits, bins):
-    """[DreamerV3 Eq. 10] y = symexp(softmax(logits)^T bins)."""
+    """[DreamerV3 two-hot] y = symexp(softmax(logits)^T bins)."""
     return symexp((F.softmax(logits, -1) * bins).sum(-1))
 
 
 def unimix_logits(logits, unimix):
-    """[DreamerV3 Sec. 2] probs = (1 - unimix) softmax(logits) + unimix / K; returns log(probs)."""
+    """[DreamerV3 unimix] probs = (1 - unimix) softmax(logits) + unimix / K; returns log(probs)."""
     probs = F.softmax(logits, -1)
     return torch.log((1 - unimix) * probs + unimix / logits.shape[-1])
 
 
 def sample_onehot(logits):
-    """Straight-through one-hot sample: sample + probs - sg(probs) (DreamerV3 Sec. 2)."""
+    """[DreamerV3 straight-through] one-hot sample + probs - sg(probs)."""
     probs = F.softmax(logits, -1)
     gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(1e-20, 1.0)))
     sample = F.one_hot((logits + gumbel).argmax(-1), logits.shape[-1]).to(probs.dtype)
@@ -228,15 +231,15 @@ def categorical_kl(logits_p, logits_q):
 
 def kl_terms(post, prior, free_bits):
     """Dynamics and representation losses, free bits per (b, t) after summing over the S latents."""
-    # [DreamerV3 Eq. 5] L_dyn = max(1, KL[sg(q) || p])
+    # [MuDreamer Eq. 4] L_dyn = max(1, KL[sg(q) || p])
     dyn = torch.clamp(categorical_kl(post.detach(), prior), min=free_bits)
-    # [DreamerV3 Eq. 5] L_rep = max(1, KL[q || sg(p)])
+    # [MuDreamer Eq. 4] L_rep = max(1, KL[q || sg(p)])
     rep = torch.clamp(categorical_kl(post, prior.detach()), min=free_bits)
     return dyn, rep
 
 
 def lambda_return(reward, value, cont, gamma, lam):
-    """[DreamerV3 Eq. 7] R_t = r_{t+1} + gamma c_{t+1} ((1 - lam) v_{t+1} + lam R_{t+1}), R_H = v_H.
+    """[MuDreamer Eq. 7] R_t = r_{t+1} + gamma c_{t+1} ((1 - lam) v_{t+1} + lam R_{t+1}), R_H = v_H.
 
     reward, cont: (H, N) r_1..r_H and c_1..c_H; value: (H+1, N) v_0..v_H. Returns (H, N) R_0..R_{H-1}.
         state   s_0 --a_0--> s_1 --a_1--> s_2 ... s_H
@@ -252,7 +255,7 @@ def lambda_return(reward, value, cont, gamma, lam):
 
 
 class ReturnNorm(nn.Module):
-    """[DreamerV3 Eq. 7] S = EMA(Per(R, 95) - Per(R, 5), 0.99); returns are divided by max(1, S).
+    """[MuDreamer Sec. 4.2] S = EMA(Per(R, 95) - Per(R, 5), 0.99); returns are divided by max(1, S).
 
     `low` and `high` are EMAs starting at 0, without debiasing (2023 code). Kept on the device, no syncs.
     """
@@ -340,7 +343,7 @@ class Decoder(nn.Module):
 
 
 class RSSM(nn.Module):
-    """[DreamerV3 Eq. 3, MuDreamer Tables 7-9] Recurrent state-space model with categorical latents.
+    """[MuDreamer Eq. 1, Tables 7-9] Recurrent state-space model with categorical latents.
 
     sequence model      h_t = f(h_{t-1}, z_{t-1}, a_{t-1})       (img_in + LayerNorm GRU)
     representation      z_t ~ q(z_t | h_t, x_t)                    (obs_out)
@@ -505,7 +508,7 @@ class Critic(nn.Module):
 # Losses and the update step
 # ---------------------------------------------------------------------------------------------
 def world_model_loss(wm, data, loss_scales, free_bits):
-    """[DreamerV3 Eq. 5] L = L_pred + beta_dyn L_dyn + beta_rep L_rep over a (B, T) batch.
+    """[MuDreamer Eq. 2] L = L_pred + beta_dyn L_dyn + beta_rep L_rep over a (B, T) batch.
 
     `loss_scales` lists every term; a term the dict does not name is an error (and vice versa).
     Returns (loss, metrics, posterior states (deter, stoch)).
@@ -515,12 +518,12 @@ def world_model_loss(wm, data, loss_scales, free_bits):
     deter, stoch, post, prior = wm.rssm.observe(embed, action, data["is_first"])
     feat = feature(deter, stoch)  # (B, T, F)
     losses = {}
-    # [DreamerV3 Eq. 5] prediction loss: -ln p(o_t | s_t) as MSE summed over pixels
+    # [MuDreamer Eq. 3, DreamerV3 decoder] prediction loss: -ln p(o_t | s_t) as MSE summed over pixels
     recon = wm.heads["decoder"](feat)  # (B, T, C, H, W)
     losses["image"] = ((recon - obs.float() / 255.0) ** 2).sum((-3, -2, -1))
-    # [DreamerV3 Eq. 5] -ln p(r_t | s_t), symlog two-hot
+    # [MuDreamer Eq. 3] -ln p(r_t | s_t), symlog two-hot
     losses["reward"] = twohot_loss(wm.heads["reward"](feat), data["reward"], wm.bins)
-    # [DreamerV3 Eq. 5] -ln p(c_t | s_t), Bernoulli with target c_t = 1 - is_terminal
+    # [MuDreamer Eq. 3] -ln p(c_t | s_t), Bernoulli with target c_t = 1 - is_terminal
     cont_target = 1.0 - data["is_terminal"].float()
     losses["cont"] = F.binary_cross_entropy_with_logits(wm.heads["cont"](feat)[..., 0], cont_target,
                                                         reduction="none")
@@ -550,7 +553,7 @@ def imagine(rssm, actor, deter, stoch, horizon):
 
 def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch, is_terminal,
                       horizon, gamma, lam, entropy_scale, slow_reg):
-    """[DreamerV3 Eqs. 6-8] Actor and critic losses on trajectories imagined from N posterior states.
+    """[MuDreamer Eqs. 6-9] Actor and critic losses on trajectories imagined from N posterior states.
 
     deter (N, D), stoch (N, S, K), is_terminal (N,) of the start states. Returns
     (actor_loss, critic_loss, metrics).
@@ -568,20 +571,20 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
     value = twohot_mean(logits, critic.bins)  # (H+1, N), online critic (2023 code)
     ret = lambda_return(reward, value, cont, gamma, lam)  # (H, N)
 
-    # [DreamerV3 Eq. 7] scale = max(1, EMA(Per(R, 95) - Per(R, 5))); the offset cancels in R - v.
+    # [MuDreamer Sec. 4.2] scale = max(1, EMA(Per(R, 95) - Per(R, 5))); the offset cancels in R - v.
     _, scale = return_norm(ret)
     adv = (ret - value[:-1]) / scale  # (H, N)
     if actor.discrete:
-        # [DreamerV3 Eq. 7] REINFORCE for discrete actions: -ln pi(a_t | s_t) sg(A_t)
+        # [MuDreamer Eq. 9] REINFORCE for discrete actions: -ln pi(a_t | s_t) sg(A_t)
         logpi = torch.stack([logps[t](action[t].detach()) for t in range(horizon)])
         actor_loss = -logpi * adv.detach()
     else:
-        # [DreamerV3 Eq. 7] continuous actions: backpropagate the return through the dynamics
+        # [MuDreamer Eq. 9] continuous actions: backpropagate the return through the dynamics
         actor_loss = -adv
-    # [DreamerV3 Eq. 7] entropy regulariser -eta H[pi(a_t | s_t)]
+    # [MuDreamer Eq. 9] entropy regulariser -eta H[pi(a_t | s_t)]
     actor_loss = ((actor_loss - entropy_scale * ent) * weight[:-1]).mean()
 
-    # [DreamerV3 Eq. 8] critic: -ln p(sg(R_t) | s_t) - ln p(sg(v'(s_t)) | s_t), on sg(s_t)
+    # [MuDreamer Eq. 8] critic: -ln p(sg(R_t) | s_t) - ln p(sg(v'(s_t)) | s_t), on sg(s_t)
     slow_value = twohot_mean(slow_critic(feat[:-1].detach()), critic.bins).detach()
     critic_loss = (twohot_loss(logits[:-1], ret.detach(), critic.bins)
                    + slow_reg * twohot_loss(logits[:-1], slow_value, critic.bins))
@@ -862,7 +865,7 @@ def main(args: Args) -> dict:
                       f"| eval {eval_return:.1f} | updates {updates} | wm {last_metrics.get('losses/world_model', float('nan')):.2f} "
                       f"| SPS {sps} | ETA {eta:.1f} min", flush=True)
 
-            if global_step >= next_eval and global_step < args.total_timesteps:
+            if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
                 next_eval += args.eval_every
                 returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete,
                                            capture=args.capture_video)
@@ -872,13 +875,6 @@ def main(args: Args) -> dict:
                     log_video(writer, "eval/video", frames, global_step, fps=30,
                               path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
 
-        # Final evaluation and saving
-        returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete, capture=args.capture_video)
-        eval_return = float(np.mean(returns))
-        writer.add_scalar("eval/episodic_return", eval_return, global_step)
-        if frames is not None:
-            log_video(writer, "eval/video", frames, global_step, fps=30,
-                      path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
         if args.save_model:
             path = os.path.join(run_dir, f"{args.exp_name}.pt")
             torch.save({"wm": wm.state_dict(), "actor": actor.state_dict(), "critic": critic.state_dict(),
