@@ -21,6 +21,9 @@ Replay alignment (common/replay.py): row t holds o_t, the r_t and is_first_t / i
 on arriving at o_t, and the action a_t chosen at o_t; so RSSM step t consumes action[:, t-1], and at
 is_first the state is reset to the learned initial state AND the previous action is zeroed.
 
+Tags: `[MuDreamer Eq. N]` points at arXiv:2405.15083v1 Sec. 4, which restates DreamerV3's equations (the
+DreamerV3 paper is not in papers/, so DreamerV3-only items are tagged by topic, e.g. `[DreamerV3 two-hot]`).
+
 Deviations from the paper / the 2023 code (each also tagged `# DEVIATION` where it happens):
  1. float32 instead of float16 with loss scaling (no non-finite step skipping; a non-finite loss stops
     the run instead).
@@ -141,7 +144,7 @@ class Args:
     decoder: bool = True
     """train the auxiliary decoder on sg(s_t) for pictures only, no effect on training (Eq. 1, Fig. 2/5)"""
     free_bits: float = 1.0
-    """free nats per (b, t) below which the KL terms are clipped (DreamerV3 Eq. 5: 1)"""
+    """free nats per (b, t) below which the KL terms are clipped (MuDreamer Eq. 4: 1)"""
     model_lr: float = 1e-4
     """world model Adam learning rate (Table 5: 1e-4)"""
     model_eps: float = 1e-8
@@ -167,7 +170,7 @@ class Args:
     return_norm_high: float = 95.0
     """upper return percentile (Table 5: 95th)"""
     return_norm_limit: float = 1.0
-    """returns are divided by max(limit, S) (DreamerV3 Eq. 7: 1)"""
+    """returns are divided by max(limit, S) (MuDreamer Sec. 4.2: 1)"""
     actor_entropy: float = 3e-4
     """entropy scale eta (Table 5: 3e-4)"""
     actor_min_std: float = 0.1
@@ -202,17 +205,17 @@ class Args:
 # Small math helpers
 # ---------------------------------------------------------------------------------------------
 def symlog(x):
-    # [DreamerV3 Eq. 1] symlog(x) = sign(x) ln(|x| + 1)
+    # [DreamerV3 symlog] symlog(x) = sign(x) ln(|x| + 1)
     return torch.sign(x) * torch.log1p(x.abs())
 
 
 def symexp(x):
-    # [DreamerV3 Eq. 1] symexp(x) = sign(x) (exp(|x|) - 1), the inverse of symlog
+    # [DreamerV3 symlog] symexp(x) = sign(x) (exp(|x|) - 1), the inverse of symlog
     return torch.sign(x) * torch.expm1(x.abs())
 
 
 def twohot(x, bins):
-    """[DreamerV3 Eq. 9] Two-hot encoding of x (...,) over sorted bins (K,): weights on the two nearest bins."""
+    """[DreamerV3 two-hot] Two-hot encoding of x (...,) over sorted bins (K,): weights on the two nearest bins."""
     x = x.clamp(bins[0], bins[-1])
     above = torch.bucketize(x, bins, right=True).clamp(1, len(bins) - 1)  # first bin > x
     below = above - 1
@@ -227,18 +230,18 @@ def twohot_loss(logits, x, bins):
 
 
 def twohot_mean(logits, bins):
-    """[DreamerV3 Eq. 10] y = symexp(softmax(logits)^T bins)."""
+    """[DreamerV3 two-hot] y = symexp(softmax(logits)^T bins)."""
     return symexp((F.softmax(logits, -1) * bins).sum(-1))
 
 
 def unimix_logits(logits, unimix):
-    """[DreamerV3 Sec. 2] probs = (1 - unimix) softmax(logits) + unimix / K; returns log(probs)."""
+    """[DreamerV3 unimix] probs = (1 - unimix) softmax(logits) + unimix / K; returns log(probs)."""
     probs = F.softmax(logits, -1)
     return torch.log((1 - unimix) * probs + unimix / logits.shape[-1])
 
 
 def sample_onehot(logits):
-    """Straight-through one-hot sample: sample + probs - sg(probs) (DreamerV3 Sec. 2)."""
+    """[DreamerV3 straight-through] one-hot sample + probs - sg(probs)."""
     probs = F.softmax(logits, -1)
     gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(1e-20, 1.0)))
     sample = F.one_hot((logits + gumbel).argmax(-1), logits.shape[-1]).to(probs.dtype)
@@ -253,15 +256,15 @@ def categorical_kl(logits_p, logits_q):
 
 def kl_terms(post, prior, free_bits):
     """Dynamics and representation losses, free bits per (b, t) after summing over the S latents."""
-    # [DreamerV3 Eq. 5] L_dyn = max(1, KL[sg(q) || p])
+    # [MuDreamer Eq. 4] L_dyn = max(1, KL[sg(q) || p])
     dyn = torch.clamp(categorical_kl(post.detach(), prior), min=free_bits)
-    # [DreamerV3 Eq. 5] L_rep = max(1, KL[q || sg(p)])
+    # [MuDreamer Eq. 4] L_rep = max(1, KL[q || sg(p)])
     rep = torch.clamp(categorical_kl(post, prior.detach()), min=free_bits)
     return dyn, rep
 
 
 def lambda_return(reward, value, cont, gamma, lam):
-    """[DreamerV3 Eq. 7] R_t = r_{t+1} + gamma c_{t+1} ((1 - lam) v_{t+1} + lam R_{t+1}), R_H = v_H.
+    """[MuDreamer Eq. 7] R_t = r_{t+1} + gamma c_{t+1} ((1 - lam) v_{t+1} + lam R_{t+1}), R_H = v_H.
 
     reward, cont: (H, N) r_1..r_H and c_1..c_H; value: (H+1, N) v_0..v_H. Returns (H, N) R_0..R_{H-1}.
         state   s_0 --a_0--> s_1 --a_1--> s_2 ... s_H
@@ -292,7 +295,7 @@ def value_targets(reward, cont, is_first, slow_value, gamma, lam):
 
 
 class ReturnNorm(nn.Module):
-    """[DreamerV3 Eq. 7] S = EMA(Per(R, 95) - Per(R, 5), 0.99); returns are divided by max(1, S).
+    """[MuDreamer Sec. 4.2] S = EMA(Per(R, 95) - Per(R, 5), 0.99); returns are divided by max(1, S).
 
     `low` and `high` are EMAs starting at 0, without debiasing (2023 code). Kept on the device, no syncs.
     """
@@ -380,7 +383,7 @@ class Decoder(nn.Module):
 
 
 class RSSM(nn.Module):
-    """[DreamerV3 Eq. 3, MuDreamer Tables 7-9] Recurrent state-space model with categorical latents.
+    """[MuDreamer Eq. 1, Tables 7-9] Recurrent state-space model with categorical latents.
 
     sequence model      h_t = f(h_{t-1}, z_{t-1}, a_{t-1})       (img_in + LayerNorm GRU)
     representation      z_t ~ q(z_t | h_t, x_t)                    (obs_out)
@@ -520,6 +523,7 @@ class Actor(nn.Module):
     def __init__(self, feat_dim, action_dim, units, layers, discrete, min_std, max_std, unimix):
         super().__init__()
         self.discrete, self.min_std, self.max_std, self.unimix = discrete, min_std, max_std, unimix
+        self.action_dim = action_dim
         self.net = mlp(feat_dim, units, layers, action_dim if discrete else 2 * action_dim)
         self.apply(init_weights)
 
@@ -566,9 +570,9 @@ def world_model_loss(wm, slow_value, data, loss_scales, free_bits, gamma, lam):
     deter, stoch, post, prior = wm.rssm.observe(embed, action, data["is_first"])
     feat = feature(deter, stoch)  # (B, T, F)
     losses = {}
-    # [DreamerV3 Eq. 5] -ln p(r_t | s_t), symlog two-hot
+    # [MuDreamer Eq. 3] -ln p(r_t | s_t), symlog two-hot
     losses["reward"] = twohot_loss(wm.heads["reward"](feat), data["reward"], wm.bins)
-    # [DreamerV3 Eq. 5] -ln p(c_t | s_t), Bernoulli with target c_t = 1 - is_terminal
+    # [MuDreamer Eq. 3] -ln p(c_t | s_t), Bernoulli with target c_t = 1 - is_terminal
     cont_target = 1.0 - data["is_terminal"].float()
     losses["cont"] = F.binary_cross_entropy_with_logits(wm.heads["cont"](feat)[..., 0], cont_target,
                                                         reduction="none")
@@ -596,21 +600,20 @@ def world_model_loss(wm, slow_value, data, loss_scales, free_bits, gamma, lam):
 def imagine(rssm, actor, deter, stoch, horizon):
     """Roll the dynamics predictor H steps from N start states with actions from pi(a | sg(s)).
 
-    Returns feat (H+1, N, F) for s_0..s_H, actions (H+1, N, A), log-prob functions and entropies (H+1, N).
+    Returns feat (H+1, N, F) for s_0..s_H, and for s_0..s_{H-1} the actions (H, N, A), log-prob
+    functions and entropies (H, N). (The action at s_H would enter no loss, so it is not drawn.)
     """
-    feats, actions, logps, ents = [], [], [], []
-    for t in range(horizon + 1):
-        feat = feature(deter, stoch)
-        action, logp, ent = actor(feat.detach())  # the actor sees sg(s_t)
-        feats.append(feat), actions.append(action), logps.append(logp), ents.append(ent)
-        if t < horizon:
-            deter, stoch = rssm.img_step(deter, stoch, action)
+    feats, actions, logps, ents = [feature(deter, stoch)], [], [], []
+    for t in range(horizon):
+        action, logp, ent = actor(feats[-1].detach())  # the actor sees sg(s_t)
+        deter, stoch = rssm.img_step(deter, stoch, action)
+        feats.append(feature(deter, stoch)), actions.append(action), logps.append(logp), ents.append(ent)
     return torch.stack(feats), torch.stack(actions), logps, torch.stack(ents)
 
 
 def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch, is_terminal,
                       horizon, gamma, lam, entropy_scale, slow_reg):
-    """[DreamerV3 Eqs. 6-8] Actor and critic losses on trajectories imagined from N posterior states.
+    """[MuDreamer Eqs. 6-9] Actor and critic losses on trajectories imagined from N posterior states.
 
     deter (N, D), stoch (N, S, K), is_terminal (N,) of the start states. Returns
     (actor_loss, critic_loss, metrics).
@@ -622,26 +625,29 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
     cont0 = (1.0 - is_terminal.to(feat.dtype))[None]
     # [DreamerV3 2023 code] weight_t = prod_{i<=t} gamma c_i / gamma: discount for states cut off by an end.
     weight = (torch.cumprod(gamma * torch.cat([cont0, cont]), 0) / gamma).detach()  # (H+1, N)
-    value = twohot_mean(critic(feat), critic.bins)  # (H+1, N), online critic (2023 code)
+    # One critic pass serves both losses: the actor's gradient flows through v(s_t) into the dynamics,
+    # the critic's loss sees s_t as data (each backward in `update` reaches only its own parameters).
+    logits = critic(feat)  # (H+1, N, bins)
+    value = twohot_mean(logits, critic.bins)  # (H+1, N), online critic (2023 code)
     ret = lambda_return(reward, value, cont, gamma, lam)  # (H, N)
 
-    # [DreamerV3 Eq. 7] scale = max(1, EMA(Per(R, 95) - Per(R, 5))); the offset cancels in R - v.
+    # [MuDreamer Sec. 4.2] scale = max(1, EMA(Per(R, 95) - Per(R, 5))); the offset cancels in R - v.
     _, scale = return_norm(ret)
     adv = (ret - value[:-1]) / scale  # (H, N)
     if actor.discrete:
-        # [DreamerV3 Eq. 7] REINFORCE for discrete actions: -ln pi(a_t | s_t) sg(A_t)
+        # [MuDreamer Eq. 9] REINFORCE for discrete actions: -ln pi(a_t | s_t) sg(A_t)
         logpi = torch.stack([logps[t](action[t].detach()) for t in range(horizon)])
         actor_loss = -logpi * adv.detach()
     else:
-        # [DreamerV3 Eq. 7] continuous actions: backpropagate the return through the dynamics
+        # [MuDreamer Eq. 9] continuous actions: backpropagate the return through the dynamics
         actor_loss = -adv
-    # [DreamerV3 Eq. 7] entropy regulariser -eta H[pi(a_t | s_t)]
-    actor_loss = ((actor_loss - entropy_scale * ent[:-1]) * weight[:-1]).mean()
+    # [MuDreamer Eq. 9] entropy regulariser -eta H[pi(a_t | s_t)]
+    actor_loss = ((actor_loss - entropy_scale * ent) * weight[:-1]).mean()
 
-    # [DreamerV3 Eq. 8] critic: -ln p(sg(R_t) | s_t) - ln p(sg(v'(s_t)) | s_t), on sg(s_t)
-    logits = critic(feat[:-1].detach())
+    # [MuDreamer Eq. 8] critic: -ln p(sg(R_t) | s_t) - ln p(sg(v'(s_t)) | s_t), on sg(s_t)
     slow_value = twohot_mean(slow_critic(feat[:-1].detach()), critic.bins).detach()
-    critic_loss = twohot_loss(logits, ret.detach(), critic.bins) + slow_reg * twohot_loss(logits, slow_value, critic.bins)
+    critic_loss = (twohot_loss(logits[:-1], ret.detach(), critic.bins)
+                   + slow_reg * twohot_loss(logits[:-1], slow_value, critic.bins))
     critic_loss = (critic_loss * weight[:-1]).mean()
     metrics = {"losses/actor": actor_loss.detach(), "losses/critic": critic_loss.detach(),
                "stats/actor_entropy": ent.mean().detach(), "stats/return_scale": scale,
@@ -689,8 +695,8 @@ def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, 
     metrics.update(ac_metrics)
     actor_opt.zero_grad(set_to_none=True)
     critic_opt.zero_grad(set_to_none=True)
-    # Each loss reaches only its own network's parameters (the actor loss also runs through the critic).
-    actor_loss.backward(inputs=list(actor.parameters()))
+    # Each loss reaches only its own network's parameters (the two share the critic's forward pass).
+    actor_loss.backward(inputs=list(actor.parameters()), retain_graph=True)
     critic_loss.backward(inputs=list(critic.parameters()))
     metrics["grad_norm/actor"] = nn.utils.clip_grad_norm_(actor.parameters(), args.ac_clip)
     metrics["grad_norm/critic"] = nn.utils.clip_grad_norm_(critic.parameters(), args.ac_clip)
@@ -717,6 +723,12 @@ def policy(wm, actor, state, obs, is_first):
     return action, (deter, stoch, action)
 
 
+@torch.no_grad()
+def initial_state(wm, actor, n, device):
+    """Acting state (h, z, previous action) of n envs: the learned initial state and a zero action."""
+    return (*wm.rssm.initial(n), torch.zeros(n, actor.action_dim, device=device))
+
+
 def set_mode(training, *modules):
     """Act in eval mode, train in train mode (a no-op with LayerNorm; BatchNorm variants rely on it)."""
     for m in modules:
@@ -729,21 +741,18 @@ def to_env(action, discrete):
     return action.argmax(-1) if discrete else action
 
 
-def evaluate(wm, actor, envs, episodes, device, discrete, seed=None, capture=False):
+def evaluate(wm, actor, envs, episodes, device, discrete, capture=False):
     """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode frames."""
     set_mode(False, wm, actor)
-    n, action_dim = envs.num_envs, actor.net[-1].out_features // (1 if discrete else 2)
-    state = (torch.zeros(n, wm.rssm.deter, device=device),
-             torch.zeros(n, wm.rssm.stoch, wm.rssm.classes, device=device), torch.zeros(n, action_dim, device=device))
-    obs, _ = envs.reset(seed=seed)
-    is_first, returns, frames = np.ones(n, bool), [], []
+    state, (obs, _) = initial_state(wm, actor, envs.num_envs, device), envs.reset()
+    is_first, done, returns, frames = np.ones(envs.num_envs, bool), np.zeros(envs.num_envs, bool), [], []
     while len(returns) < episodes:
         if capture and not returns:
             frames.append(obs[0].transpose(1, 2, 0))
         action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
                                torch.as_tensor(is_first, device=device))
         obs, _, term, trunc, infos = envs.step(to_env(action, discrete))
-        is_first = term | trunc
+        is_first, done = done, term | trunc  # FIX of dreamerv3.py (reported): the obs after a done step is first
         if "episode" in infos:
             returns += [float(r) for r, m in zip(infos["episode"]["r"], infos["_episode"]) if m]
     set_mode(True, wm, actor)
@@ -806,8 +815,7 @@ def check_args(args):
     checks = [
         (args.total_timesteps > 0, "--total-timesteps must be > 0"),
         (args.num_envs >= 1, "--num-envs must be >= 1"),
-        (args.eval_episodes >= 1, "--eval-episodes must be >= 1"),
-        (args.eval_every > 0 and args.log_every > 0, "--eval-every and --log-every must be > 0"),
+        (min(args.eval_episodes, args.eval_every, args.log_every) >= 1, "--eval-episodes, --eval-every, --log-every must be >= 1"),
         (args.video_every >= 0, "--video-every must be >= 0 (0 disables the open-loop video)"),
         (args.batch_size >= 2 and args.batch_length >= 2, "--batch-size (BatchNorm) and --batch-length must be >= 2"),
         (0 < args.video_context < args.batch_length, "--video-context must lie in [1, --batch-length)"),
@@ -815,15 +823,14 @@ def check_args(args):
         (args.buffer_size >= args.batch_size * args.batch_length, "--buffer-size must hold one batch (B*T steps)"),
         (min(args.deter, args.stoch, args.classes, args.units, args.cnn_depth) >= 1 and args.mlp_layers >= 0,
          "model sizes (--deter --stoch --classes --units --cnn-depth) must be >= 1, --mlp-layers >= 0"),
-        (0 <= args.unimix < 1, "--unimix must lie in [0, 1)"),
-        (args.reward_bins >= 2, "--reward-bins must be >= 2"),
-        (args.imag_horizon >= 1, "--imag-horizon must be >= 1"),
+        (0 <= args.unimix < 1 and args.reward_bins >= 2 and args.imag_horizon >= 1,
+         "need 0 <= --unimix < 1, --reward-bins >= 2, --imag-horizon >= 1"),
         (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must lie in (0, 1] and --lam in [0, 1]"),
         (0 <= args.critic_ema_decay < 1 and 0 <= args.return_norm_decay < 1, "EMA decays must lie in [0, 1)"),
         (0 <= args.value_ema_decay < 1 and 0 <= args.bn_momentum < 1, "--value-ema-decay and --bn-momentum: [0, 1)"),
         (min(args.pred_scale, args.reward_loss_scale, args.kl_dyn, args.kl_rep) >= 0, "loss scales must be >= 0"),
-        (0 <= args.return_norm_low < args.return_norm_high <= 100, "need 0 <= --return-norm-low < --return-norm-high <= 100"),
-        (0 < args.actor_min_std <= args.actor_max_std, "need 0 < --actor-min-std <= --actor-max-std"),
+        (0 <= args.return_norm_low < args.return_norm_high <= 100 and 0 < args.actor_min_std <= args.actor_max_std,
+         "need 0 <= --return-norm-low < --return-norm-high <= 100 and 0 < --actor-min-std <= --actor-max-std"),
         (min(args.model_lr, args.actor_lr, args.critic_lr, args.model_eps, args.ac_eps) > 0, "learning rates and eps must be > 0"),
     ]
     for ok, msg in checks:
@@ -850,6 +857,11 @@ def main(args: Args) -> dict:
                          f"{obs_shape} (use a DMC id such as walker-walk)")
     discrete = isinstance(act_space, gym.spaces.Discrete)
     action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
+    try:
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
+    except (MemoryError, ValueError) as e:
+        envs.close(), eval_envs.close()
+        raise SystemExit(f"error: {e}")
 
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -881,15 +893,13 @@ def main(args: Args) -> dict:
             torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
             torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps),
             torch.optim.Adam(wm.decoder.parameters(), lr=args.model_lr, eps=args.model_eps) if args.decoder else None)
-    replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
     B, T, N = args.batch_size, args.batch_length, args.num_envs
 
     # TRY NOT TO MODIFY: start the game
     obs, _ = envs.reset(seed=args.seed)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
     autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
-    state = (torch.zeros(N, args.deter, device=device), torch.zeros(N, args.stoch, args.classes, device=device),
-             torch.zeros(N, action_dim, device=device))
+    state = None  # acting state, from the learned initial state once the policy takes over
     global_step, updates, updates_due, start_time = 0, 0, 0.0, time.time()
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
@@ -899,6 +909,7 @@ def main(args: Args) -> dict:
             ready = replay.count >= T and len(replay) >= B * T
             if ready:
                 set_mode(False, wm, actor)
+                state = initial_state(wm, actor, N, device) if state is None else state
                 action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
                                        torch.as_tensor(is_first, device=device))
                 set_mode(True, wm, actor)
@@ -910,8 +921,8 @@ def main(args: Args) -> dict:
             # TRY NOT TO MODIFY: execute the game and log data
             obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
             global_step += args.action_repeat * int((~autoreset).sum())
-            is_first, is_terminal = term | trunc, term
-            autoreset = is_first.copy()
+            # FIX of dreamerv3.py (reported): with NEXT_STEP autoreset the obs after a done step is the first one
+            is_first, is_terminal, autoreset = autoreset, term, term | trunc
             if "episode" in infos:
                 for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
                     if m:
@@ -951,7 +962,7 @@ def main(args: Args) -> dict:
                       f"| eval {eval_return:.1f} | updates {updates} | wm {last_metrics.get('losses/world_model', float('nan')):.2f} "
                       f"| SPS {sps} | ETA {eta:.1f} min", flush=True)
 
-            if global_step >= next_eval and global_step < args.total_timesteps:
+            if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
                 next_eval += args.eval_every
                 returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete,
                                            capture=args.capture_video)
@@ -961,13 +972,6 @@ def main(args: Args) -> dict:
                     log_video(writer, "eval/video", frames, global_step, fps=30,
                               path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
 
-        # Final evaluation and saving
-        returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete, capture=args.capture_video)
-        eval_return = float(np.mean(returns))
-        writer.add_scalar("eval/episodic_return", eval_return, global_step)
-        if frames is not None:
-            log_video(writer, "eval/video", frames, global_step, fps=30,
-                      path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
         if args.save_model:
             path = os.path.join(run_dir, f"{args.exp_name}.pt")
             torch.save({"wm": wm.state_dict(), "actor": actor.state_dict(), "critic": critic.state_dict(),

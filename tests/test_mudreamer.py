@@ -238,10 +238,16 @@ def test_bad_input_names_the_flag(tmp_path, monkeypatch):
                                    dict(no_batch_norm=True), dict(kl_dyn=1.0, kl_rep=0.0),
                                    dict(no_value_predictor=True, no_action_predictor=True, decoder=False)])
 def test_ablation_smoke(flags, tmp_path, monkeypatch, one_thread):
-    """Each Table 3 ablation (and the run without decoder) trains in main(); acting always in eval mode."""
+    """Each Table 3 ablation (and the run without decoder) trains in main(); acting always in eval mode; the
+    replay rows follow common/replay.py (the obs after an episode's last one is first, with reward 0)."""
     monkeypatch.chdir(tmp_path)
-    seen = []
+    seen, rows = [], []
     policy = m.policy
+
+    class Recorder(m.ReplayBuffer):
+        def add(self, obs, action, reward, is_first, is_terminal):
+            rows.append((float(reward[0]), bool(is_first[0])))
+            super().add(obs, action, reward, is_first, is_terminal)
 
     def checked_policy(wm, actor, state, obs, is_first):
         assert not wm.training and not actor.training  # act with the running statistics
@@ -249,6 +255,7 @@ def test_ablation_smoke(flags, tmp_path, monkeypatch, one_thread):
         return policy(wm, actor, state, obs, is_first)
 
     monkeypatch.setattr(m, "policy", checked_policy)
+    monkeypatch.setattr(m, "ReplayBuffer", Recorder)
     args = _tiny_args(env_id="cartpole-balance", num_envs=1, total_timesteps=80, time_limit=20, eval_every=10**6,
                       eval_episodes=1, log_every=80, video_every=0, **flags)
     out = m.main(args)
@@ -257,6 +264,9 @@ def test_ablation_smoke(flags, tmp_path, monkeypatch, one_thread):
     assert ("losses/value" in losses) != bool(flags.get("no_value_predictor"))
     assert ("losses/action" in losses) != bool(flags.get("no_action_predictor"))
     assert ("losses/image" in losses) == flags.get("decoder", True)
+    firsts = [i for i, (_, first) in enumerate(rows) if first]
+    assert firsts == list(range(0, len(rows), 20 // 2 + 1)) and all(rows[i][0] == 0 for i in firsts)  # 10 steps + reset obs
+    assert all(r > 0 for i, (r, _) in enumerate(rows) if i not in firsts)  # cartpole-balance pays every step
     norm = seen[0].rssm.obs_out[0]
     assert isinstance(norm, nn.LayerNorm if flags.get("no_batch_norm") else nn.BatchNorm1d)
     if "kl_rep" in flags:
