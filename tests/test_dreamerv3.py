@@ -14,7 +14,7 @@ import dreamerv3 as d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
-            imag_horizon=3, train_ratio=16, buffer_size=2000, time_limit=60)
+            imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
 
 
 @pytest.fixture
