@@ -59,6 +59,7 @@ from common.envs import make_vector_env
 from common.replay import ReplayBuffer
 
 LN_EPS = 1e-3  # LayerNorm epsilon of the DreamerV3 2023 code
+BINS_LIMIT = 20.0  # two-hot bins span [-20, 20] in symlog space (DreamerV3 2023 code)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Args:
     unimix: float = 0.01
     """uniform mixture of every categorical (DreamerV3: 1%)"""
     reward_bins: int = 255
-    """two-hot bins of reward and critic, linspace(-20, 20) in symlog space (DreamerV3: 255)"""
+    """two-hot bins of reward and critic, over [-20, 20] in symlog space (DreamerV3: 255)"""
     kl_dyn: float = 0.95
     """dynamics loss scale beta_dyn (MuDreamer Eq. 4, Table 5: 0.95; Table 3 ablates other pairs)"""
     kl_rep: float = 0.05
@@ -244,7 +245,7 @@ def sample_onehot(logits):
     """[DreamerV3 straight-through] one-hot sample + probs - sg(probs)."""
     probs = F.softmax(logits, -1)
     gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(1e-20, 1.0)))
-    sample = F.one_hot((logits + gumbel).argmax(-1), logits.shape[-1]).to(probs.dtype)
+    sample = torch.zeros_like(probs).scatter_(-1, (logits + gumbel).argmax(-1, keepdim=True), 1.0)
     return sample + probs - probs.detach()
 
 
@@ -302,14 +303,15 @@ class ReturnNorm(nn.Module):
 
     def __init__(self, decay, low_pct, high_pct, limit):
         super().__init__()
-        self.decay, self.q, self.limit = decay, torch.tensor([low_pct / 100, high_pct / 100]), limit
+        self.decay, self.limit = decay, limit
+        self.register_buffer("q", torch.tensor([low_pct / 100, high_pct / 100]), persistent=False)
         self.register_buffer("low", torch.zeros(()))
         self.register_buffer("high", torch.zeros(()))
 
     @torch.no_grad()
     def forward(self, ret):
         """Update the EMAs with a batch of returns; return (offset, scale) for (ret - offset) / scale."""
-        low, high = torch.quantile(ret.detach().flatten().float(), self.q.to(ret.device))
+        low, high = torch.quantile(ret.detach().flatten().float(), self.q)
         self.low.lerp_(low, 1 - self.decay)
         self.high.lerp_(high, 1 - self.decay)
         return self.low.clone(), torch.clamp(self.high - self.low, min=self.limit)
@@ -499,7 +501,7 @@ class WorldModel(nn.Module):
             "action": Actor(self.encoder.out_dim + feat_dim, action_dim, units, mlp_layers, discrete, min_std,
                             max_std, unimix),
         })
-        self.register_buffer("bins", torch.linspace(-20.0, 20.0, reward_bins))
+        self.register_buffer("bins", torch.linspace(-BINS_LIMIT, BINS_LIMIT, reward_bins))
         self.apply(init_weights)
         # DreamerV3 2023 code: the reward output layer starts at zero (predicts 0 at init).
         nn.init.zeros_(self.heads["reward"][-1].weight)
@@ -547,7 +549,7 @@ class Critic(nn.Module):
     def __init__(self, feat_dim, units, layers, bins):
         super().__init__()
         self.net = mlp(feat_dim, units, layers, bins)
-        self.register_buffer("bins", torch.linspace(-20.0, 20.0, bins))
+        self.register_buffer("bins", torch.linspace(-BINS_LIMIT, BINS_LIMIT, bins))
         self.apply(init_weights)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
