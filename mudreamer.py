@@ -405,7 +405,7 @@ class RSSM(nn.Module):
         # [MuDreamer Table 8] Representation: Linear([h_t, x_t]) + BatchNorm + SiLU, then a Linear to the logits.
         # The x_t part of the first Linear is applied to all T steps at once in `observe` (same maths, faster).
         norm = nn.BatchNorm1d(units, momentum=1 - bn_momentum) if batch_norm else nn.LayerNorm(units, eps=LN_EPS)
-        # (torch's BatchNorm momentum is the weight of the new batch: 1 - the paper's 0.9 = 0.1)
+        # (torch momentum = weight of the new batch = 1 - the paper's 0.9; DEVIATION 5: statistics per step of observe)
         self.obs_in = nn.Linear(deter + embed_dim, units, bias=False)
         self.obs_out = nn.Sequential(norm, nn.SiLU(), nn.Linear(units, stoch * classes))
         self.h0 = nn.Parameter(torch.zeros(deter))  # learned initial state, h_0 = tanh(h0)
