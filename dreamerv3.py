@@ -600,6 +600,8 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
 def update(wm, actor, critic, slow_critic, return_norm, opts, data, args):
     """One training update: world model, then actor and critic from its posterior states. No host syncs."""
     wm_opt, actor_opt, critic_opt = opts
+    # DEVIATION: float32 throughout; the 2023 code trains in float16 with loss scaling and skips
+    # non-finite steps (here a non-finite loss stops the run at the next log).
     # World model
     loss_scales = {"image": 1.0, "reward": 1.0, "cont": 1.0, "kl_dyn": args.kl_dyn, "kl_rep": args.kl_rep}
     wm_loss, metrics, (deter, stoch) = world_model_loss(wm, data, loss_scales, args.free_bits)
@@ -761,7 +763,7 @@ def main(args: Args) -> dict:
     eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
                                 split="eval", **env_kwargs)
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
-    if len(obs_shape) != 3:
+    if len(obs_shape) != 3:  # DEVIATION: pixels only; the 2023 code also has MLP encoders for vectors
         envs.close(), eval_envs.close()
         raise SystemExit(f"error: dreamerv3.py learns from pixels; --env-id {args.env_id} has observations of shape "
                          f"{obs_shape} (use a DMC id such as walker-walk)")
