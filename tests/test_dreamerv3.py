@@ -249,3 +249,20 @@ def test_help_documents_every_hyperparameter(capsys):
         assert f"--{field.name.replace('_', '-')}" in text, field.name
     for source in ("Table 5: 1e-4", "Table 5: 16", "Table 5, DMC: 512", "DreamerV3 2023: 0.5", "Table 5: 3e-4"):
         assert source in text, source
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
+    real_update = d.update
+
+    def bad_update(*a, **k):
+        metrics = real_update(*a, **k)
+        metrics["losses/reward"] = metrics["losses/reward"] * float("nan")
+        return metrics
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(d, "update", bad_update)
+    args = d.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
+                  eval_every=10**6, eval_episodes=1, log_every=40, video_every=0)
+    with pytest.raises(FloatingPointError, match=r"losses/reward .* step 40"):
+        d.main(args)
+    assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))  # what was written is kept
