@@ -18,7 +18,7 @@ import mudreamer as m
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
-            imag_horizon=3, train_ratio=16, buffer_size=2000, time_limit=60)
+            imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
 
 
 @pytest.fixture
@@ -285,8 +285,8 @@ def _events(run_dir):
 
 def test_smoke_cli(tmp_path):
     """The real command line (natural backgrounds, default offline clips): JSON line, finite losses, events, pictures."""
-    flags = {**TINY, "env_id": "walker-run", "background": "natural", "num_envs": 1, "total_timesteps": 240,
-             "time_limit": 80, "eval_every": 160, "eval_episodes": 1, "log_every": 80, "video_every": 160}
+    flags = {**TINY, "env_id": "walker-run", "background": "natural", "num_envs": 1, "total_timesteps": 160,
+             "time_limit": 40, "eval_every": 120, "eval_episodes": 1, "log_every": 60, "video_every": 120}
     cmd = [sys.executable, os.path.join(ROOT, "mudreamer.py"), "--save-model"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
