@@ -668,14 +668,14 @@ def evaluate(wm, actor, envs, episodes, device, discrete, capture=False):
     """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode frames."""
     set_mode(False, wm, actor)
     state, (obs, _) = initial_state(wm, actor, envs.num_envs, device), envs.reset()
-    is_first, returns, frames = np.ones(envs.num_envs, bool), [], []
+    is_first, done, returns, frames = np.ones(envs.num_envs, bool), np.zeros(envs.num_envs, bool), [], []
     while len(returns) < episodes:
         if capture and not returns:
             frames.append(obs[0].transpose(1, 2, 0))
         action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
                                torch.as_tensor(is_first, device=device))
         obs, _, term, trunc, infos = envs.step(to_env(action, discrete))
-        is_first = term | trunc
+        is_first, done = done, term | trunc  # NEXT_STEP autoreset: the obs after a done step is the first
         if "episode" in infos:
             returns += [float(r) for r, m in zip(infos["episode"]["r"], infos["_episode"]) if m]
     set_mode(True, wm, actor)
@@ -828,8 +828,8 @@ def main(args: Args) -> dict:
             # TRY NOT TO MODIFY: execute the game and log data
             obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
             global_step += args.action_repeat * int((~autoreset).sum())
-            is_first, is_terminal = term | trunc, term
-            autoreset = is_first.copy()
+            # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
+            is_first, is_terminal, autoreset = autoreset, term, term | trunc
             if "episode" in infos:
                 for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
                     if m:

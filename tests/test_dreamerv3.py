@@ -237,6 +237,33 @@ def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
     assert first["losses"] == second["losses"]
 
 
+def test_replay_rows_and_acting_resets_follow_the_alignment_convention(tmp_path, monkeypatch, one_thread):
+    """With NEXT_STEP autoreset the obs AFTER an episode's last one is first (reward 0), in replay and when acting."""
+    monkeypatch.chdir(tmp_path)
+    rows, acted = [], []
+    policy = d.policy
+
+    class Recorder(d.ReplayBuffer):
+        def add(self, obs, action, reward, is_first, is_terminal):
+            rows.append((float(reward[0]), bool(is_first[0])))
+            super().add(obs, action, reward, is_first, is_terminal)
+
+    def recording_policy(wm, actor, state, obs, is_first):
+        acted.append(bool(is_first[0]))
+        return policy(wm, actor, state, obs, is_first)
+
+    monkeypatch.setattr(d, "ReplayBuffer", Recorder)
+    monkeypatch.setattr(d, "policy", recording_policy)
+    args = d.Args(**{**TINY, "time_limit": 20}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
+                  eval_every=10**6, eval_episodes=1, log_every=80, video_every=0)
+    d.main(args)
+    firsts = [i for i, (_, first) in enumerate(rows) if first]
+    assert firsts == list(range(0, len(rows), 20 // 2 + 1))  # 10 steps, then the reset obs
+    assert all(rows[i][0] == 0 for i in firsts) and all(r > 0 for i, (r, _) in enumerate(rows) if i not in firsts)
+    evaluation = acted[-10:]  # the final evaluation: one episode of 10 agent steps
+    assert evaluation[0] and not any(evaluation[1:])
+
+
 def test_help_documents_every_hyperparameter(capsys):
     import dataclasses
 
