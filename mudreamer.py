@@ -575,9 +575,8 @@ def world_model_loss(wm, slow_value, data, loss_scales, free_bits, gamma, lam):
     # [MuDreamer Eq. 3] -ln p(r_t | s_t), symlog two-hot
     losses["reward"] = twohot_loss(wm.heads["reward"](feat), data["reward"], wm.bins)
     # [MuDreamer Eq. 3] -ln p(c_t | s_t), Bernoulli with target c_t = 1 - is_terminal
-    cont_target = 1.0 - data["is_terminal"].float()
-    losses["cont"] = F.binary_cross_entropy_with_logits(wm.heads["cont"](feat)[..., 0], cont_target,
-                                                        reduction="none")
+    cont_logits, cont_target = wm.heads["cont"](feat)[..., 0], 1.0 - data["is_terminal"].float()
+    losses["cont"] = F.binary_cross_entropy_with_logits(cont_logits, cont_target, reduction="none")
     if "value" in loss_scales:
         # [MuDreamer Eq. 5] -ln p(sg(R_t) | s_t), symlog two-hot, toward lambda-returns of the real rewards and
         # continues bootstrapped by the slow value predictor v'; the gradient shapes the representation.
@@ -660,6 +659,8 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
 def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args):
     """One training update: world model, then actor and critic from its posterior states. No host syncs."""
     wm_opt, actor_opt, critic_opt, decoder_opt = opts
+    # DEVIATION: float32 throughout; the 2023 code trains in float16 with loss scaling and skips
+    # non-finite steps (here a non-finite loss stops the run at the next log).
     # World model
     loss_scales = {"reward": args.pred_scale * args.reward_loss_scale, "cont": args.pred_scale,
                    "kl_dyn": args.kl_dyn, "kl_rep": args.kl_rep}
@@ -695,8 +696,7 @@ def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, 
         args.critic_slow_reg)
     wm.requires_grad_(True)
     metrics.update(ac_metrics)
-    actor_opt.zero_grad(set_to_none=True)
-    critic_opt.zero_grad(set_to_none=True)
+    actor_opt.zero_grad(), critic_opt.zero_grad()
     # Each loss reaches only its own network's parameters (the two share the critic's forward pass).
     actor_loss.backward(inputs=list(actor.parameters()), retain_graph=True)
     critic_loss.backward(inputs=list(critic.parameters()))
@@ -769,7 +769,8 @@ def openloop_video(wm, actor, data, context, n=4):
     """
     set_mode(False, wm, actor)
     obs, action = data["obs"][:n], data["action"][:n]
-    deter, stoch, _, _ = wm.rssm.observe(wm.encoder(obs[:, :context]), action[:, :context], data["is_first"][:n, :context])
+    embed, first = wm.encoder(obs[:, :context]), data["is_first"][:n, :context]
+    deter, stoch, _, _ = wm.rssm.observe(embed, action[:, :context], first)
     d, s, feats = deter[:, -1], stoch[:, -1], [feature(deter, stoch)]
     for t in range(context, obs.shape[1]):
         d, s = wm.rssm.img_step(d, s, action[:, t - 1])  # s_t from s_{t-1} and a_{t-1}
@@ -815,13 +816,11 @@ def log_video(writer, tag, frames, step, fps, path=None):
 # ---------------------------------------------------------------------------------------------
 def check_args(args):
     checks = [
-        (args.total_timesteps > 0, "--total-timesteps must be > 0"),
-        (args.num_envs >= 1, "--num-envs must be >= 1"),
-        (min(args.eval_episodes, args.eval_every, args.log_every) >= 1, "--eval-episodes, --eval-every, --log-every must be >= 1"),
-        (args.video_every >= 0, "--video-every must be >= 0 (0 disables the open-loop video)"),
+        (min(args.total_timesteps, args.num_envs, args.eval_episodes, args.eval_every, args.log_every) >= 1,
+         "--total-timesteps, --num-envs, --eval-episodes, --eval-every and --log-every must be >= 1"),
+        (args.video_every >= 0 and args.train_ratio > 0, "need --video-every >= 0 (0: no video), --train-ratio > 0"),
         (args.batch_size >= 2 and args.batch_length >= 2, "--batch-size (BatchNorm) and --batch-length must be >= 2"),
         (0 < args.video_context < args.batch_length, "--video-context must lie in [1, --batch-length)"),
-        (args.train_ratio > 0, "--train-ratio must be > 0"),
         (args.buffer_size >= args.batch_size * args.batch_length, "--buffer-size must hold one batch (B*T steps)"),
         (min(args.deter, args.stoch, args.classes, args.units, args.cnn_depth) >= 1 and args.mlp_layers >= 0,
          "model sizes (--deter --stoch --classes --units --cnn-depth) must be >= 1, --mlp-layers >= 0"),
@@ -833,7 +832,7 @@ def check_args(args):
         (min(args.pred_scale, args.reward_loss_scale, args.kl_dyn, args.kl_rep) >= 0, "loss scales must be >= 0"),
         (0 <= args.return_norm_low < args.return_norm_high <= 100 and 0 < args.actor_min_std <= args.actor_max_std,
          "need 0 <= --return-norm-low < --return-norm-high <= 100 and 0 < --actor-min-std <= --actor-max-std"),
-        (min(args.model_lr, args.actor_lr, args.critic_lr, args.model_eps, args.ac_eps) > 0, "learning rates and eps must be > 0"),
+        (min(args.model_lr, args.actor_lr, args.critic_lr, args.model_eps, args.ac_eps) > 0, "lr and eps must be > 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -853,7 +852,7 @@ def main(args: Args) -> dict:
     eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
                                 split="eval", **env_kwargs)
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
-    if len(obs_shape) != 3:
+    if len(obs_shape) != 3:  # DEVIATION: pixels only; the 2023 code also has MLP encoders for vectors
         envs.close(), eval_envs.close()
         raise SystemExit(f"error: mudreamer.py learns from pixels; --env-id {args.env_id} has observations of shape "
                          f"{obs_shape} (use a DMC id such as walker-walk)")
@@ -866,7 +865,8 @@ def main(args: Args) -> dict:
         raise SystemExit(f"error: {e}")
 
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=1)
 
@@ -943,15 +943,18 @@ def main(args: Args) -> dict:
                 n_metrics, updates, updates_due = n_metrics + 1, updates + 1, updates_due - 1
                 if args.video_every and args.decoder and global_step >= next_video:
                     next_video += args.video_every
-                    log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), global_step, fps=10)
+                    frames = openloop_video(wm, actor, data, args.video_context)
+                    log_video(writer, "openloop", frames, global_step, fps=10)
 
             if global_step >= next_log:
                 next_log += args.log_every
                 if n_metrics:
-                    last_metrics = {k: v for k, v in zip(metric_sums, torch.stack(list(metric_sums.values())).div(n_metrics).tolist())}
+                    means = torch.stack(list(metric_sums.values())).div(n_metrics).tolist()  # the one sync per log
+                    last_metrics = dict(zip(metric_sums, means))
                     for k, v in last_metrics.items():
                         if not np.isfinite(v):
-                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at step {global_step}")
+                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at step "
+                                                     f"{global_step}")
                         writer.add_scalar(k, v, global_step)
                     metric_sums, n_metrics = {}, 0
                     for k, v in collapse_monitor(wm, data).items():
@@ -960,14 +963,13 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("charts/updates", updates, global_step)
                 eta = (args.total_timesteps - global_step) / max(sps, 1) / 60
-                print(f"frames {global_step}/{args.total_timesteps} | return {np.mean(recent_returns) if recent_returns else float('nan'):.1f} "
-                      f"| eval {eval_return:.1f} | updates {updates} | wm {last_metrics.get('losses/world_model', float('nan')):.2f} "
-                      f"| SPS {sps} | ETA {eta:.1f} min", flush=True)
+                recent, wm_loss = np.mean(recent_returns or [np.nan]), last_metrics.get("losses/world_model", np.nan)
+                print(f"frames {global_step}/{args.total_timesteps} | return {recent:.1f} | eval {eval_return:.1f} | "
+                      f"updates {updates} | wm {wm_loss:.2f} | SPS {sps} | ETA {eta:.1f} min", flush=True)
 
             if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
                 next_eval += args.eval_every
-                returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete,
-                                           capture=args.capture_video)
+                returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete, args.capture_video)
                 eval_return = float(np.mean(returns))
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 if frames is not None:
@@ -987,9 +989,9 @@ def main(args: Args) -> dict:
         eval_envs.close()
         writer.close()
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
-               "updates": updates, "run_dir": run_dir, "losses": last_metrics}
-    print(json.dumps({k: summary[k] for k in ("final_eval_return", "eval_returns", "global_step", "updates", "run_dir")}))
-    return summary
+               "updates": updates, "run_dir": run_dir}
+    print(json.dumps(summary))
+    return {**summary, "losses": last_metrics}
 
 
 if __name__ == "__main__":
