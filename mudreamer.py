@@ -754,7 +754,7 @@ def evaluate(wm, actor, envs, episodes, device, discrete, capture=False):
         action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
                                torch.as_tensor(is_first, device=device))
         obs, _, term, trunc, infos = envs.step(to_env(action, discrete))
-        is_first, done = done, term | trunc  # FIX of dreamerv3.py (reported): the obs after a done step is first
+        is_first, done = done, term | trunc  # NEXT_STEP autoreset: the obs after a done step is the first
         if "episode" in infos:
             returns += [float(r) for r, m in zip(infos["episode"]["r"], infos["_episode"]) if m]
     set_mode(True, wm, actor)
@@ -923,7 +923,7 @@ def main(args: Args) -> dict:
             # TRY NOT TO MODIFY: execute the game and log data
             obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
             global_step += args.action_repeat * int((~autoreset).sum())
-            # FIX of dreamerv3.py (reported): with NEXT_STEP autoreset the obs after a done step is the first one
+            # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
             is_first, is_terminal, autoreset = autoreset, term, term | trunc
             if "episode" in infos:
                 for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
