@@ -143,7 +143,7 @@ class Args:
     bn_momentum: float = 0.9
     """BatchNorm momentum of the representation network, running = m running + (1 - m) batch (Table 5: 0.9)"""
     decoder: bool = True
-    """train the auxiliary decoder on sg(s_t) for pictures only, no effect on training (Eq. 1, Fig. 2/5)"""
+    """auxiliary decoder on sg(s_t), pictures only, no effect on training (Eq. 1); on as in the paper's runs (Figs. 2-6)"""
     free_bits: float = 1.0
     """free nats per (b, t) below which the KL terms are clipped (MuDreamer Eq. 4: 1)"""
     model_lr: float = 1e-4
