@@ -487,7 +487,9 @@ class Actor(nn.Module):
             return action, lambda a: (a * logp).sum(-1), -(logp.exp() * logp).sum(-1)
         mean, std = out.chunk(2, -1)
         std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
-        dist = torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std), 1)
+        # validate_args=False: argument checks would sync the host with the device inside the update
+        dist = torch.distributions.Independent(
+            torch.distributions.Normal(torch.tanh(mean), std, validate_args=False), 1, validate_args=False)
         return dist.rsample(), dist.log_prob, dist.entropy()
 
 
