@@ -34,6 +34,9 @@ Deviations from the paper / the 2023 code (each also tagged `# DEVIATION` where 
     R_t = v'(s_t); the value loss skips those steps and the last one (as the critic skips its bootstrap state).
  5. BatchNorm statistics are per time step over the B sequences inside the sequential posterior loop (each of
     the T steps updates the running statistics), as a recurrent model must; BatchNorm eps is torch's 1e-5.
+ 6. Interpretation: Table 5's BatchNorm momentum 0.9 is read as the weight of the old running statistics
+    (running = 0.9 running + 0.1 batch, torch momentum 0.1), the convention of its "Slow Value Momentum 0.99"
+    (Eq. 5: tau 0.01); torch's own convention (momentum 0.9 = weight of the batch) would be the other reading.
 
 Run:  python mudreamer.py --env-id walker-run
 """
@@ -405,7 +408,7 @@ class RSSM(nn.Module):
         # [MuDreamer Table 8] Representation: Linear([h_t, x_t]) + BatchNorm + SiLU, then a Linear to the logits.
         # The x_t part of the first Linear is applied to all T steps at once in `observe` (same maths, faster).
         norm = nn.BatchNorm1d(units, momentum=1 - bn_momentum) if batch_norm else nn.LayerNorm(units, eps=LN_EPS)
-        # (torch momentum = weight of the new batch = 1 - the paper's 0.9; DEVIATION 5: statistics per step of observe)
+        # (torch momentum = weight of the new batch = 1 - the paper's 0.9, deviation 6; DEVIATION 5: per step of observe)
         self.obs_in = nn.Linear(deter + embed_dim, units, bias=False)
         self.obs_out = nn.Sequential(norm, nn.SiLU(), nn.Linear(units, stoch * classes))
         self.h0 = nn.Parameter(torch.zeros(deter))  # learned initial state, h_0 = tanh(h0)
@@ -580,15 +583,20 @@ def world_model_loss(wm, slow_value, data, loss_scales, free_bits, gamma, lam):
     cont_logits, cont_target = wm.heads["cont"](feat)[..., 0], 1.0 - data["is_terminal"].float()
     losses["cont"] = F.binary_cross_entropy_with_logits(cont_logits, cont_target, reduction="none")
     if "value" in loss_scales:
-        # [MuDreamer Eq. 5] -ln p(sg(R_t) | s_t), symlog two-hot, toward lambda-returns of the real rewards and
-        # continues bootstrapped by the slow value predictor v'; the gradient shapes the representation.
+        # [MuDreamer Eq. 3, target Eq. 5] -ln p(sg(R_t) | s_t), symlog two-hot, toward lambda-returns of the real
+        # rewards and continues bootstrapped by the slow value predictor v'; the gradient shapes the representation.
+        # Masked steps count as zeros in the mean below, so a valid step weighs as much as one step of the reward
+        # loss (the paper sums per-step NLLs over t); the logged losses/value is diluted by the masked fraction.
         with torch.no_grad():
             slow = twohot_mean(slow_value(feat), wm.bins)  # (B, T) v'(s_t)
             ret, valid = value_targets(data["reward"], cont_target, data["is_first"], slow, gamma, lam)
         losses["value"] = twohot_loss(wm.heads["value"](feat[:, :-1]), ret, wm.bins) * valid  # (B, T-1)
     if "action" in loss_scales:
-        # [MuDreamer Eq. 1] action predictor -ln p(a_{t-1} | x_t, s_{t-1}) for t >= 1, not where an episode starts
-        _, logp, _ = wm.heads["action"](torch.cat([embed[:, 1:], feat[:, :-1]], -1))
+        # [MuDreamer Eq. 3] action predictor -ln p(a_{t-1} | x_t, s_{t-1}) for t >= 1, not where an episode starts
+        # (masked zeros diluted in the mean as for the value). Only the log-prob is used: fork_rng keeps the
+        # unused sample from drawing random numbers, so that --no-action-predictor changes no later draw.
+        with torch.random.fork_rng(devices=[embed.device.index] if embed.is_cuda else []):
+            _, logp, _ = wm.heads["action"](torch.cat([embed[:, 1:], feat[:, :-1]], -1))
         losses["action"] = -logp(action[:, :-1]) * ~data["is_first"][:, 1:]  # (B, T-1)
     losses["kl_dyn"], losses["kl_rep"] = kl_terms(post, prior, free_bits)
     assert losses.keys() == loss_scales.keys(), (sorted(losses), sorted(loss_scales))
