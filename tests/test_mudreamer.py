@@ -122,6 +122,56 @@ def test_value_and_action_losses_masked_and_shape_the_representation(one_thread)
         assert all(p.grad is None for p in slow_value.parameters())
 
 
+def test_value_and_action_losses_match_eq3_eq5_by_hand(one_thread):
+    """losses["value"] = NLL of head(s_t) under R_t of Eq. 5 bootstrapped by the SLOW v', masked where is_first[t+1];
+    losses["action"] = -ln p(a_{t-1} | x_t, s_{t-1}) masked where is_first[t]; an episode starts mid-sequence."""
+    a = _tiny_args()
+    wm, slow_value, *_ = _agent(a)
+    torch.manual_seed(1)
+    nn.init.normal_(wm.heads["value"][-1].weight, std=0.3)  # online head depends on s_t
+    slow_value.load_state_dict(wm.heads["value"].state_dict())
+    with torch.no_grad():
+        slow_value[-1].bias.add_(torch.linspace(-1.0, 1.0, 255))  # v' != v
+    data = _batch(B=2, T=6)
+    data["is_first"][0, 3] = True  # row 0: a new episode at t = 3
+    data["is_terminal"][1, 4] = True  # row 1: c_4 = 0
+    scales = {"reward": 0.0, "cont": 0.0, "kl_dyn": 0.0, "kl_rep": 0.0, "value": 1.0, "action": 1.0}
+    torch.manual_seed(7)
+    _, metrics, _ = m.world_model_loss(wm, slow_value, data, scales, 1.0, a.gamma, a.lam)
+    with torch.no_grad():
+        torch.manual_seed(7)  # the same latent samples
+        embed = wm.encoder(data["obs"])
+        deter, stoch, _, _ = wm.rssm.observe(embed, data["action"], data["is_first"])
+        feat = m.feature(deter, stoch)  # (B, T, F)
+        slow = m.twohot_mean(slow_value(feat), wm.bins)
+        assert (slow - m.twohot_mean(wm.heads["value"](feat), wm.bins)).abs().min() > 1e-3
+        ret, valid = m.value_targets(data["reward"], 1.0 - data["is_terminal"].float(), data["is_first"], slow,
+                                     a.gamma, a.lam)
+        assert valid[0, 2] == 0 and valid.sum() == 2 * 5 - 1
+        value = (m.twohot_loss(wm.heads["value"](feat[:, :-1]), ret, wm.bins) * valid).mean()
+        _, logp, _ = wm.heads["action"](torch.cat([embed[:, 1:], feat[:, :-1]], -1))
+        action = (-logp(data["action"][:, :-1]) * ~data["is_first"][:, 1:]).mean()
+    torch.testing.assert_close(metrics["losses/value"], value)
+    torch.testing.assert_close(metrics["losses/action"], action)
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_action_predictor_draws_no_random_numbers(discrete, one_thread):
+    """--no-action-predictor must not change any later random draw: the predictor's unused sample is not drawn."""
+    a = _tiny_args()
+    wm, slow_value, *_ = _agent(a, discrete=discrete)
+    data = _batch()
+    if discrete:
+        data["action"] = nn.functional.one_hot(torch.arange(18).view(3, 6) % 2, 2).float()
+    after = []
+    for action in (False, True):
+        scales = {"reward": 1.0, "cont": 1.0, "kl_dyn": 0.95, "kl_rep": 0.05, "value": 1.0, **({"action": 1.0} if action else {})}
+        torch.manual_seed(5)
+        m.world_model_loss(wm, slow_value, data, scales, 1.0, a.gamma, a.lam)
+        after.append(torch.rand(4))
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)
+
+
 def test_action_predictor_reads_only_x_t_and_s_prev(one_thread):
     """Output j predicts a_j from [x_{j+1}, s_j]: changing a_2 changes s_3.. (so outputs 3, 4) but not outputs 0-2."""
     a = _tiny_args()
