@@ -161,6 +161,153 @@ def test_discrete_actor_is_unimix_onehot():
     assert torch.all(ent > 0)
 
 
+def test_discrete_actor_logp_and_entropy_by_hand():
+    # probs = 0.99 softmax(out) + 0.01 / K; log-prob of a one-hot action and entropy from those probs.
+    torch.manual_seed(0)
+    actor = d.Actor(feat_dim=6, action_dim=3, units=8, layers=1, discrete=True, min_std=0.1, max_std=1.0, unimix=0.01)
+    feat = torch.randn(5, 6) * 3
+    with torch.no_grad():
+        actor.net[-1].weight.normal_(0, 2.0)  # peaked distributions, so that the unimix floor matters
+    _, logp, ent = actor(feat)
+    probs = 0.99 * torch.softmax(actor.net(feat).double(), -1) + 0.01 / 3
+    a = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1, 0]), 3).float()
+    torch.testing.assert_close(logp(a).double(), probs.log()[torch.arange(5), a.argmax(-1)])
+    torch.testing.assert_close(ent.double(), -(probs * probs.log()).sum(-1))
+
+
+def _const_head(linear, bins, k):
+    """Zero the output weights and put all the mass on bin k: the head predicts symexp(bins[k]) everywhere."""
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.bias[k] = 50.0
+    return d.symexp(bins[k]).item()
+
+
+def _ac_setup(discrete, seed=0):
+    torch.manual_seed(seed)
+    wm = d.WorldModel((3, 16, 16), 3, 8, 2, 3, 8, 1, 4, 0.01, 255)
+    actor = d.Actor(8 + 6, 3, 8, 1, discrete, 0.1, 1.0, 0.01)
+    critic, slow = d.Critic(8 + 6, 8, 1, 255), d.Critic(8 + 6, 8, 1, 255)
+    deter = torch.randn(2, 8)
+    stoch = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 2)), 3).float()
+    with torch.no_grad():
+        wm.heads["cont"][-1].weight.zero_()
+        wm.heads["cont"][-1].bias.fill_(5.0)  # c_1 = c_2 = 1 (the head's mode)
+    return wm, actor, critic, slow, deter, stoch
+
+
+def test_actor_critic_losses_hand_computed_discrete(one_thread):
+    """H = 2, constant reward r, continue 1, critic v and slow critic v', uniform discrete actor (log pi = -ln 3).
+    R_1 = r + g v, R_0 = r + g ((1 - lam) v + lam R_1); start 0 is terminal (weights 0), start 1 weights [1, g]."""
+    g, lam, eta, reg = 0.9, 0.5, 0.1, 1.0
+    wm, actor, critic, slow, deter, stoch = _ac_setup(discrete=True)
+    bins = wm.bins
+    r = _const_head(wm.heads["reward"][-1], bins, 140)
+    v = _const_head(critic.net[-1], bins, 120)
+    vs = _const_head(slow.net[-1], bins, 130)
+    with torch.no_grad():
+        actor.net[-1].weight.zero_()
+        actor.net[-1].bias.zero_()
+    is_terminal = torch.tensor([True, False])
+    torch.manual_seed(1)
+    actor_loss, critic_loss, metrics = d.actor_critic_loss(wm, actor, critic, slow, d.ReturnNorm(0.99, 5, 95, 1.0),
+                                                           deter, stoch, is_terminal, 2, g, lam, eta, reg)
+    R1 = r + g * v
+    R0 = r + g * ((1 - lam) * v + lam * R1)
+    assert metrics["stats/return_scale"].item() == 1.0  # EMAs start at 0: 0.01 (P95 - P5) < 1
+    w = torch.tensor([[0.0, 1.0], [0.0, g]])  # (H, N)
+    adv = torch.tensor([R0 - v, R1 - v])[:, None]
+    # REINFORCE: -ln pi(a_t) sg(A_t) - eta H[pi], ln pi = -ln 3 and H = ln 3 for every action
+    expected = ((math.log(3) * adv - eta * math.log(3)) * w).mean()
+    assert actor_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    logits = critic.net[-1].bias
+    nll = lambda x: d.twohot_loss(logits, torch.tensor(x), bins).item()  # noqa: E731
+    expected = ((torch.tensor([nll(R0), nll(R1)])[:, None] + reg * nll(vs)) * w).mean()
+    assert critic_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_continuous_actor_gradient_through_the_dynamics(one_thread):
+    """Entropy scale 0, non-constant critic: the actor's gradient is that of -(R_t - v_t) w_t, where R_t and v_t
+    depend on the actions through img_step and the critic (R_t by the H = 2 formulas, written out)."""
+    g, lam = 0.9, 0.5
+    wm, actor, critic, slow, deter, stoch = _ac_setup(discrete=False)
+    with torch.no_grad():
+        critic.net[-1].weight.normal_(0, 0.5)
+        wm.heads["reward"][-1].weight.normal_(0, 0.5)
+    is_terminal = torch.tensor([False, True])
+    torch.manual_seed(1)
+    actor_loss, _, metrics = d.actor_critic_loss(wm, actor, critic, slow, d.ReturnNorm(0.99, 5, 95, 1.0),
+                                                 deter, stoch, is_terminal, 2, g, lam, 0.0, 1.0)
+    assert metrics["stats/return_scale"].item() == 1.0
+    grads = torch.autograd.grad(actor_loss, list(actor.parameters()))
+    torch.manual_seed(1)  # the same action and latent samples
+    h, z, feats = deter, stoch, [d.feature(deter, stoch)]
+    for _ in range(2):
+        a = actor(feats[-1].detach())[0]
+        h, z = wm.rssm.img_step(h, z, a)
+        feats.append(d.feature(h, z))
+    f = torch.stack(feats)
+    rew = d.twohot_mean(wm.heads["reward"](f[1:]), wm.bins)  # r_1, r_2
+    val = d.twohot_mean(critic(f), critic.bins)  # v_0, v_1, v_2
+    R1 = rew[1] + g * val[2]
+    R0 = rew[0] + g * ((1 - lam) * val[1] + lam * R1)
+    w = torch.tensor([[1.0, 0.0], [g, 0.0]])
+    expected = (-torch.stack([R0 - val[0], R1 - val[1]]) * w).mean()
+    torch.testing.assert_close(actor_loss, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, list(actor.parameters()))):
+        torch.testing.assert_close(got, want)
+    assert sum(p.abs().sum() for p in grads) > 0
+
+
+def test_behaviour_update_leaves_world_model_grads_and_slow_critic_is_ema(one_thread):
+    torch.manual_seed(0)
+    a = d.Args(**{k: v for k, v in TINY.items() if k in d.Args.__dataclass_fields__})
+    wm = d.WorldModel((3, 16, 16), 2, a.deter, a.stoch, a.classes, a.units, a.mlp_layers, a.cnn_depth, a.unimix, 255)
+    feat = a.deter + a.stoch * a.classes
+    actor = d.Actor(feat, 2, a.units, 1, False, 0.1, 1.0, 0.01)
+    critic, slow = d.Critic(feat, a.units, 1, 255), d.Critic(feat, a.units, 1, 255)
+    with torch.no_grad():
+        slow.net[-1].bias.normal_()  # slow != critic before the update
+    opts = tuple(torch.optim.Adam(m.parameters(), lr=1e-3) for m in (wm, actor, critic))
+    snapshot = {}
+    step = opts[0].step
+
+    def wm_step(*args, **kw):  # the world model's grads when its optimiser steps
+        snapshot.update({n: p.grad.clone() for n, p in wm.named_parameters() if p.grad is not None})
+        return step(*args, **kw)
+
+    opts[0].step = wm_step
+    B, T = 2, 4
+    data = dict(obs=torch.randint(0, 256, (B, T, 3, 16, 16), dtype=torch.uint8), action=torch.rand(B, T, 2) * 2 - 1,
+                reward=torch.randn(B, T), is_first=torch.zeros(B, T, dtype=torch.bool),
+                is_terminal=torch.zeros(B, T, dtype=torch.bool))
+    old = [p.clone() for p in slow.parameters()]
+    d.update(wm, actor, critic, slow, d.ReturnNorm(0.99, 5, 95, 1.0), opts, data, a)
+    assert snapshot
+    for n, p in wm.named_parameters():  # the actor and critic backward passes added nothing
+        assert (p.grad is None) if n not in snapshot else torch.equal(p.grad, snapshot[n]), n
+    # Slow critic: v' <- 0.98 v' + 0.02 v after the critic's step
+    assert a.critic_ema_decay == 0.98
+    for p_slow, p_old, p in zip(slow.parameters(), old, critic.parameters()):
+        torch.testing.assert_close(p_slow, 0.98 * p_old + 0.02 * p)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.Linear(600, 400), lambda: torch.nn.ConvTranspose2d(32, 16, 4, stride=2)])
+def test_init_weights_truncated_normal_fan_avg(make):
+    torch.manual_seed(0)
+    layer = make()
+    d.init_weights(layer)
+    fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
+    sigma = (2.0 / (fan_in + fan_out)) ** 0.5  # the std after truncation (variance scaling, fan_avg)
+    w = layer.weight.detach()
+    # truncated at +-2 of the untruncated normal's std (sigma / 0.8796)
+    assert w.abs().max().item() <= 2 * sigma / 0.87962566103423978 + 1e-7
+    assert w.abs().max().item() > 1.9 * sigma / 0.87962566103423978
+    assert w.std().item() == pytest.approx(sigma, rel=0.02)
+    assert torch.all(layer.bias == 0)
+
+
 def test_one_update_is_finite_and_trains_every_network(one_thread):
     torch.manual_seed(0)
     a = d.Args(**{k: v for k, v in TINY.items() if k in d.Args.__dataclass_fields__})
