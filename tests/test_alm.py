@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.distributions as td
 
-from alm import (Agent, Args, check_args, main, gaussian_kl, lambda_returns, linear_schedule, log_odds, make_optimizers,
-                 policy_loss, policy_objective, replay_capacity, representation_loss, soft_update, split_transitions,
-                 update)
+from alm import (Agent, Args, check_args, critic_loss, main, gaussian_kl, lambda_returns, linear_schedule, log_odds,
+                 make_optimizers, policy_loss, policy_objective, replay_capacity, representation_loss,
+                 reward_classifier_loss, soft_update, split_transitions, update)
 from common.replay import ReplayBuffer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,3 +286,122 @@ def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatc
         main(args)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert any(f.name.startswith("events") for f in run_dir.iterdir()) and (run_dir / "args.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values and stop-gradients of every update phase (each test catches a one-line mutation of alm.py)
+
+
+def perturbed_agent(seed=0):
+    """A tiny agent whose target encoder differs from the online one (so swapping them shows)."""
+    agent = tiny_agent(seed=seed)
+    with torch.no_grad():
+        for p in agent.encoder_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return agent
+
+
+def test_representation_loss_equals_hand_rollout(monkeypatch):
+    """Eq. 7 with sampling patched to the mean: KL(m(z_t, a_t) || e_targ(s_{t+1})) with the buffer's a_t,
+    the model's mean as the next latent, and min Q(z_K, pi(z_K)) at the end."""
+    import alm
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(alm, "sample", lambda mean, std: mean)
+    agent, g = perturbed_agent(), torch.Generator().manual_seed(0)
+    obs, act = torch.randn(5, 4, 3, generator=g), torch.rand(5, 4, 2, generator=g) * 2 - 1
+    loss, _ = representation_loss(agent, obs, act, torch.zeros(5, 4, dtype=torch.bool), 0.0, 0.3)
+    with torch.no_grad():
+        z, total = agent.encoder(obs[:, 0])[0], 0.0
+        for t in range(3):
+            mean, std = agent.model(z, act[:, t])
+            tmean, tstd = agent.encoder_target(obs[:, t + 1])
+            kl = td.kl_divergence(td.Independent(td.Normal(mean, std), 1), td.Independent(td.Normal(tmean, tstd), 1))
+            total = total + agent.predict_reward(z, act[:, t]) - kl
+            z = mean
+        total = total + torch.min(*agent.critic(z, agent.actor(z, 0.0)[0]))
+    assert torch.allclose(loss, -total.mean(), atol=1e-5)
+
+
+def test_classifier_labels_encoder_latents_positive_model_latents_negative():
+    """Eq. 9: after a short training on separable data, z' from e_targ (the real next latent) gets positive
+    log-odds and z' from the model negative ones."""
+    torch.set_num_threads(1)
+    agent = tiny_agent()
+    opt = torch.optim.Adam(agent.classifier.parameters(), 1e-2)
+    for _ in range(60):  # real z' around +2, model z' around -2
+        z, a = torch.randn(64, 4), torch.rand(64, 2) * 2 - 1
+        loss, _ = reward_classifier_loss(agent, z, a, torch.zeros(64), torch.randn(64, 4) + 2, torch.randn(64, 4) - 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z, a = torch.randn(256, 4), torch.rand(256, 2) * 2 - 1
+    assert log_odds(agent.classify(z, a, torch.randn(256, 4) + 2)).mean() > 1
+    assert log_odds(agent.classify(z, a, torch.randn(256, 4) - 2)).mean() < -1
+
+
+def test_critic_target_uses_target_net_and_terminal_flag():
+    """Eq. 10: y = r + gamma (1 - d) min Q_targ(z', a'); constant heads: target 7, online 3."""
+    torch.set_num_threads(1)
+    agent = perturbed_agent()
+    with torch.no_grad():
+        for net, value in ((agent.critic_target, 7.0), (agent.critic, 3.0)):
+            for q in (net.q1, net.q2):
+                q[-1].weight.zero_()
+                q[-1].bias.fill_(value)
+    z, a = torch.randn(4, 4), torch.zeros(4, 2)
+    r, d = torch.tensor([1.0, 1.0, 2.0, 2.0]), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    loss, _ = critic_loss(agent, z, a, r, torch.randn(4, 4), d, 0.5, 0.3, 0.9)
+    assert torch.allclose(loss, ((3.0 - (r + 0.9 * (1 - d) * 7.0)) ** 2).mean())
+
+
+def test_actor_gets_no_gradient_through_q_action_input():
+    """Official code: Q(z_t, sg(a_t)). With every other path from the actions cut, the actor gets zero gradient."""
+    torch.set_num_threads(1)
+    agent = perturbed_agent()
+    with torch.no_grad():  # the model ignores its action input; reward and classifier heads are constant
+        agent.model.net[0].weight[:, TINY["latent_dim"]:].zero_()
+        agent.reward[-1].weight.zero_()
+        agent.classifier[-1].weight.zero_()
+    loss, _ = policy_loss(agent, torch.randn(8, 4), 0.5, 0.3, 0.99, 0.95, 3, 0.1)
+    grads = torch.autograd.grad(loss, list(agent.actor.parameters()), allow_unused=True, materialize_grads=True,
+                                retain_graph=True)
+    assert all(g.abs().max() == 0 for g in grads)
+    loss.backward()  # sanity: Q(z_t, .) still sends gradient through z_t into the model's samples
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.model.parameters())
+
+
+def test_optimizer_groups_disjoint_and_model_group_is_encoder_plus_model():
+    agent = tiny_agent()
+    _, groups = make_optimizers(agent, 1e-3)
+    ids = {k: [id(p) for p in v] for k, v in groups.items()}
+    flat = [i for v in ids.values() for i in v]
+    assert len(flat) == len(set(flat))  # disjoint
+    assert set(ids["model"]) == {id(p) for p in [*agent.encoder.parameters(), *agent.model.parameters()]}
+    assert set(ids["reward"]) == {id(p) for p in [*agent.reward.parameters(), *agent.classifier.parameters()]}
+    assert set(ids["critic"]) == {id(p) for p in agent.critic.parameters()}
+    assert set(ids["actor"]) == {id(p) for p in agent.actor.parameters()}
+    targets = {id(p) for p in [*agent.encoder_target.parameters(), *agent.critic_target.parameters()]}
+    assert not targets & set(flat)
+
+
+def test_update_rest_reads_target_encoder_latents(monkeypatch):
+    """App. D: reward, classifier, critic and actor losses see z = e_targ(s), z' = e_targ(s') (means here)."""
+    import alm
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(alm, "sample", lambda mean, std: mean)
+    seen = {}
+
+    def spy(agent, z, a, r, z_next, *rest):
+        seen.update(z=z.clone(), z_next=z_next.clone())
+        return reward_classifier_loss(agent, z, a, r, z_next, *rest)
+
+    monkeypatch.setattr(alm, "reward_classifier_loss", spy)
+    agent = perturbed_agent()
+    optims, groups = make_optimizers(agent, 1e-3)
+    seq, batch = fake_windows(3, 2, 8, 4), fake_windows(3, 2, 8, 2, seed=1)
+    with torch.no_grad():
+        z, z_next = agent.encoder_target(batch["obs"][:, 0])[0], agent.encoder_target(batch["obs"][:, 1])[0]
+    update(agent, optims, groups, seq, batch, 0.5, Args(**TINY))
+    assert torch.allclose(seen["z"], z) and torch.allclose(seen["z_next"], z_next)
