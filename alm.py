@@ -12,7 +12,7 @@ train the policy (Eq. 8: predicted reward + c * classifier log-odds, lambda-weig
 transitions only (Eq. 9-11) on latents of the target encoder. DDPG-style exploration, UTD 1.
 
 Symbol map (paper -> code):
-    s_t -> obs (B, S)           z_t -> z (B, Z)               a_t -> action (B, A), in [-1, 1]
+    s_t -> obs (B, S)           z_t -> z (B, Z)               a_t -> action (B, A), in the env's box
     e_phi -> agent.encoder      e_phi_targ -> agent.encoder_target   m_phi -> agent.model
     pi_phi -> agent.actor       r_theta -> agent.reward        Q_theta -> agent.critic (twin, min)
     Q_theta_targ -> agent.critic_target   C_theta -> agent.classifier (2 logits)
@@ -35,8 +35,7 @@ Deviations from the paper (each tagged `# DEVIATION` where it happens):
  5. The classifier sees, per sample, either the real z' (label 1) or the model's z' (label 0), a random
     half of the batch each (official code); Eq. 9 writes both terms for every sample.
  6. The Q term of Eq. 7 is zero when s_K is terminal (the official code ignores terminals there).
- 7. The actor's tanh output in [-1, 1] is mapped affinely onto the env's action box (the official
-    code clamps it to the box, which differs only for boxes other than [-1, 1], e.g. Humanoid).
+ 7. Evaluation clamps the actor's mean into the env's box (the official code sends the raw tanh mean).
  8. The exploration-std schedule counts steps after the warm-up (official code).
  9. gymnasium MuJoCo v5 tasks instead of gym v2 / mujoco-py; 10 evaluation episodes (CONVENTIONS).
 10. One sample of z ~ e_targ(s) and z' ~ e_targ(s') is shared by the reward, classifier, critic and
@@ -65,7 +64,7 @@ from torch.utils.tensorboard import SummaryWriter
 from common.envs import make_env, make_vector_env
 from common.replay import ReplayBuffer
 
-ACTION_EPS = 1e-6  # actions are clamped into [-1 + eps, 1 - eps] (official TruncatedNormal)
+ACTION_EPS = 1e-6  # actions are clamped into [low + eps, high - eps] of the env's box (official TruncatedNormal)
 
 
 @dataclass
@@ -252,21 +251,26 @@ class Gaussian(nn.Module):
 
 
 class Actor(nn.Module):
-    """Deterministic policy mean tanh(f(z)) plus scheduled Gaussian noise (DDPG-style, App. D)."""
+    """Deterministic policy mean tanh(f(z)) plus scheduled Gaussian noise (DDPG-style, App. D); actions live
+    in the env's own box [low, high] (default [-1, 1])."""
 
-    def __init__(self, latent: int, hidden: int, action_dim: int):
+    def __init__(self, latent: int, hidden: int, action_dim: int, low=-1.0, high=1.0):
         super().__init__()
         self.net = mlp(latent, hidden, action_dim)
+        self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32).expand(action_dim).clone())
+        self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32).expand(action_dim).clone())
 
     def forward(self, z: torch.Tensor, std: float, clip: Optional[float] = None):
-        """Returns (mean, sample); the noise is clipped to +-clip when given; the sample is clamped into
-        [-1, 1] with a straight-through gradient (official TruncatedNormal)."""
+        """Returns (mean, sample); the noise is clipped to +-clip when given; the sample is clamped into the
+        env's box with a straight-through gradient. [official code] TruncatedNormal(low, high): the tanh mean
+        and the noise are in env units and the clamped sample goes to the env as is (no rescaling), so the
+        noise std and clip of Table 3 are absolute, e.g. on Humanoid's +-0.4 box."""
         mean = torch.tanh(self.net(z))
         noise = torch.randn_like(mean) * std
         if clip is not None:
             noise = noise.clamp(-clip, clip)
         a = mean + noise
-        return mean, a - a.detach() + a.detach().clamp(-1 + ACTION_EPS, 1 - ACTION_EPS)
+        return mean, a - a.detach() + a.detach().clamp(self.low + ACTION_EPS, self.high - ACTION_EPS)
 
 
 class Critic(nn.Module):
@@ -284,12 +288,13 @@ class Critic(nn.Module):
 class Agent(nn.Module):
     """All of ALM's networks (Table 4) and the two target copies."""
 
-    def __init__(self, obs_dim: int, action_dim: int, latent: int, hidden: int, model_hidden: int):
+    def __init__(self, obs_dim: int, action_dim: int, latent: int, hidden: int, model_hidden: int,
+                 action_low=-1.0, action_high=1.0):
         super().__init__()
         self.encoder = Gaussian(obs_dim, hidden, latent)
         self.encoder_target = Gaussian(obs_dim, hidden, latent)
         self.model = Gaussian(latent + action_dim, model_hidden, latent)
-        self.actor = Actor(latent, hidden, action_dim)
+        self.actor = Actor(latent, hidden, action_dim, action_low, action_high)
         self.reward = mlp(latent + action_dim, hidden, 1, layer_norm=True)
         self.classifier = mlp(2 * latent + action_dim, hidden, 2, layer_norm=True)
         self.critic = Critic(latent, hidden, action_dim)
@@ -440,24 +445,21 @@ def make_optimizers(agent: Agent, lr: float):
 
 @torch.no_grad()
 def act(agent: Agent, obs: torch.Tensor, std: float, deterministic: bool) -> torch.Tensor:
-    """[Algorithm 1 line 3] a ~ pi(.|z), z ~ e(s) from the online encoder; unclipped noise; the mean at eval."""
+    """[Algorithm 1 line 3] a ~ pi(.|z), z ~ e(s) from the online encoder; unclipped noise; the mean at eval.
+    # DEVIATION: the eval mean is clamped into the box (official code sends the raw tanh mean, which MuJoCo
+    clamps anyway but Humanoid's control cost would see unclamped)."""
     mean, a = agent.actor(sample(*agent.encoder(obs)), std)
-    return mean if deterministic else a
-
-
-def to_env(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """# DEVIATION: [-1, 1] mapped affinely onto the env's action box (official code clamps)."""
-    return low + (action + 1.0) * 0.5 * (high - low)
+    return torch.max(torch.min(mean, agent.actor.high), agent.actor.low) if deterministic else a
 
 
 def evaluate(agent: Agent, env, episodes: int, device: torch.device) -> float:
     """Mean return of `episodes` episodes with the actor's mean on the evaluation env."""
-    low, high, returns = env.action_space.low, env.action_space.high, []
+    returns = []
     for _ in range(episodes):
         obs, _ = env.reset()
         while True:
             a = act(agent, torch.as_tensor(obs, dtype=torch.float32, device=device)[None], 0.0, True)
-            obs, _, term, trunc, info = env.step(to_env(a[0].cpu().numpy(), low, high))
+            obs, _, term, trunc, info = env.step(a[0].cpu().numpy())
             if term or trunc:
                 returns.append(info["episode"]["r"])
                 break
@@ -486,7 +488,7 @@ def main(args: Args) -> dict:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    agent = Agent(obs_dim, action_dim, args.latent_dim, args.hidden_dim, args.model_hidden_dim).to(device)
+    agent = Agent(obs_dim, action_dim, args.latent_dim, args.hidden_dim, args.model_hidden_dim, low, high).to(device)
     optims, groups = make_optimizers(agent, args.learning_rate)
     replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), action_dim, obs_dtype=np.float32, seed=args.seed)
     K = args.horizon  # ABLATION(horizon): ALM(K), Fig. 5 center; sets the replayed window and rollout length
@@ -505,11 +507,11 @@ def main(args: Args) -> dict:
             std = linear_schedule(args.expl_start, args.expl_end, args.expl_duration,
                                   max(global_step - args.learning_starts, 0))  # counted after warm-up (official)
             if global_step < args.learning_starts:  # [Table 3] warm-up: uniform random actions
-                action = rng.uniform(-1, 1, (N, action_dim)).astype(np.float32)
+                action = rng.uniform(low, high, (N, action_dim)).astype(np.float32)
             else:
                 action = act(agent, torch.as_tensor(obs, dtype=torch.float32, device=device), std, False).cpu().numpy()
             replay.add(obs, action, reward, is_first, is_terminal)
-            obs, reward, term, trunc, infos = envs.step(to_env(action, low, high))
+            obs, reward, term, trunc, infos = envs.step(action)  # [official code] env units, no rescaling
             frames = int((~done).sum())  # a step right after an episode end only resets (NEXT_STEP autoreset)
             is_first, is_terminal, done = done, term, term | trunc
             global_step += frames

@@ -15,6 +15,7 @@ import torch.distributions as td
 from alm import (Agent, Args, check_args, critic_loss, main, gaussian_kl, lambda_returns, linear_schedule, log_odds,
                  make_optimizers, policy_loss, policy_objective, replay_capacity, representation_loss,
                  reward_classifier_loss, soft_update, split_transitions, update)
+from alm import act as alm_act
 from common.replay import ReplayBuffer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -405,3 +406,23 @@ def test_update_rest_reads_target_encoder_latents(monkeypatch):
         z, z_next = agent.encoder_target(batch["obs"][:, 0])[0], agent.encoder_target(batch["obs"][:, 1])[0]
     update(agent, optims, groups, seq, batch, 0.5, Args(**TINY))
     assert torch.allclose(seen["z"], z) and torch.allclose(seen["z_next"], z_next)
+
+
+def test_actions_live_in_the_env_box_with_straight_through_clamp():
+    """[official code] TruncatedNormal(low, high): noise std and clip are in env units (no rescaling of a
+    [-1, 1] action onto Humanoid's +-0.4 box); the clamp into [low + 1e-6, high - 1e-6] is straight-through."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    agent = Agent(3, 2, 4, 16, 16, action_low=np.full(2, -0.4, np.float32), action_high=np.full(2, 0.4, np.float32))
+    z = torch.randn(500, 4)
+    torch.manual_seed(1)
+    mean, a = agent.actor(z, 0.2, 0.3)
+    torch.manual_seed(1)
+    noise = (torch.randn(500, 2) * 0.2).clamp(-0.3, 0.3)
+    assert torch.allclose(a, (mean + noise).clamp(-0.4 + 1e-6, 0.4 - 1e-6))
+    assert (a.abs() < 0.4).all() and (a.abs() > 0.39).any() and (mean.abs() > 0.4).any()
+    ga = torch.autograd.grad(a.sum(), list(agent.actor.net.parameters()), retain_graph=True)  # straight-through: d a / d mean = 1
+    gm = torch.autograd.grad(mean.sum(), list(agent.actor.net.parameters()))
+    assert all(torch.allclose(x, y) for x, y in zip(ga, gm))
+    obs = torch.randn(500, 3)  # the evaluation mean is clamped into the box
+    assert (alm_act(agent, obs, 0.0, True).abs() <= 0.4).all()
