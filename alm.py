@@ -47,7 +47,6 @@ Run:  python alm.py --env-id HalfCheetah-v5
 """
 
 import json
-import math
 import os
 import random
 import time
@@ -443,6 +442,28 @@ def make_optimizers(agent: Agent, lr: float):
     return {k: torch.optim.Adam(v, lr=lr) for k, v in groups.items()}, groups
 
 
+def track_non_finite(metrics: dict, first: Optional[torch.Tensor], update_index: int, step: int) -> torch.Tensor:
+    """first (2, M): per metric, the first update index and env step where it was non-finite (-1 while finite).
+    Device ops only, no host sync; read by non_finite_message at log time."""
+    values = torch.stack(list(metrics.values()))  # (M,)
+    if first is None:
+        first = torch.full((2, len(values)), -1, dtype=torch.long, device=values.device)
+    new = ~torch.isfinite(values) & (first[0] < 0)
+    return torch.stack([torch.where(new, update_index, first[0]), torch.where(new, step, first[1])])
+
+
+def non_finite_message(names: list, first: Optional[torch.Tensor]) -> Optional[str]:
+    """Names the first non-finite metric (earliest update, then computation order), or None. A host sync."""
+    if first is None:
+        return None
+    updates, steps = first.tolist()
+    bad = [(u, i) for i, u in enumerate(updates) if u >= 0]
+    if not bad:
+        return None
+    u, i = min(bad)  # NaN spreads: later metrics and later updates are consequences
+    return f"non-finite {names[i]} at step {steps[i]} (update {u}; the first non-finite metric)"
+
+
 @torch.no_grad()
 def act(agent: Agent, obs: torch.Tensor, std: float, deterministic: bool) -> torch.Tensor:
     """[Algorithm 1 line 3] a ~ pi(.|z), z ~ e(s) from the online encoder; unclipped noise; the mean at eval.
@@ -501,7 +522,7 @@ def main(args: Args) -> dict:
     obs, _ = envs.reset(seed=args.seed)
     reward, is_first, is_terminal, done = np.zeros(N), np.ones(N, bool), np.zeros(N, bool), np.zeros(N, bool)
     global_step, updates, next_log, next_eval = 0, 0, args.log_every, args.eval_every
-    metrics, recent, last_eval, start = {}, [], float("nan"), time.time()
+    metrics, recent, last_eval, start, first_bad = {}, [], float("nan"), time.time(), None
     try:
         while global_step < args.total_timesteps:
             std = linear_schedule(args.expl_start, args.expl_end, args.expl_duration,
@@ -526,13 +547,16 @@ def main(args: Args) -> dict:
                     batch = tensors(replay.sample(args.batch_size, 2, within_episode=True))
                     metrics = update(agent, optims, groups, seq, batch, std, args)
                     updates += 1
+                    # DEVIATION: official clip_grad_norm_(error_if_nonfinite=True) raises inside the update (a host
+                    # sync); we record where each metric first went non-finite on device and raise at log time
+                    first_bad = track_non_finite(metrics, first_bad, updates, global_step)
 
             if global_step >= next_log:
                 next_log += args.log_every
-                values = {k: float(v) for k, v in metrics.items()}  # the only host sync of the updates
-                bad = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)]
-                if bad:
-                    raise FloatingPointError(f"non-finite {', '.join(bad)} at step {global_step} ({updates} updates)")
+                message = non_finite_message(list(metrics), first_bad)  # host syncs only here, at log time
+                if message:
+                    raise FloatingPointError(f"{message}; stopped at step {global_step}")
+                values = {k: float(v) for k, v in metrics.items()}
                 for k, v in values.items():
                     writer.add_scalar(k, v, global_step)
                 sps = global_step / (time.time() - start)

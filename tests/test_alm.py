@@ -272,19 +272,26 @@ def test_bad_env_id_is_named_before_any_work(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatch):
+    """Only the critic-loss metric is NaN, from the first update (at step 8 = learning_starts): the error names
+    that loss and that step, not the log step; events and args.json are kept."""
     import alm
 
-    def nan_critic_loss(*a, **k):
-        loss, m = critic_loss(*a, **k)
-        return loss * float("nan"), {**m, "losses/critic": loss * float("nan")}
+    torch.set_num_threads(1)
+    real_critic_loss = alm.critic_loss
 
-    critic_loss = alm.critic_loss
-    monkeypatch.setattr(alm, "critic_loss", nan_critic_loss)
+    def nan_metric(*a, **k):
+        loss, m = real_critic_loss(*a, **k)
+        return loss, {**m, "losses/critic": loss.detach() * float("nan")}
+
+    monkeypatch.setattr(alm, "critic_loss", nan_metric)
     monkeypatch.chdir(tmp_path)
-    args = Args(env_id="InvertedPendulum-v5", total_timesteps=200, learning_starts=50, log_every=100, eval_every=1000,
+    args = Args(env_id="InvertedPendulum-v5", total_timesteps=20, learning_starts=8, log_every=10, eval_every=1000,
                 eval_episodes=1, **TINY)
-    with pytest.raises(FloatingPointError, match=r"losses/critic.*at step 100"):
+    with pytest.raises(FloatingPointError) as err:
         main(args)
+    message = str(err.value)
+    assert message.startswith("non-finite losses/critic at step 8 (update 1;") and "stopped at step 10" in message
+    assert message.count("/") == 1  # no other metric is named
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert any(f.name.startswith("events") for f in run_dir.iterdir()) and (run_dir / "args.json").exists()
 
