@@ -293,7 +293,8 @@ def test_behaviour_update_leaves_world_model_grads_and_slow_critic_is_ema(one_th
         torch.testing.assert_close(p_slow, 0.98 * p_old + 0.02 * p)
 
 
-@pytest.mark.parametrize("make", [lambda: torch.nn.Linear(600, 400), lambda: torch.nn.ConvTranspose2d(32, 16, 4, stride=2)])
+@pytest.mark.parametrize("make", [lambda: torch.nn.Linear(600, 400),
+                                  lambda: torch.nn.ConvTranspose2d(32, 16, 4, stride=2)])
 def test_init_weights_truncated_normal_fan_avg(make):
     torch.manual_seed(0)
     layer = make()

@@ -165,7 +165,8 @@ def test_action_predictor_draws_no_random_numbers(discrete, one_thread):
         data["action"] = nn.functional.one_hot(torch.arange(18).view(3, 6) % 2, 2).float()
     after = []
     for action in (False, True):
-        scales = {"reward": 1.0, "cont": 1.0, "kl_dyn": 0.95, "kl_rep": 0.05, "value": 1.0, **({"action": 1.0} if action else {})}
+        scales = {"reward": 1.0, "cont": 1.0, "kl_dyn": 0.95, "kl_rep": 0.05, "value": 1.0}
+        scales.update({"action": 1.0} if action else {})
         torch.manual_seed(5)
         m.world_model_loss(wm, slow_value, data, scales, 1.0, a.gamma, a.lam)
         after.append(torch.rand(4))
