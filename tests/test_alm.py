@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -109,46 +110,99 @@ def test_gaussian_kl_matches_torch():
 
 
 class LineEnv:
-    """obs (s, step, episode); s' = s + a, reward(s, a) = 10 s + a; 4-step episodes, the 2nd one terminated."""
+    """obs (s, step, episode); s' = s + a, reward(s, a) = 10 s + a; 3-step episodes, the 2nd one terminated,
+    the others truncated. Action box +-0.4. Records every action it receives."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    action_space = gym.spaces.Box(-0.4, 0.4, (1,), np.float32)
 
     def __init__(self):
-        self.episode = 0
+        self.episode, self.received = 0, []
 
     def obs(self):
         return np.array([self.s, self.t, self.episode], np.float32)
 
-    def reset(self):
-        self.s, self.t, self.episode = 0.0, 0, self.episode + 1
-        return self.obs()
+    def reset(self, seed=None):
+        self.s, self.t, self.episode, self.ret = 0.0, 0, self.episode + 1, 0.0
+        return self.obs(), {}
 
     def step(self, a):
+        a = float(np.asarray(a).reshape(-1)[0])
+        self.received.append(a)
         r = 10 * self.s + a
-        self.s, self.t = self.s + a, self.t + 1
-        end = self.t == 4
-        return self.obs(), r, end and self.episode == 2, end and self.episode != 2
+        self.s, self.t, self.ret = self.s + a, self.t + 1, self.ret + r
+        end = self.t == 3
+        info = {"episode": {"r": self.ret, "l": self.t}} if end else {}
+        return self.obs(), r, end and self.episode == 2, end and self.episode != 2, info
+
+    def close(self):
+        pass
 
 
-def test_replay_alignment_reward_of_transition_t_is_reward_t_plus_1():
-    """Fill the buffer with main()'s NEXT_STEP loop; every sampled transition must satisfy the env's laws."""
-    env, rng = LineEnv(), np.random.default_rng(0)
-    replay = ReplayBuffer(200, 1, (3,), 1, obs_dtype=np.float32, seed=0)
-    obs, reward, is_first, is_terminal, done = env.reset(), 0.0, True, False, False
-    for _ in range(60):
-        a = float(rng.integers(1, 5))
-        replay.add(obs[None], np.array([[a]]), reward, is_first, is_terminal)
-        if done:  # NEXT_STEP autoreset: this step ignores the action and starts a new episode
-            obs, reward, term, trunc = env.reset(), 0.0, False, False
-        else:
-            obs, reward, term, trunc = env.step(a)
-        is_first, is_terminal, done = done, term, term or trunc
-    batch = {k: torch.as_tensor(v) for k, v in replay.sample(256, 2, within_episode=True).items()}
+class LineVectorEnv:
+    """One LineEnv behind gymnasium's vector API with NEXT_STEP autoreset (as common.envs.make_vector_env)."""
+
+    def __init__(self):
+        self.env, self.done, self.num_envs = LineEnv(), False, 1
+        self.single_observation_space, self.single_action_space = LineEnv.observation_space, LineEnv.action_space
+
+    def reset(self, seed=None):
+        return self.env.reset()[0][None], {}
+
+    def step(self, actions):
+        if self.done:  # the step after an episode end ignores its action and returns the reset obs
+            self.done = False
+            return self.env.reset()[0][None], np.zeros(1), np.zeros(1, bool), np.zeros(1, bool), {}
+        obs, r, term, trunc, info = self.env.step(actions[0])
+        self.done = term or trunc
+        infos = {"episode": {"r": np.array([info["episode"]["r"]]), "l": np.array([info["episode"]["l"]])},
+                 "_episode": np.array([True])} if info else {}
+        return obs[None], np.array([r]), np.array([term]), np.array([trunc]), infos
+
+    def close(self):
+        self.env.close()
+
+
+def test_replay_alignment_of_mains_loop(tmp_path, monkeypatch):
+    """main()'s own collection loop on a NEXT_STEP vector env with truncation (warm-up only): truncated last
+    obs are stored with is_terminal 0, the obs after an episode's last one has is_first, reward[t+1] belongs
+    to (s_t, a_t), and the env receives exactly the stored actions, in its own +-0.4 box."""
+    import alm
+
+    torch.set_num_threads(1)
+    vec, buffers = LineVectorEnv(), []
+
+    def capture(*a, **k):
+        buffers.append(ReplayBuffer(*a, **k))
+        return buffers[-1]
+
+    monkeypatch.setattr(alm, "make_vector_env", lambda env_id, num_envs, seed: vec)
+    monkeypatch.setattr(alm, "make_env", lambda env_id, seed: LineEnv())
+    monkeypatch.setattr(alm, "ReplayBuffer", capture)
+    monkeypatch.chdir(tmp_path)
+    main(Args(total_timesteps=30, learning_starts=1000, buffer_size=100, eval_every=1000, eval_episodes=1,
+              log_every=1000, **TINY))
+    (rb,) = buffers
+    n = rb.count
+    obs, action, reward = rb.obs[0, :n], rb.action[0, :n, 0], rb.reward[0, :n]
+    is_first, is_terminal = rb.is_first[0, :n], rb.is_terminal[0, :n]
+    assert n == 39  # 30 frames (10 episodes) + 9 reset steps (NEXT_STEP); the last step is not stored
+    step, episode = obs[:, 1], obs[:, 2]
+    assert np.array_equal(is_first, step == 0) and is_first[0]
+    assert np.array_equal(is_terminal, (step == 3) & (episode == 2))  # truncated ends are not terminal
+    assert ((step == 3) & (episode != 2) & ~is_terminal).sum() >= 8
+    assert np.array_equal(is_first[1:], step[:-1] == 3)  # is_first on the obs after each last obs
+    assert np.allclose(reward[~is_first], (10 * obs[:-1, 0] + action[:-1])[~is_first[1:]], atol=1e-5)
+    assert np.all(reward[is_first] == 0)
+    mid = step[:-1] < 3  # inside an episode obs[t+1] = obs[t] + action[t]
+    assert np.allclose(obs[1:, 0][mid], (obs[:-1, 0] + action[:-1])[mid], atol=1e-6)
+    acted = step < 3  # the env saw each stored action of a non-last obs, in env units
+    assert np.allclose(vec.env.received, action[acted][: len(vec.env.received)])
+    assert len(vec.env.received) == 30 and np.abs(action).max() <= 0.4 and np.abs(action).max() > 0.2
+    batch = {k: torch.as_tensor(v) for k, v in rb.sample(64, 2, within_episode=True).items()}
     s, a, r, s_next, terminal = (x.numpy() for x in split_transitions(batch))
-    assert np.allclose(r, 10 * s[:, 0] + a[:, 0])  # reward[t+1] belongs to (s_t, a_t)
-    assert np.allclose(s_next[:, 0], s[:, 0] + a[:, 0]) and np.all(s_next[:, 1] == s[:, 1] + 1)
-    assert np.array_equal(terminal == 1, (s_next[:, 1] == 4) & (s_next[:, 2] == 2)) and terminal.any()
-    seq = replay.sample(256, 4, within_episode=True)  # K = 3 windows: obs[t+1] = obs[t] + action[t]
-    assert np.allclose(seq["obs"][:, 1:, 0], seq["obs"][:, :-1, 0] + seq["action"][:, :-1, 0])
-    assert not seq["is_terminal"][:, :-1].any()  # a terminal can only be the window's last row
+    assert np.allclose(r, 10 * s[:, 0] + a[:, 0], atol=1e-5)  # reward[t+1] belongs to (s_t, a_t)
+    assert np.array_equal(terminal == 1, (s_next[:, 1] == 3) & (s_next[:, 2] == 2))
 
 
 def fake_windows(obs_dim, action_dim, B, T, seed=0):
