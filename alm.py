@@ -16,6 +16,7 @@ Symbol map (paper -> code):
     e_phi -> agent.encoder      e_phi_targ -> agent.encoder_target   m_phi -> agent.model
     pi_phi -> agent.actor       r_theta -> agent.reward        Q_theta -> agent.critic (twin, min)
     Q_theta_targ -> agent.critic_target   C_theta -> agent.classifier (2 logits)
+    C_theta(z_{t+1}, a_t, z_t) in Eq. 8 -> agent.classify(z_t, a_t, z_{t+1}) (same inputs, code order z, a, z')
     K -> horizon   c -> classifier_coef   lambda -> lam   gamma -> gamma   tau -> tau
 Shape letters: B batch, K horizon (rollout length), S observation dim, A action dim, Z latent dim.
 
@@ -24,9 +25,11 @@ action a_t chosen at s_t. So transition (s_t, a_t) -> s_{t+1} has reward reward[
 flag is_terminal[t+1]; a (B, K+1) window holds K transitions.
 
 Deviations from the paper (each tagged `# DEVIATION` where it happens):
- 1. No gamma^t discount inside Eq. 7 (paper footnote 2; the official code has none).
- 2. The log of rewards and of Q is omitted in Eq. 7 and 8 (Sec. 4 "Differences between theory and
-    experiments", App. A.8), and c = 0.1 instead of the theory's 1 (Table 3).
+ 1. No gamma^t factors inside Eq. 7 and no gamma^K on its Q term (paper footnote 2; the official code
+    has neither). Eq. 8's discounts are kept.
+ 2. The log of rewards and of Q in the bound (Eq. 5) is omitted, so Eq. 7 and 8 use r and Q directly
+    (Sec. 4 "Differences between theory and experiments", App. A.8), and c = 0.1 instead of the
+    theory's 1 (Table 3).
  3. Policy objective as in the official code: lambda-returns G_t for every start t = 0..K-1 of the
     rollout, weighted gamma^t and averaged (Dreamer-style); the paper's text describes the
     lambda-weighted average from the first state only (App. D). G_0 is exactly that average.
@@ -40,8 +43,15 @@ Deviations from the paper (each tagged `# DEVIATION` where it happens):
  9. gymnasium MuJoCo v5 tasks instead of gym v2 / mujoco-py; 10 evaluation episodes (CONVENTIONS).
 10. One sample of z ~ e_targ(s) and z' ~ e_targ(s') is shared by the reward, classifier, critic and
     actor losses (the official code draws a fresh sample for each; same expectation).
-11. Non-finite losses are checked every --log-every steps (no host sync inside an update), not by
-    clip_grad_norm_(error_if_nonfinite=True) at every step.
+11. Non-finite losses are recorded on the device and checked every --log-every steps (no host sync
+    inside an update), not by clip_grad_norm_(error_if_nonfinite=True) at every step.
+12. Twin critics, the min of the two, and clipped-noise target actions (TD3-style, official code);
+    Eq. 10 / App. C have one Q and the target Q_targ(z', pi(z')).
+13. Policy rollouts and every Q bootstrap (Eq. 7, 8, 10) use noisy clipped actions clamp(pi(z) + clip(eps))
+    with the scheduled std, not the mean pi(z) (official code).
+14. LayerNorm also on the classifier (official code); App. D applies it to value and reward only.
+15. Replayed windows never cross an episode boundary (within_episode=True): the official sample_seq only
+    checks terminals, so its windows can span a time-limit reset (a fix of the official code).
 
 Run:  python alm.py --env-id HalfCheetah-v5
 """
@@ -273,7 +283,8 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """Twin Q(z, a) with LayerNorm (App. D)."""
+    """Twin Q(z, a) with LayerNorm (App. D). # DEVIATION: Eq. 10 / App. C have one Q; we use two and their min
+    (TD3-style) because the official code, which produced the paper's numbers, does."""
 
     def __init__(self, latent: int, hidden: int, action_dim: int):
         super().__init__()
@@ -295,6 +306,7 @@ class Agent(nn.Module):
         self.model = Gaussian(latent + action_dim, model_hidden, latent)
         self.actor = Actor(latent, hidden, action_dim, action_low, action_high)
         self.reward = mlp(latent + action_dim, hidden, 1, layer_norm=True)
+        # DEVIATION: App. D puts LayerNorm on value and reward only; the official code also on the classifier
         self.classifier = mlp(2 * latent + action_dim, hidden, 2, layer_norm=True)
         self.critic = Critic(latent, hidden, action_dim)
         self.critic_target = Critic(latent, hidden, action_dim)
@@ -327,7 +339,8 @@ def representation_loss(agent: Agent, obs, action, is_terminal, std: float, clip
     Gradients are meant for encoder and model only (the caller differentiates w.r.t. their parameters).
         z_0 ~ e(s_0);  z_{t+1} ~ m(z_t, a_t) with the replayed a_t
         maximise  sum_t [ r(z_t, a_t) - KL(m(.|z_t, a_t) || e_targ(.|s_{t+1})) ] + Q(z_K, pi(z_K))
-    # DEVIATION: no gamma^t factors and no log of r and Q (paper footnote 2, Sec. 4, official code)."""
+    # DEVIATION: no gamma^t factors, no gamma^K on Q, and no log of r and Q (the log is in Eq. 5; paper
+    footnote 2, Sec. 4, App. A.8, official code)."""
     # row t:      0          1          2          3 = K
     # obs:        s_0 -> e   s_1 -> KL  s_2 -> KL  s_3 -> KL target (e_targ)
     # action:     a_0        a_1        a_2        (not used: Q(z_K, pi(z_K)) picks its own action)
@@ -343,7 +356,7 @@ def representation_loss(agent: Agent, obs, action, is_terminal, std: float, clip
         reward.append(agent.predict_reward(z, action[:, t]))  # (B,)
         z = sample(mean, std_m)  # the model's sample, not the encoder's
     kl, reward = torch.stack(kl, 1), torch.stack(reward, 1)  # (B, K)
-    with torch.no_grad():
+    with torch.no_grad():  # DEVIATION: paper says pi(z_K); a noisy clipped sample as the official code
         _, a_K = agent.actor(z, std, clip)
     q = torch.min(*agent.critic(z, a_K))  # (B,)
     q = q * (1 - is_terminal[:, K].float())  # DEVIATION: a terminal s_K has no future return
@@ -369,7 +382,9 @@ def reward_classifier_loss(agent: Agent, z, a, r, z_next, z_model):
 
 
 def critic_loss(agent: Agent, z, a, r, z_next, terminal, std: float, clip: float, gamma: float):
-    """[ALM Eq. 10] TD loss on real transitions, real rewards only, target critic, clipped target noise."""
+    """[ALM Eq. 10] TD loss on real transitions, real rewards only, target critic.
+    # DEVIATION: paper says r + gamma Q_targ(z', pi(z')); we use min of twin Q_targ at a' = pi(z') + clipped
+    noise (target smoothing) and (1 - terminal), as the official code."""
     with torch.no_grad():
         _, a_next = agent.actor(z_next, std, clip)
         target = r + gamma * (1 - terminal) * torch.min(*agent.critic_target(z_next, a_next))  # (B,)
@@ -384,6 +399,8 @@ def policy_loss(agent: Agent, z, std: float, clip: float, gamma: float, lam: flo
     the actor only; they flow through the model's reparameterised samples (SVG). As in the official code
     the actor reads sg(z), and Q(z_t, sg(a_t)) passes gradient through z_t only.
         r~_t = r(z_t, a_t) + c * log C(z_{t+1}, a_t, z_t) / (1 - C(...)),  bootstrap Q(z_K, pi(z_K))"""
+    # DEVIATION: paper says a_t = pi(z_t); the rollout and the Q bootstrap use noisy clipped samples with the
+    # scheduled std (official code)
     zs, actions = [z], []
     for _ in range(horizon):
         _, a = agent.actor(zs[-1].detach(), std, clip)
@@ -398,7 +415,7 @@ def policy_loss(agent: Agent, z, std: float, clip: float, gamma: float, lam: flo
         # DEVIATION: c = 0.1, not the theory's 1 (Table 3, Sec. 4)
         reward = reward + classifier_coef * bonus
         metrics["stats/classifier_reward"] = bonus.mean()
-    q = torch.min(*agent.critic(z_seq, a_seq.detach()))  # (B, K+1)
+    q = torch.min(*agent.critic(z_seq, a_seq.detach()))  # (B, K+1); q[:, 0] is unused (one batched call)
     loss = -policy_objective(reward, q, gamma, lam)
     return loss, {"losses/actor": loss, **metrics}
 
@@ -419,7 +436,10 @@ def update(agent: Agent, optims: dict, groups: dict, seq: dict, batch: dict, std
                                         args.kl_term, args.value_term)
     metrics["grad_norm/model"] = optimize(optims["model"], loss, groups["model"], args.max_grad_norm)
     obs, a, r, next_obs, terminal = split_transitions(batch)
-    with torch.no_grad():  # [App. D] reward, classifier, Q and policy use latents of the target encoder
+    # [App. D] reward, classifier, Q and policy use latents of the target encoder.
+    # DEVIATION: the official code draws a fresh z ~ e_targ(s) for each loss; we share one sample (same
+    # expectation, fewer encoder passes)
+    with torch.no_grad():
         z, z_next = sample(*agent.encoder_target(obs)), sample(*agent.encoder_target(next_obs))
         z_model = sample(*agent.model(z, a))
     loss, m = reward_classifier_loss(agent, z, a, r, z_next, z_model)
@@ -526,7 +546,9 @@ def main(args: Args) -> dict:
     try:
         while global_step < args.total_timesteps:
             std = linear_schedule(args.expl_start, args.expl_end, args.expl_duration,
-                                  max(global_step - args.learning_starts, 0))  # counted after warm-up (official)
+                                  max(global_step - args.learning_starts, 0))
+            # DEVIATION: Table 3 gives linear(1.0, 0.1, 100000) without an origin; we count after the warm-up
+            # as the official code does
             if global_step < args.learning_starts:  # [Table 3] warm-up: uniform random actions
                 action = rng.uniform(low, high, (N, action_dim)).astype(np.float32)
             else:
@@ -543,12 +565,13 @@ def main(args: Args) -> dict:
 
             if global_step >= args.learning_starts and replay.count > K:
                 for _ in range(frames):  # UTD 1: one update (both phases) per environment step
+                    # DEVIATION: windows never cross an episode start (the official sample_seq checks terminals only)
                     seq = tensors(replay.sample(args.batch_size, K + 1, within_episode=True))
                     batch = tensors(replay.sample(args.batch_size, 2, within_episode=True))
                     metrics = update(agent, optims, groups, seq, batch, std, args)
                     updates += 1
-                    # DEVIATION: official clip_grad_norm_(error_if_nonfinite=True) raises inside the update (a host
-                    # sync); we record where each metric first went non-finite on device and raise at log time
+                    # DEVIATION: the official clip_grad_norm_(error_if_nonfinite=True) raises inside the update (a
+                    # host sync); we record on device where each metric first went non-finite, raise at log time
                     first_bad = track_non_finite(metrics, first_bad, updates, global_step)
 
             if global_step >= next_log:

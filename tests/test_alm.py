@@ -482,7 +482,8 @@ def test_actions_live_in_the_env_box_with_straight_through_clamp():
     noise = (torch.randn(500, 2) * 0.2).clamp(-0.3, 0.3)
     assert torch.allclose(a, (mean + noise).clamp(-0.4 + 1e-6, 0.4 - 1e-6))
     assert (a.abs() < 0.4).all() and (a.abs() > 0.39).any() and (mean.abs() > 0.4).any()
-    ga = torch.autograd.grad(a.sum(), list(agent.actor.net.parameters()), retain_graph=True)  # straight-through: d a / d mean = 1
+    # straight-through: d a / d mean = 1, also where the sample is clamped
+    ga = torch.autograd.grad(a.sum(), list(agent.actor.net.parameters()), retain_graph=True)
     gm = torch.autograd.grad(mean.sum(), list(agent.actor.net.parameters()))
     assert all(torch.allclose(x, y) for x, y in zip(ga, gm))
     obs = torch.randn(500, 3)  # the evaluation mean is clamped into the box
