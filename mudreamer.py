@@ -532,20 +532,24 @@ class Actor(nn.Module):
         self.net = mlp(feat_dim, units, layers, action_dim if discrete else 2 * action_dim)
         self.apply(init_weights)
 
-    def forward(self, feat):
-        """Returns (action sample with gradient, log-prob function, entropy)."""
+    def dist(self, feat):
+        """Returns (log-prob function, entropy, sampler drawing an action with gradient); draws nothing itself."""
         out = self.net(feat)
         if self.discrete:
             logits = unimix_logits(out, self.unimix)
-            action = sample_onehot(logits)  # straight-through
             logp = F.log_softmax(logits, -1)
-            return action, lambda a: (a * logp).sum(-1), -(logp.exp() * logp).sum(-1)
+            return lambda a: (a * logp).sum(-1), -(logp.exp() * logp).sum(-1), lambda: sample_onehot(logits)
         mean, std = out.chunk(2, -1)
         std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
         # validate_args=False: argument checks would sync the host with the device inside the update
         dist = torch.distributions.Independent(
             torch.distributions.Normal(torch.tanh(mean), std, validate_args=False), 1, validate_args=False)
-        return dist.rsample(), dist.log_prob, dist.entropy()
+        return dist.log_prob, dist.entropy(), dist.rsample
+
+    def forward(self, feat):
+        """Returns (action sample with gradient (straight-through for one-hot), log-prob function, entropy)."""
+        logp, entropy, sample = self.dist(feat)
+        return sample(), logp, entropy
 
 
 class Critic(nn.Module):
@@ -593,10 +597,8 @@ def world_model_loss(wm, slow_value, data, loss_scales, free_bits, gamma, lam):
         losses["value"] = twohot_loss(wm.heads["value"](feat[:, :-1]), ret, wm.bins) * valid  # (B, T-1)
     if "action" in loss_scales:
         # [MuDreamer Eq. 3] action predictor -ln p(a_{t-1} | x_t, s_{t-1}) for t >= 1, not where an episode starts
-        # (masked zeros diluted in the mean as for the value). Only the log-prob is used: fork_rng keeps the
-        # unused sample from drawing random numbers, so that --no-action-predictor changes no later draw.
-        with torch.random.fork_rng(devices=[embed.device.index] if embed.is_cuda else []):
-            _, logp, _ = wm.heads["action"](torch.cat([embed[:, 1:], feat[:, :-1]], -1))
+        # (masked zeros diluted in the mean as for the value). Only the log-prob: no sample is drawn.
+        logp, _, _ = wm.heads["action"].dist(torch.cat([embed[:, 1:], feat[:, :-1]], -1))
         losses["action"] = -logp(action[:, :-1]) * ~data["is_first"][:, 1:]  # (B, T-1)
     losses["kl_dyn"], losses["kl_rep"] = kl_terms(post, prior, free_bits)
     assert losses.keys() == loss_scales.keys(), (sorted(losses), sorted(loss_scales))
@@ -864,7 +866,7 @@ def main(args: Args) -> dict:
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
     if len(obs_shape) != 3:  # DEVIATION: pixels only; the 2023 code also has MLP encoders for vectors
         envs.close(), eval_envs.close()
-        raise SystemExit(f"error: mudreamer.py learns from pixels; --env-id {args.env_id} has observations of shape "
+        raise SystemExit(f"error: {os.path.basename(__file__)} learns from pixels; --env-id {args.env_id} has observations of shape "
                          f"{obs_shape} (use a DMC id such as walker-walk)")
     discrete = isinstance(act_space, gym.spaces.Discrete)
     action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))

@@ -155,10 +155,9 @@ def test_rssm_resets_at_is_first():
 
 def test_discrete_actor_is_unimix_onehot():
     actor = d.Actor(feat_dim=6, action_dim=3, units=8, layers=1, discrete=True, min_std=0.1, max_std=1.0, unimix=0.01)
-    action, logp, ent = actor(torch.randn(5, 6) * 100)
+    action, logp, _ = actor(torch.randn(5, 6) * 100)
     torch.testing.assert_close(action.detach(), torch.nn.functional.one_hot(action.detach().argmax(-1), 3).float())
-    assert torch.all(logp(action.detach()) >= math.log(0.01 / 3) - 1e-5)
-    assert torch.all(ent > 0)
+    assert torch.all(logp(action.detach()) >= math.log(0.01 / 3) - 1e-5)  # the unimix floor
 
 
 def test_discrete_actor_logp_and_entropy_by_hand():
