@@ -17,13 +17,14 @@ TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, b
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def tiny_agent():
+    """Args with the TINY sizes, and a world model, continuous actor, critic and slow critic (seed 0)."""
+    torch.manual_seed(0)
+    a = d.Args(**{k: v for k, v in TINY.items() if k in d.Args.__dataclass_fields__})
+    wm = d.WorldModel((3, 16, 16), 2, a.deter, a.stoch, a.classes, a.units, a.mlp_layers, a.cnn_depth, a.unimix, 255)
+    feat = a.deter + a.stoch * a.classes
+    actor = d.Actor(feat, 2, a.units, 1, False, 0.1, 1.0, 0.01)
+    return a, wm, actor, d.Critic(feat, a.units, 1, 255), d.Critic(feat, a.units, 1, 255)
 
 
 def test_symlog_symexp_inverse():
@@ -260,12 +261,7 @@ def test_continuous_actor_gradient_through_the_dynamics(one_thread):
 
 
 def test_behaviour_update_leaves_world_model_grads_and_slow_critic_is_ema(one_thread):
-    torch.manual_seed(0)
-    a = d.Args(**{k: v for k, v in TINY.items() if k in d.Args.__dataclass_fields__})
-    wm = d.WorldModel((3, 16, 16), 2, a.deter, a.stoch, a.classes, a.units, a.mlp_layers, a.cnn_depth, a.unimix, 255)
-    feat = a.deter + a.stoch * a.classes
-    actor = d.Actor(feat, 2, a.units, 1, False, 0.1, 1.0, 0.01)
-    critic, slow = d.Critic(feat, a.units, 1, 255), d.Critic(feat, a.units, 1, 255)
+    a, wm, actor, critic, slow = tiny_agent()
     with torch.no_grad():
         slow.net[-1].bias.normal_()  # slow != critic before the update
     opts = tuple(torch.optim.Adam(m.parameters(), lr=1e-3) for m in (wm, actor, critic))
@@ -309,12 +305,7 @@ def test_init_weights_truncated_normal_fan_avg(make):
 
 
 def test_one_update_is_finite_and_trains_every_network(one_thread):
-    torch.manual_seed(0)
-    a = d.Args(**{k: v for k, v in TINY.items() if k in d.Args.__dataclass_fields__})
-    wm = d.WorldModel((3, 16, 16), 2, a.deter, a.stoch, a.classes, a.units, a.mlp_layers, a.cnn_depth, a.unimix, 255)
-    feat = a.deter + a.stoch * a.classes
-    actor = d.Actor(feat, 2, a.units, 1, False, 0.1, 1.0, 0.01)
-    critic, slow = d.Critic(feat, a.units, 1, 255), d.Critic(feat, a.units, 1, 255)
+    a, wm, actor, critic, slow = tiny_agent()
     slow.load_state_dict(critic.state_dict())
     opts = tuple(torch.optim.Adam(m.parameters(), lr=1e-3) for m in (wm, actor, critic))
     B, T = 3, 6

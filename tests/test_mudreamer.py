@@ -21,15 +21,6 @@ TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, b
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _agent(args, action_dim=2, discrete=False, decoder=True, batch_norm=True, seed=0):
     """World model, slow value, actor, critic, slow critic, return norm and the four optimisers, as main() builds them."""
     torch.manual_seed(seed)
