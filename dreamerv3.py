@@ -177,9 +177,7 @@ class Args:
     """context frames of the open-loop video (MuDreamer Fig. 5: 5)"""
 
 
-# ---------------------------------------------------------------------------------------------
-# Small math helpers
-# ---------------------------------------------------------------------------------------------
+# --- Small math helpers ----------------------------------------------------------------------
 def symlog(x):
     # [DreamerV3 symlog] symlog(x) = sign(x) ln(|x| + 1)
     return torch.sign(x) * torch.log1p(x.abs())
@@ -287,9 +285,7 @@ def init_weights(m):
             nn.init.zeros_(m.bias)
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
+# --- Networks --------------------------------------------------------------------------------
 class ChannelNorm(nn.LayerNorm):
     """LayerNorm over the channels of each pixel of a (N, C, H, W) map (DreamerV3 CNN norm)."""
 
@@ -486,9 +482,8 @@ class Actor(nn.Module):
             return lambda a: (a * logp).sum(-1), -(logp.exp() * logp).sum(-1), lambda: sample_onehot(logits)
         mean, std = out.chunk(2, -1)
         std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
-        # validate_args=False: argument checks would sync the host with the device inside the update
-        dist = torch.distributions.Independent(
-            torch.distributions.Normal(torch.tanh(mean), std, validate_args=False), 1, validate_args=False)
+        normal = torch.distributions.Normal(torch.tanh(mean), std, validate_args=False)  # checks = host syncs
+        dist = torch.distributions.Independent(normal, 1, validate_args=False)
         return dist.log_prob, dist.entropy(), dist.rsample
 
     def forward(self, feat):
@@ -512,9 +507,7 @@ class Critic(nn.Module):
         return self.net(feat)
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses and the update step
-# ---------------------------------------------------------------------------------------------
+# --- Losses and the update step --------------------------------------------------------------
 def world_model_loss(wm, data, loss_scales, free_bits):
     """[MuDreamer Eq. 2] L = L_pred + beta_dyn L_dyn + beta_rep L_rep over a (B, T) batch.
 
@@ -638,9 +631,7 @@ def update(wm, actor, critic, slow_critic, return_norm, opts, data, args):
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------
-# Acting, evaluation, pictures
-# ---------------------------------------------------------------------------------------------
+# --- Acting, evaluation, pictures ------------------------------------------------------------
 @torch.no_grad()
 def policy(wm, actor, state, obs, is_first):
     """Filter the new observation into the posterior state and sample a_t ~ pi(a_t | s_t)."""
@@ -727,9 +718,7 @@ def log_video(writer, tag, frames, step, fps, path=None):
             f.write(buf.getvalue())
 
 
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
+# --- Main ------------------------------------------------------------------------------------
 def check_args(args):
     checks = [
         (min(args.total_timesteps, args.num_envs, args.eval_episodes, args.eval_every, args.log_every) >= 1,
