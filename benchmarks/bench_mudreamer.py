@@ -9,6 +9,7 @@ Run with `python benchmarks/update_speed.py --agents mudreamer dreamerv3 --devic
 import copy
 
 import torch
+from synthetic import pixel_batch
 
 import mudreamer as m
 
@@ -33,11 +34,7 @@ def setup(device, decoder=True):
             torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
             torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps),
             torch.optim.Adam(wm.decoder.parameters(), lr=args.model_lr, eps=args.model_eps) if decoder else None)
-    data = dict(obs=torch.randint(0, 256, (B, T, *obs_shape), dtype=torch.uint8, device=device),
-                action=torch.rand(B, T, A, device=device) * 2 - 1, reward=torch.rand(B, T, device=device),
-                is_first=torch.zeros(B, T, dtype=torch.bool, device=device),
-                is_terminal=torch.zeros(B, T, dtype=torch.bool, device=device))
-    data["is_first"][:, 0] = True
+    data = pixel_batch(B, T, obs_shape, A, device)
 
     def step():
         m.update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args)
