@@ -1,0 +1,938 @@
+"""BLAST: "Latent Dynamics Models from Bootstrapping", Paster, McKinney, McIlraith, Ba 2021, arXiv:2111.04387
+(NeurIPS 2021 Deep RL workshop; code keirp/blast@8d9c3a5, a fork of danijar/dreamerv2).
+
+DreamerV2 (discrete RSSM, actor-critic in imagination) with five changes that let the world model learn
+without reconstruction (Sec. 3.3): -recon (no pixel loss; a decoder learns on sg(s_t) for pictures only),
++SG (KL balance 1: the posterior gets no gradient from the KL), +EMA (an EMA target encoder gives the KL
+targets, Eq. 2.4), +BN (BatchNorm in the encoder and the posterior MLP), +AR (an autoregressive prior over
+the latent chunks). The base is DreamerV2's `dmc_vision` config with the DMC column of BLAST A.2.
+
+Paper symbol -> code name
+    o_t  obs (uint8 image)   x_t  embed = encoder(o_t)   x^xi_t  target embed = target_encoder(o_t)   a_t  action
+    h_t  deter (GRU state)   z_t  stoch (S one-hot latents of K classes)   s_t = [h_t, z_t]  feat
+    q_theta(z_t | h_t, x_t)  post logits   q_xi(z_t | h_t, x_t)  target post   p_theta(z_t | h_t)  prior logits
+    xi <- tau xi + (1 - tau) theta  ema_update (tau = target_ema)   r^_t  heads reward   alpha  kl_balance
+    v(s_t)  critic   v_targ(s_t)  slow_critic   pi(a_t | s_t)  actor   V^lambda_t  ret (DreamerV2 Eq. 4)
+
+Shape letters: B batch, T sequence length, H imagination horizon, N = B*T imagination starts, D deter,
+S stoch latents, K classes, C = S / ar_steps latents per AR chunk, F = D + S*K, E embed, A action dim.
+
+Replay alignment (common/replay.py): row t holds o_t, the r_t and is_first_t received on arriving at o_t, and
+the action a_t chosen at o_t; RSSM step t consumes action[:, t-1]; at is_first the state and the previous
+action are zeroed (DreamerV2 resets to its zero initial state).
+Reward timing (DreamerV2, not DreamerV3): r_t is predicted from s_t and the lambda-return of state t starts
+with r_t: V_t = r_t + gamma ((1 - lam) v(s_{t+1}) + lam V_{t+1}); DreamerV3 uses r_{t+1} there instead.
+
+Step counting: BLAST A.2 "steps 1e6" counts DreamerV2 agent steps (one per action, logged x action repeat),
+so the paper's 1e6 steps are 2e6 frames here: `global_step` counts frames, `--total-timesteps 2000000`.
+`--prefill` and `--train-every` are in agent steps as in A.2 (1000 agent steps = 2000 frames; one update
+per 5 agent steps, i.e. replayed steps per policy step = B*T/5 = 160 in DreamerV3's train-ratio terms).
+
+Ablation ladder of Figs. 3-4 (each rung adds to the one before), one flag each, `--ladder RUNG`:
+    dreamerv2  --reconstruction --kl-balance 0.8 --no-target-encoder --no-batch-norm --ar-steps 1
+    no_recon   --no-reconstruction (rest as dreamerv2)       sg   + --kl-balance 1.0
+    ema        + --target-encoder          bn  + --batch-norm          ar  + --ar-steps S (= full BLAST, default)
+A.3 (Fig. 5) "latent prediction only": `--no-reward-grad` (no reward gradient into the representation).
+
+Tags: `[BLAST Eq. 2.N]` / `[BLAST Sec. N]` point at arXiv:2111.04387; `[DreamerV2 ...]` at DreamerV2
+(arXiv:2010.02193) and its code, which BLAST runs unchanged where it does not say otherwise.
+
+Decisions where the paper and the issue are silent: continuous actions only (DMC); evaluation takes the
+actor's mode and samples the latent (DreamerV2 eval mode); the open-loop video uses the acting encoder.
+
+Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
+ 1. float32 instead of mixed float16; a non-finite loss stops the run at the next log.
+ 2. Every replayed batch starts from the zero state with a zero previous action; the official code carries
+    the last posterior (and action) of the previous batch over. Sequences are windows of the shared replay
+    that may cross episode starts (state reset at is_first) instead of DreamerV2's per-episode chunks.
+ 3. The decoder has its own Adam (same lr, eps, clip, weight decay) and its own gradient clip; the official
+    code puts it in the model optimiser, so its gradient norm shares the world model's clip of 100. With
+    sg(features) that coupling would let the picture-only decoder rescale world-model steps (A.5 says the
+    decoder is for visualisation only). With --reconstruction the pixel loss also flows into the features.
+ 4. The AR prior computes only the current chunk's logits at each of its steps (the official head computes
+    all S*K logits and keeps one chunk) and skips the AR GRU step after the last chunk: same values.
+ 5. Replay capacity 1e6 steps by default (DreamerV2: 2e6), which fits in memory; --buffer-size 2000000 restores it.
+ 6. Truncated-normal sampling by the inverse CDF (torch.special.ndtri) with u clamped to [1e-6, 1 - 1e-6]
+    (tails of mass 1e-6 dropped), then DreamerV2's straight-through clip to [-1 + 1e-6, 1 - 1e-6]; TFP draws
+    exact samples with implicit reparameterisation gradients.
+ 7. The slow critic starts as a copy of the critic (the official one starts at its own random init and is
+    first copied after update 0, so only update 0's targets differ). Adam's eps is torch's (added to the
+    bias-corrected sqrt(v)) rather than Keras' (added before the bias correction).
+
+Run:  python blast.py --env-id walker-walk            (full BLAST; --ladder dreamerv2 for the base)
+"""
+
+import copy
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+from common.envs import make_vector_env
+from common.replay import ReplayBuffer
+
+LN_EPS = 1e-3  # Keras LayerNormalization epsilon (DreamerV2 GRU)
+BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # Keras BatchNormalization defaults: eps 1e-3, running = 0.99 running + 0.01 batch
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+LADDER = ("dreamerv2", "no_recon", "sg", "ema", "bn", "ar")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    capture_video: bool = False
+    """if toggled, log a video of one evaluation episode at every evaluation"""
+    save_model: bool = False
+    """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
+    env_id: str = "walker-walk"
+    """the environment id (DMC pixel tasks: domain-task)"""
+    total_timesteps: int = 2_000_000
+    """environment frames (after action repeat) of the run (BLAST A.2 DMC: steps 1e6 agent steps = 2e6 frames)"""
+    num_envs: int = 1
+    """parallel training environments (DreamerV2 default: envs 1)"""
+    eval_every: int = 10_000
+    """evaluate every this many frames"""
+    eval_episodes: int = 10
+    """episodes per evaluation (house rule 10; DreamerV2 evaluates 1 episode per 1e4 agent steps)"""
+    log_every: int = 2_000
+    """log metrics every this many frames"""
+
+    # Environment
+    action_repeat: int = 2
+    """frames per agent step, rewards summed (DreamerV2 dmc_vision: 2)"""
+    time_limit: int = 1000
+    """episode length in frames (DMC standard: 1000)"""
+    background: str = "plain"
+    """DMC background: "plain" or natural videos (common/envs.py)"""
+    background_dir: Optional[str] = None
+    """folder of background videos (natural backgrounds only)"""
+    background_mask: str = "color"
+    """how the background is found: "color" or "segmentation" (natural backgrounds only)"""
+
+    # Replay and training schedule (BLAST A.2 DMC, DreamerV2 dmc_vision)
+    buffer_size: int = 1_000_000
+    """replay capacity in steps, FIFO (DreamerV2 replay.capacity: 2e6; 1e6 here to fit in memory)"""
+    batch_size: int = 16
+    """sequences per batch, B (DreamerV2 dataset.batch: 16)"""
+    batch_length: int = 50
+    """steps per sequence, T (DreamerV2 dataset.length: 50)"""
+    prefill: int = 1000
+    """random-action agent steps before training (BLAST A.2 DMC: prefill 1000)"""
+    pretrain: int = 100
+    """updates run once when the prefill ends (DreamerV2 dmc_vision: pretrain 100)"""
+    train_every: int = 5
+    """agent steps per update after the prefill (BLAST A.2 DMC: train_every 5)"""
+
+    # World model (BLAST A.2 DMC, DreamerV2 dmc_vision)
+    deter: int = 200
+    """GRU state size, D (BLAST A.2 DMC: rssm.deter 200)"""
+    hidden: int = 200
+    """hidden width of the RSSM layers (BLAST A.2 DMC: rssm.hidden 200)"""
+    stoch: int = 8
+    """number of categorical latents, S (BLAST A.2 DMC: rssm.stoch 8)"""
+    classes: int = 64
+    """classes per latent, K (BLAST A.2 DMC: rssm.discrete 64)"""
+    cnn_depth: int = 48
+    """channels of the first conv, doubled per layer, 4 layers k4 s2 (DreamerV2 encoder.cnn_depth 48)"""
+    units: int = 400
+    """width of the reward, actor and critic MLPs (DreamerV2 heads: 400)"""
+    mlp_layers: int = 4
+    """hidden ELU layers of the reward, actor and critic MLPs (DreamerV2 heads: 4)"""
+    kl_free: float = 1.0
+    """free nats on the batch-mean KL (DreamerV2 dmc_vision: kl.free 1.0, free_avg True)"""
+    kl_scale: float = 1.0
+    """KL loss scale beta_KL (BLAST A.2 DMC: loss_scales.kl 1.0)"""
+    reward_scale: float = 1.0
+    """reward loss scale beta_r (BLAST A.2 DMC: loss_scales.reward 1.0)"""
+    image_scale: float = 1.0
+    """image loss scale beta_img, decoder loss (DreamerV2 loss_scales.image 1.0)"""
+    model_lr: float = 3e-4
+    """world model Adam learning rate (DreamerV2 dmc_vision: model_opt.lr 3e-4)"""
+    model_eps: float = 1e-5
+    """world model Adam epsilon (DreamerV2 model_opt.eps 1e-5)"""
+    model_clip: float = 100.0
+    """world model gradient norm clip (DreamerV2 model_opt.clip 100)"""
+    weight_decay: float = 1e-6
+    """decoupled weight decay w <- (1 - wd) w before each Adam step, all optimisers (DreamerV2 opt wd 1e-6)"""
+    target_ema: float = 0.99
+    """target encoder EMA tau: xi <- tau xi + (1 - tau) theta after every model update (BLAST A.2: target_ema 0.99)"""
+    target_input_p: float = 0.5
+    """share of the batch whose target posterior feeds the prior and reward head (BLAST A.2: target_input_p 0.5)"""
+
+    # Actor-critic (DreamerV2 dmc_vision; BLAST A.2 DMC)
+    imag_horizon: int = 15
+    """imagination horizon H (DreamerV2 imag_horizon 15)"""
+    gamma: float = 0.99
+    """discount gamma (BLAST A.2 DMC: discount 0.99)"""
+    lam: float = 0.95
+    """lambda-return lambda (DreamerV2 discount_lambda 0.95)"""
+    actor_entropy: float = 1e-4
+    """actor entropy scale eta (DreamerV2 dmc_vision: actor_ent 1e-4)"""
+    actor_min_std: float = 0.1
+    """minimum std of the truncated-normal actor (DreamerV2 actor.min_std 0.1)"""
+    actor_lr: float = 8e-5
+    """actor Adam learning rate (DreamerV2 dmc_vision: actor_opt.lr 8e-5)"""
+    critic_lr: float = 8e-5
+    """critic Adam learning rate (DreamerV2 dmc_vision: critic_opt.lr 8e-5)"""
+    ac_eps: float = 1e-5
+    """actor and critic Adam epsilon (DreamerV2 actor_opt/critic_opt eps 1e-5)"""
+    ac_clip: float = 100.0
+    """actor and critic gradient norm clip (DreamerV2 actor_opt/critic_opt clip 100)"""
+    slow_critic_every: int = 100
+    """updates between hard copies critic -> slow target critic (DreamerV2 slow_target_update 100, fraction 1)"""
+
+    # Pictures
+    video_every: int = 50_000
+    """log an open-loop prediction video every this many frames (0: never)"""
+    video_context: int = 5
+    """context frames of the open-loop video (DreamerV2 video_pred: 5)"""
+
+    # BLAST modifications (Sec. 3.3), defaults = full BLAST; each consumed in one place marked ABLATION
+    reconstruction: bool = False
+    """-recon off: the pixel loss trains the representation as in DreamerV2 (BLAST Sec. 3.3 -recon: no reconstruction)"""
+    kl_balance: float = 1.0
+    """+SG: KL balance alpha, 1.0 = no KL gradient into the posterior (BLAST A.2: kl.balance 1.0; DreamerV2: 0.8)"""
+    target_encoder: bool = True
+    """+EMA: EMA target encoder for the KL targets, imagination starts and acting (BLAST A.2: use_target_encoder true)"""
+    batch_norm: bool = True
+    """+BN: BatchNorm after each encoder conv and in the posterior MLP (BLAST A.2: encoder.norm bn, rssm.obs_out_norm bn)"""
+    ar_steps: int = 8
+    """+AR: autoregressive prior steps over the S latents, 1 = DreamerV2's independent prior (BLAST A.2: ar_steps = rssm.stoch)"""
+    reward_grad: bool = True
+    """reward gradient into the representation; --no-reward-grad = BLAST A.3 latent prediction only (Fig. 5)"""
+    ladder: Optional[str] = None
+    """rung of the Figs. 3-4 ablation ladder, setting the five switches above: dreamerv2|no_recon|sg|ema|bn|ar"""
+
+
+# --- Small math helpers ----------------------------------------------------------------------
+def gaussian_nll(pred, target):
+    """[DreamerV2 'mse' dist] -ln N(target; pred, 1) = 0.5 (target - pred)^2 + 0.5 ln 2 pi, elementwise."""
+    return 0.5 * (target - pred) ** 2 + HALF_LOG_2PI
+
+
+def sample_onehot(logits):
+    """[DreamerV2 OneHotDist] one-hot sample with straight-through gradients: sample + probs - sg(probs)."""
+    probs = F.softmax(logits, -1)
+    gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(1e-20, 1.0)))  # Gumbel-max: no host sync
+    sample = torch.zeros_like(probs).scatter_(-1, (logits + gumbel).argmax(-1, keepdim=True), 1.0)
+    return sample + probs - probs.detach()
+
+
+def categorical_kl(logits_p, logits_q):
+    """KL[p || q] of S independent categoricals, summed over the S latents: (..., S, K) -> (...)."""
+    logp, logq = F.log_softmax(logits_p, -1), F.log_softmax(logits_q, -1)
+    return (logp.exp() * (logp - logq)).sum((-2, -1))
+
+
+def kl_loss(post, prior, balance, free):
+    """[DreamerV2 KL balancing, BLAST Eq. 2.4] alpha max(free, E KL[sg(q) || p]) + (1 - alpha) max(free, E KL[q || sg(p)]).
+
+    post, prior: logits (B, T, S, K). Free nats on the batch mean (free_avg). alpha = 1 (+SG) trains only the
+    prior. Returns (loss, mean KL value).
+    """
+    prior_term = torch.clamp(categorical_kl(post.detach(), prior).mean(), min=free)  # trains p
+    post_term = torch.clamp(categorical_kl(post, prior.detach()).mean(), min=free)  # trains q
+    return balance * prior_term + (1 - balance) * post_term, categorical_kl(post, prior).mean().detach()
+
+
+def lambda_return(reward, value, disc, bootstrap, lam):
+    """[DreamerV2 Eq. 4, common.lambda_return] V_t = r_t + d_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap.
+
+    reward, value, disc: (H, N) r_0..r_{H-1}, v_0..v_{H-1}, d_0..d_{H-1}; bootstrap (N,) = v_H. Returns (H, N).
+    Note r_t is the reward predicted for state t (DreamerV2 convention; DreamerV3 would use r_{t+1}).
+    """
+    next_value = torch.cat([value[1:], bootstrap[None]], 0)
+    inputs = reward + disc * next_value * (1 - lam)
+    ret, out = bootstrap, []
+    for t in reversed(range(reward.shape[0])):
+        ret = inputs[t] + disc[t] * lam * ret
+        out.append(ret)
+    return torch.stack(out[::-1])
+
+
+class TruncNormal:
+    """[DreamerV2 TruncNormalDist] Normal(mean, std) truncated to [low, high], independent over the last axis.
+
+    rsample: inverse CDF, x = mean + std ndtri(Phi(a) + u (Phi(b) - Phi(a))) with a, b the standardised bounds,
+    differentiable in mean and std; then DreamerV2's straight-through clip into [low + 1e-6, high - 1e-6].
+    """
+
+    def __init__(self, mean, std, low=-1.0, high=1.0):
+        self.mean, self.std, self.low, self.high = mean, std, low, high
+        self.a, self.b = (low - mean) / std, (high - mean) / std
+        self.cdf_a, self.cdf_b = torch.special.ndtr(self.a), torch.special.ndtr(self.b)
+        self.Z = self.cdf_b - self.cdf_a  # mass inside the bounds
+
+    def rsample(self):
+        u = torch.rand_like(self.mean)
+        # DEVIATION: inverse-CDF sampling with u's image clamped away from 0 and 1 (TFP: exact, implicit gradients)
+        p = (self.cdf_a + u * self.Z).clamp(1e-6, 1 - 1e-6)
+        x = self.mean + self.std * torch.special.ndtri(p)
+        clipped = x.clamp(self.low + 1e-6, self.high - 1e-6)
+        return x + (clipped - x).detach()
+
+    def log_prob(self, x):  # (..., A) -> (...)
+        z = (x - self.mean) / self.std
+        return (-0.5 * z ** 2 - HALF_LOG_2PI - torch.log(self.std) - torch.log(self.Z)).sum(-1)
+
+    def entropy(self):  # (...), analytic: ln(sqrt(2 pi e) std Z) + (a phi(a) - b phi(b)) / (2 Z)
+        phi = lambda v: torch.exp(-0.5 * v ** 2 - HALF_LOG_2PI)  # noqa: E731
+        ent = (HALF_LOG_2PI + 0.5 + torch.log(self.std * self.Z)
+               + (self.a * phi(self.a) - self.b * phi(self.b)) / (2 * self.Z))
+        return ent.sum(-1)
+
+    @property
+    def mode(self):
+        return self.mean.clamp(self.low, self.high)
+
+
+def init_weights(m):
+    """Keras defaults of the official code: Glorot-uniform kernels, zero biases."""
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# --- Networks --------------------------------------------------------------------------------
+def mlp(inp, units, layers, out):
+    """[DreamerV2 common.MLP] `layers` x (Linear + ELU), no norm, then a Linear to `out`."""
+    mods = []
+    for i in range(layers):
+        mods += [nn.Linear(inp if i == 0 else units, units), nn.ELU()]
+    return nn.Sequential(*mods, nn.Linear(units if layers else inp, out))
+
+
+class Encoder(nn.Module):
+    """[DreamerV2 Encoder, BLAST Sec. 2.3.3] 4 x (Conv k4 s2 valid [+ BatchNorm] + ELU), 64x64 -> 2x2, flatten."""
+
+    def __init__(self, channels, depth, batch_norm):
+        super().__init__()
+        layers, c_in = [], channels
+        for i in range(4):
+            c_out = depth * 2 ** i
+            layers += [nn.Conv2d(c_in, c_out, 4, 2)]
+            layers += [nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)] if batch_norm else []
+            layers += [nn.ELU()]
+            c_in = c_out
+        self.net, self.out_dim = nn.Sequential(*layers), c_in * 2 * 2
+
+    def forward(self, obs):  # (..., 3, 64, 64) uint8 -> (..., E); BatchNorm statistics over all B*T images
+        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5
+        return self.net(x).reshape(*obs.shape[:-3], -1)
+
+
+class Decoder(nn.Module):
+    """[DreamerV2 Decoder] Linear to 32*depth at 1x1, ConvTranspose k5 k5 k6 k6 s2 (ELU but the last): 1->5->13->30->64."""
+
+    def __init__(self, feat_dim, channels, depth):
+        super().__init__()
+        self.inp, self.c0 = nn.Linear(feat_dim, 32 * depth), 32 * depth
+        self.net = nn.Sequential(nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), nn.ELU(),
+                                 nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), nn.ELU(),
+                                 nn.ConvTranspose2d(2 * depth, depth, 6, 2), nn.ELU(),
+                                 nn.ConvTranspose2d(depth, channels, 6, 2))
+
+    def forward(self, feat):  # (..., F) -> (..., C, 64, 64): the mean of N(o_t / 255 - 0.5, 1)
+        x = self.net(self.inp(feat.reshape(-1, feat.shape[-1])).reshape(-1, self.c0, 1, 1))
+        return x.reshape(*feat.shape[:-1], *x.shape[1:])
+
+
+class GRUCell(nn.Module):
+    """[DreamerV2 GRUCell] one Linear for the three gates + LayerNorm, update bias -1, tanh candidate."""
+
+    def __init__(self, inp, size):
+        super().__init__()
+        self.linear, self.norm = nn.Linear(inp + size, 3 * size), nn.LayerNorm(3 * size, eps=LN_EPS)
+
+    def forward(self, x, state):
+        reset, cand, update = self.norm(self.linear(torch.cat([x, state], -1))).chunk(3, -1)
+        reset, update = torch.sigmoid(reset), torch.sigmoid(update - 1.0)
+        cand = torch.tanh(reset * cand)
+        return update * cand + (1 - update) * state
+
+
+class RSSM(nn.Module):
+    """[BLAST Eq. 2.2, DreamerV2 RSSM] with the optional autoregressive prior of BLAST Sec. 2.3.2.
+
+    recurrent model      h_t = f(h_{t-1}, z_{t-1}, a_{t-1})      (img_in + LayerNorm GRU)
+    representation       z_t ~ q(z_t | h_t, x_t)                   (obs_out [+ BatchNorm] + obs_dist)
+    transition predictor z^_t ~ p(z^_t | h_t)                      (img_out + img_dist; AR: ar_in, ar_sample_in, ar_cell)
+    """
+
+    def __init__(self, deter, stoch, classes, hidden, action_dim, embed_dim, batch_norm, ar_steps):
+        super().__init__()
+        self.deter, self.stoch, self.classes, self.ar_steps = deter, stoch, classes, ar_steps
+        self.chunk = stoch // ar_steps  # C latents per AR step
+        self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_dim, hidden), nn.ELU())
+        self.gru = GRUCell(hidden, deter)
+        norm = [nn.BatchNorm1d(hidden, eps=BN_EPS, momentum=BN_MOMENTUM)] if batch_norm else []
+        self.obs_out = nn.Sequential(nn.Linear(deter + embed_dim, hidden), *norm, nn.ELU())
+        self.obs_dist = nn.Linear(hidden, stoch * classes)
+        self.img_out = nn.Sequential(nn.Linear(deter if ar_steps == 1 else hidden, hidden), nn.ELU())
+        self.img_dist = nn.Linear(hidden, stoch * classes)
+        if ar_steps > 1:  # [BLAST Sec. 2.3.2] layers shared across the AR steps
+            self.ar_in = nn.Sequential(nn.Linear(deter, hidden), nn.ELU())
+            self.ar_sample_in = nn.Sequential(nn.Linear(self.chunk * classes, hidden), nn.ELU())
+            self.ar_cell = GRUCell(hidden, deter)
+
+    def initial(self, n, device):
+        """DreamerV2's zero initial state: (n, D), (n, S, K)."""
+        return torch.zeros(n, self.deter, device=device), torch.zeros(n, self.stoch, self.classes, device=device)
+
+    def recurrent(self, deter, stoch, action):
+        """h_t = GRU(h_{t-1}, img_in([z_{t-1}, a_{t-1}]))."""
+        return self.gru(self.img_in(torch.cat([stoch.flatten(-2), action], -1)), deter)
+
+    def post_logits(self, deter, embed):  # (..., D), (..., E) -> (..., S, K)
+        return self.obs_dist(self.obs_out(torch.cat([deter, embed], -1))).unflatten(-1, (self.stoch, self.classes))
+
+    def prior(self, deter, teacher=None):
+        """p(z_t | h_t): (..., D) -> logits (..., S, K) and a sample z^_t (..., S, K).
+
+        Independent prior (ar_steps 1): one head on h_t. [BLAST Sec. 2.3.2] AR prior: a separate GRU seeded
+        with h_t emits the latents chunk by chunk; chunk i+1 is conditioned on chunk i, which is `teacher`'s
+        chunk i when given (training: sg(target posterior sample)) and the prior's own sample otherwise
+        (imagination, pictures).
+        """
+        if self.ar_steps == 1:
+            logits = self.img_dist(self.img_out(deter)).unflatten(-1, (self.stoch, self.classes))
+            return logits, sample_onehot(logits)
+        C, K, W, b = self.chunk, self.classes, self.img_dist.weight, self.img_dist.bias
+        x = state = deter
+        logits, samples = [], []
+        for i in range(self.ar_steps):
+            rows = slice(i * C * K, (i + 1) * C * K)  # DEVIATION: only this chunk's logits (same values)
+            logit = F.linear(self.img_out(self.ar_in(x)), W[rows], b[rows]).unflatten(-1, (C, K))  # (..., C, K)
+            logits.append(logit), samples.append(sample_onehot(logit))
+            if i == self.ar_steps - 1:
+                break  # the official code runs one more AR GRU step whose output nothing reads
+            nxt = samples[-1] if teacher is None else teacher[..., i * C:(i + 1) * C, :]
+            x = state = self.ar_cell(self.ar_sample_in(nxt.flatten(-2)), state)
+        return torch.cat(logits, -2), torch.cat(samples, -2)
+
+    def obs_step(self, deter, stoch, prev_action, embed, is_first):
+        """One posterior step: zero state and action where is_first, h_t = f(...), z_t ~ q(z_t | h_t, x_t)."""
+        keep = (~is_first).to(deter.dtype)[:, None]  # (B, 1)
+        deter = self.recurrent(deter * keep, stoch * keep[..., None], prev_action * keep)
+        logits = self.post_logits(deter, embed)
+        return deter, sample_onehot(logits), logits
+
+    def observe(self, embed, action, is_first):
+        """Posterior states of a (B, T) sequence; step t consumes action[:, t-1].
+
+        Returns deter (B, T, D), stoch (B, T, S, K), post logits (B, T, S, K). The prior is computed from
+        deter afterwards (one step ahead of each h_t), so that its inputs can be mixed (BLAST Sec. 2.3.2).
+        """
+        B, T = is_first.shape
+        # DEVIATION: every batch starts from the zero state (the official code carries the last posterior over)
+        deter, stoch = self.initial(B, embed.device)
+        prev_action = torch.cat([torch.zeros_like(action[:, :1]), action[:, :-1]], 1)  # a_{t-1}
+        deters, stochs, logits = [], [], []
+        for t in range(T):  # BatchNorm in obs_out: statistics of the B states of step t
+            deter, stoch, logit = self.obs_step(deter, stoch, prev_action[:, t], embed[:, t], is_first[:, t])
+            deters.append(deter), stochs.append(stoch), logits.append(logit)
+        return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logits, 1)
+
+    def img_step(self, deter, stoch, action):
+        """One imagined step: h_t = f(h_{t-1}, z_{t-1}, a_{t-1}), z^_t ~ p(z^_t | h_t) free-running (no teacher)."""
+        deter = self.recurrent(deter, stoch, action)
+        return deter, self.prior(deter)[1]
+
+
+class WorldModel(nn.Module):
+    """Encoder, its EMA target (+EMA), RSSM, reward head, decoder (own optimiser)."""
+
+    def __init__(self, obs_shape, action_dim, deter, stoch, classes, hidden, units, mlp_layers, cnn_depth,
+                 batch_norm, ar_steps, target_encoder):
+        super().__init__()
+        self.encoder = Encoder(obs_shape[0], cnn_depth, batch_norm)
+        self.rssm = RSSM(deter, stoch, classes, hidden, action_dim, self.encoder.out_dim, batch_norm, ar_steps)
+        feat_dim = deter + stoch * classes
+        self.reward = mlp(feat_dim, units, mlp_layers, 1)  # [DreamerV2 reward_head] 4 x 400 ELU, unit Normal
+        self.decoder = Decoder(feat_dim, obs_shape[0], cnn_depth)
+        self.apply(init_weights)
+        # [BLAST Sec. 2.3.1] target encoder xi (parameters overwritten by the first EMA update); None: the online one
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if target_encoder else None
+
+    @property
+    def act_encoder(self):
+        """The encoder that acting, imagination starts and pictures use (BLAST: the target encoder)."""
+        return self.encoder if self.target_encoder is None else self.target_encoder
+
+    def model_parameters(self):
+        """What the model optimiser trains: all but the target encoder and the decoder."""
+        return [p for n, p in self.named_parameters() if not n.startswith(("target_encoder.", "decoder."))]
+
+
+def feature(deter, stoch):
+    """s_t = [h_t, flatten(z_t)]: (..., D), (..., S, K) -> (..., F)."""
+    return torch.cat([deter, stoch.flatten(-2)], -1)
+
+
+class Actor(nn.Module):
+    """[DreamerV2 actor] pi(a_t | s_t) = TruncNormal(tanh(mu), 2 sigmoid(sigma / 2) + min_std) on [-1, 1]."""
+
+    def __init__(self, feat_dim, action_dim, units, layers, min_std):
+        super().__init__()
+        self.action_dim, self.min_std = action_dim, min_std
+        self.net = mlp(feat_dim, units, layers, 2 * action_dim)
+        self.apply(init_weights)
+
+    def forward(self, feat):  # (..., F) -> TruncNormal over (..., A)
+        mean, std = self.net(feat).chunk(2, -1)
+        return TruncNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + self.min_std)
+
+
+class Critic(nn.Module):
+    """[DreamerV2 critic] v(s_t), the mean of a unit Normal ('mse' dist): 4 x 400 ELU."""
+
+    def __init__(self, feat_dim, units, layers):
+        super().__init__()
+        self.net = mlp(feat_dim, units, layers, 1)
+        self.apply(init_weights)
+
+    def forward(self, feat):  # (..., F) -> (...)
+        return self.net(feat)[..., 0]
+
+
+def make_agent(args, obs_shape, action_dim, device):
+    """World model, actor, critic, slow critic and the four optimisers (model, actor, critic, decoder)."""
+    # ABLATION(batch_norm) ABLATION(ar_steps) ABLATION(target_encoder): the model's structure
+    wm = WorldModel(obs_shape, action_dim, args.deter, args.stoch, args.classes, args.hidden, args.units,
+                    args.mlp_layers, args.cnn_depth, args.batch_norm, args.ar_steps, args.target_encoder).to(device)
+    feat_dim = args.deter + args.stoch * args.classes
+    actor = Actor(feat_dim, action_dim, args.units, args.mlp_layers, args.actor_min_std).to(device)
+    critic = Critic(feat_dim, args.units, args.mlp_layers).to(device)
+    # DEVIATION: the slow critic starts as a copy (official: own init, copied after update 0)
+    slow_critic = copy.deepcopy(critic).requires_grad_(False)
+    opts = (torch.optim.Adam(wm.model_parameters(), lr=args.model_lr, eps=args.model_eps),
+            torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
+            torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps),
+            # DEVIATION: the decoder has its own optimiser and clip (official: the model's, one global clip)
+            torch.optim.Adam(wm.decoder.parameters(), lr=args.model_lr, eps=args.model_eps))
+    return wm, actor, critic, slow_critic, opts
+
+
+# --- Losses and the update step --------------------------------------------------------------
+def world_model_loss(wm, data, kl_balance, kl_free, kl_scale, reward_scale, image_scale, target_input_p,
+                     reconstruction, reward_grad):
+    """[BLAST Eq. 2.4] (DreamerV2 Eq. 2.3 with --reconstruction and without the target encoder) on a (B, T) batch.
+
+    Returns (model loss, decoder loss, metrics, outputs) where outputs hold the prior logits, the target
+    posterior (deter, stoch, logits) and the mixed features; the imagination starts are the target posteriors.
+    """
+    obs, action, is_first = data["obs"], data["action"], data["is_first"]
+    B = obs.shape[0]
+    embed = wm.encoder(obs)  # (B, T, E)
+    deter, stoch, post = wm.rssm.observe(embed, action, is_first)  # online posterior q_theta
+    if wm.target_encoder is not None:
+        with torch.no_grad():
+            target_embed = wm.target_encoder(obs)  # (B, T, E), batch statistics (training=True in the official code)
+        # [BLAST Sec. 2.3.1] target posterior q_xi: target embeddings through the same (online) RSSM
+        t_deter, t_stoch, t_post = wm.rssm.observe(target_embed, action, is_first)
+        # [BLAST Sec. 2.3.2] the first B (1 - p) rows keep the online posterior, the rest take the target one
+        # (the batch-axis split of the official code); these states feed the prior and the reward head
+        n = int(B * (1 - target_input_p))
+        deter, stoch = torch.cat([deter[:n], t_deter[n:]]), torch.cat([stoch[:n], t_stoch[n:]])
+        kl_post = t_post.detach()  # [BLAST Eq. 2.4] KL(sg(q_xi) || p_theta)
+    else:
+        t_deter, t_stoch, t_post = deter, stoch, post
+        kl_post = post
+    # [BLAST Sec. 2.3.2] prior from each h_t, teacher-forced on sg(target posterior sample) chunks
+    prior, _ = wm.rssm.prior(deter, teacher=t_stoch.detach())  # (B, T, S, K)
+    losses = {}
+    # [BLAST Eq. 2.4, DreamerV2 KL balancing] ABLATION(kl_balance)
+    losses["kl"], kl_value = kl_loss(kl_post, prior, kl_balance, kl_free)
+    feat = feature(deter, stoch)  # (B, T, F)
+    # [BLAST Eq. 2.4] -ln p(r_t | s_t), unit Normal; A.3: no reward gradient into s_t. ABLATION(reward_grad)
+    losses["reward"] = gaussian_nll(wm.reward(feat if reward_grad else feat.detach())[..., 0], data["reward"]).mean()
+    # [DreamerV2 Eq. 2.3] -ln p(o_t | s_t), unit Normal summed over pixels; -recon: the decoder sees sg(s_t)
+    recon_in = feat if reconstruction else feat.detach()  # ABLATION(reconstruction)
+    image = gaussian_nll(wm.decoder(recon_in), obs.float() / 255.0 - 0.5).sum((-3, -2, -1)).mean()
+    loss = kl_scale * losses["kl"] + reward_scale * losses["reward"]
+    if reconstruction:
+        loss = loss + image_scale * image
+    metrics = {f"losses/{k}": v.detach() for k, v in losses.items()}
+    metrics.update({"losses/image": image.detach(), "losses/world_model": loss.detach(), "stats/kl": kl_value,
+                    "stats/prior_entropy": -(F.softmax(prior, -1) * F.log_softmax(prior, -1)).sum((-2, -1)).mean().detach(),
+                    "stats/posterior_entropy": -(F.softmax(t_post, -1) * F.log_softmax(t_post, -1)).sum((-2, -1)).mean().detach()})
+    outputs = dict(prior=prior, t_deter=t_deter.detach(), t_stoch=t_stoch.detach(), t_post=t_post.detach(), feat=feat)
+    return loss, (0.0 if reconstruction else image_scale * image), metrics, outputs
+
+
+def imagine(rssm, actor, deter, stoch, horizon):
+    """Roll the (free-running) prior H steps from N start states with a_t ~ pi(a_t | sg(s_t)), rsample.
+
+    Returns feat (H+1, N, F) for s_0..s_H and the actor entropies (H, N) at s_0..s_{H-1}.
+    """
+    feats, ents = [feature(deter, stoch)], []
+    for _ in range(horizon):
+        dist = actor(feats[-1].detach())  # [DreamerV2] the actor sees sg(s_t)
+        deter, stoch = rssm.img_step(deter, stoch, dist.rsample())
+        feats.append(feature(deter, stoch)), ents.append(dist.entropy())
+    return torch.stack(feats), torch.stack(ents)
+
+
+def actor_critic_loss(wm, actor, critic, slow_critic, deter, stoch, horizon, gamma, lam, entropy_scale):
+    """[DreamerV2 Sec. 2.2, ActorCritic] dynamics backprop actor and MSE critic on trajectories from N start states.
+
+        states   s_0  s_1 ... s_H        rewards r_t = reward(s_t), values v_targ(s_t) (slow critic)
+        targets  V_0  V_1 ... V_{H-1}    weights w_t = gamma^t (no discount head: d_t = gamma)
+        actor    -mean_t w_t (V_{t+1} + eta H[pi(. | s_t)]),  t = 0..H-2 (V_0 does not depend on any action)
+        critic   mean_t w_t -ln N(sg(V_t); v(sg(s_t)), 1),    t = 0..H-1
+    deter (N, D), stoch (N, S, K). Returns (actor_loss, critic_loss, metrics).
+    """
+    feat, ent = imagine(wm.rssm, actor, deter, stoch, horizon)  # (H+1, N, F), (H, N)
+    reward = wm.reward(feat)[..., 0]  # (H+1, N) r_0..r_H, the mode of the unit Normal
+    value = slow_critic(feat)  # (H+1, N); its parameters are frozen but the gradient reaches the actions
+    disc = torch.full_like(reward, gamma)  # pred_discount False (BLAST A.2)
+    # [DreamerV2 Eq. 4] lambda_return(reward[:-1], value[:-1], disc[:-1], bootstrap=value[-1])
+    ret = lambda_return(reward[:-1], value[:-1], disc[:-1], value[-1], lam)  # (H, N)
+    weight = torch.cumprod(torch.cat([torch.ones_like(disc[:1]), disc[:-1]]), 0).detach()  # (H+1, N)
+    # [DreamerV2 Eq. 6, actor_grad dynamics] maximise V^lambda by backpropagating through the dynamics
+    actor_loss = -(weight[:-2] * (ret[1:] + entropy_scale * ent[:-1])).mean()
+    # [DreamerV2 Eq. 5] critic regresses sg(V^lambda) on sg(s_t)
+    critic_loss = (weight[:-1] * gaussian_nll(critic(feat[:-1].detach()), ret.detach())).mean()
+    metrics = {"losses/actor": actor_loss.detach(), "losses/critic": critic_loss.detach(),
+               "stats/actor_entropy": ent.mean().detach(), "stats/imagined_return": ret.mean().detach(),
+               "stats/imagined_reward": reward.mean().detach()}
+    return actor_loss, critic_loss, metrics
+
+
+@torch.no_grad()
+def ema_update(target, online, decay):
+    """[BLAST Sec. 2.3.1] xi <- decay xi + (1 - decay) theta, parameters only (BatchNorm running statistics stay the target's)."""
+    for p_t, p in zip(target.parameters(), online.parameters()):
+        p_t.lerp_(p, 1.0 - decay)
+
+
+@torch.no_grad()
+def slow_critic_update(slow_critic, critic, updates, every):
+    """[DreamerV2 slow_target] hard copy critic -> slow critic when updates % every == 0 (update 0 included)."""
+    if updates % every == 0:
+        for p_s, p in zip(slow_critic.parameters(), critic.parameters()):
+            p_s.copy_(p)
+
+
+def opt_step(opt, params, clip, weight_decay):
+    """[DreamerV2 common.Optimizer] clip the global grad norm, decay w <- (1 - wd) w, then the Adam step."""
+    norm = nn.utils.clip_grad_norm_(params, clip)
+    with torch.no_grad():
+        torch._foreach_mul_(params, 1.0 - weight_decay)
+    opt.step()
+    return norm
+
+
+def update(wm, actor, critic, slow_critic, opts, data, args, updates):
+    """One training update (world model, target encoder EMA, actor, critic, slow critic). No host syncs.
+
+    `updates` is the number of updates done before this one (a Python int: it schedules the first EMA copy
+    and the slow critic's hard copies).
+    """
+    wm_opt, actor_opt, critic_opt, dec_opt = opts
+    # DEVIATION: float32 throughout (the official code uses mixed float16)
+    wm_loss, image_loss, metrics, out = world_model_loss(
+        wm, data, args.kl_balance, args.kl_free, args.kl_scale, args.reward_scale, args.image_scale,
+        args.target_input_p, args.reconstruction, args.reward_grad)
+    wm_opt.zero_grad(set_to_none=True), dec_opt.zero_grad(set_to_none=True)
+    (wm_loss + image_loss).backward()  # with sg(features) the two graphs are disjoint
+    metrics["grad_norm/world_model"] = opt_step(wm_opt, wm.model_parameters(), args.model_clip, args.weight_decay)
+    metrics["grad_norm/decoder"] = opt_step(dec_opt, list(wm.decoder.parameters()), args.model_clip, args.weight_decay)
+    if wm.target_encoder is not None:  # [BLAST Sec. 2.3.1] after every model update; the first one copies
+        ema_update(wm.target_encoder, wm.encoder, 0.0 if updates == 0 else args.target_ema)
+
+    # Behaviour from all B*T target posteriors (BLAST: imagination starts from target_posts); wm frozen
+    wm.requires_grad_(False)
+    actor_loss, critic_loss, ac_metrics = actor_critic_loss(
+        wm, actor, critic, slow_critic, out["t_deter"].flatten(0, 1), out["t_stoch"].flatten(0, 1),
+        args.imag_horizon, args.gamma, args.lam, args.actor_entropy)
+    for p in wm.model_parameters() + list(wm.decoder.parameters()):
+        p.requires_grad_(True)  # (the target encoder stays frozen)
+    metrics.update(ac_metrics)
+    actor_opt.zero_grad(set_to_none=True), critic_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()  # reaches only the actor: wm and slow critic are frozen, the critic is not in the graph
+    critic_loss.backward()
+    metrics["grad_norm/actor"] = opt_step(actor_opt, list(actor.parameters()), args.ac_clip, args.weight_decay)
+    metrics["grad_norm/critic"] = opt_step(critic_opt, list(critic.parameters()), args.ac_clip, args.weight_decay)
+    slow_critic_update(slow_critic, critic, updates, args.slow_critic_every)
+    return metrics
+
+
+# --- Acting, evaluation, pictures ------------------------------------------------------------
+@torch.no_grad()
+def policy(wm, actor, state, obs, is_first, explore=True):
+    """Filter o_t into the posterior with the acting (target) encoder, then a_t ~ pi (explore) or its mode."""
+    deter, stoch, prev_action = state
+    deter, stoch, _ = wm.rssm.obs_step(deter, stoch, prev_action, wm.act_encoder(obs), is_first)
+    dist = actor(feature(deter, stoch))
+    action = dist.rsample() if explore else dist.mode  # DreamerV2: sample when training, mode when evaluating
+    return action, (deter, stoch, action)
+
+
+def initial_state(wm, actor, n, device):
+    """Acting state (h, z, previous action) of n envs: zeros (DreamerV2)."""
+    return (*wm.rssm.initial(n, device), torch.zeros(n, actor.action_dim, device=device))
+
+
+def set_mode(training, *modules):
+    """[BLAST code] act with BatchNorm in eval mode (running statistics), train in train mode."""
+    for m in modules:
+        m.train(training)
+
+
+def evaluate(wm, actor, envs, episodes, device, capture=False):
+    """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode frames."""
+    set_mode(False, wm, actor)
+    state, (obs, _) = initial_state(wm, actor, envs.num_envs, device), envs.reset()
+    is_first, done, returns, frames = np.ones(envs.num_envs, bool), np.zeros(envs.num_envs, bool), [], []
+    while len(returns) < episodes:
+        if capture and not returns:
+            frames.append(obs[0].transpose(1, 2, 0))
+        action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
+                               torch.as_tensor(is_first, device=device), explore=False)
+        obs, _, term, trunc, infos = envs.step(action.cpu().numpy())
+        is_first, done = done, term | trunc  # NEXT_STEP autoreset: the obs after a done step is the first
+        if "episode" in infos:
+            returns += [float(r) for r, m in zip(infos["episode"]["r"], infos["_episode"]) if m]
+    set_mode(True, wm, actor)
+    return returns[:episodes], np.stack(frames) if frames else None
+
+
+@torch.no_grad()
+def openloop_video(wm, actor, data, context, n=4):
+    """[DreamerV2 video_pred] `context` observed frames, then the free-running prior with the real actions.
+
+    Returns (T, 3*64, n*64, C) uint8 frames: real on top, model in the middle, error at the bottom.
+    """
+    set_mode(False, wm, actor)
+    obs, action = data["obs"][:n], data["action"][:n]
+    deter, stoch, _ = wm.rssm.observe(wm.act_encoder(obs[:, :context]), action[:, :context],
+                                      data["is_first"][:n, :context])
+    d, s, feats = deter[:, -1], stoch[:, -1], [feature(deter, stoch)]
+    for t in range(context, obs.shape[1]):
+        d, s = wm.rssm.img_step(d, s, action[:, t - 1])  # s_t from s_{t-1} and a_{t-1}
+        feats.append(feature(d, s)[:, None])
+    model = (wm.decoder(torch.cat(feats, 1)) + 0.5).clamp(0, 1)  # (n, T, C, H, W)
+    truth = obs.float() / 255.0
+    video = torch.cat([truth, model, (model - truth + 1) / 2], 3)  # stack rows along H
+    set_mode(True, wm, actor)
+    video = torch.cat(list(video), 3)  # (T, C, 3H, nW): sequences side by side
+    return (video.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu().numpy()
+
+
+def log_video(writer, tag, frames, step, fps, path=None):
+    """Log (T, H, W, C) uint8 frames as an animated GIF image (TensorBoard's add_video needs moviepy)."""
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    buf = io.BytesIO()
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    h, w, c = frames.shape[1:]
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
+
+
+# --- Main ------------------------------------------------------------------------------------
+def apply_ladder(args):
+    """[BLAST Figs. 3-4] `--ladder RUNG` sets the five switches; each rung adds one change to the previous one."""
+    if args.ladder is None:
+        return args
+    rung = LADDER.index(args.ladder)
+    return dataclasses.replace(args, reconstruction=rung < 1, kl_balance=0.8 if rung < 2 else 1.0,
+                               target_encoder=rung >= 3, batch_norm=rung >= 4, ar_steps=args.stoch if rung >= 5 else 1)
+
+
+def check_args(args):
+    checks = [
+        (args.ladder is None or args.ladder in LADDER, f"--ladder must be one of {'|'.join(LADDER)}, got {args.ladder!r}"),
+        (min(args.total_timesteps, args.num_envs, args.eval_episodes, args.eval_every, args.log_every) >= 1,
+         "--total-timesteps, --num-envs, --eval-episodes, --eval-every and --log-every must be >= 1"),
+        (args.video_every >= 0 and 0 < args.video_context < args.batch_length,
+         "need --video-every >= 0 (0: no video) and --video-context in [1, --batch-length)"),
+        (args.batch_size >= 2 and args.batch_length >= 2, "--batch-size (BatchNorm, batch split) and --batch-length must be >= 2"),
+        (args.buffer_size >= args.batch_size * args.batch_length, "--buffer-size must hold one batch (B*T steps)"),
+        (args.prefill >= 0 and args.pretrain >= 0 and args.train_every >= 1,
+         "need --prefill >= 0, --pretrain >= 0 and --train-every >= 1"),
+        (min(args.deter, args.hidden, args.stoch, args.classes, args.units, args.cnn_depth) >= 1 and args.mlp_layers >= 0,
+         "model sizes (--deter --hidden --stoch --classes --units --cnn-depth) must be >= 1, --mlp-layers >= 0"),
+        (args.ar_steps >= 1 and args.stoch % args.ar_steps == 0,
+         f"--ar-steps must be >= 1 and divide --stoch ({args.stoch}), got {args.ar_steps}"),
+        (0 <= args.kl_balance <= 1, f"--kl-balance must lie in [0, 1], got {args.kl_balance}"),
+        (0 <= args.target_ema <= 1, f"--target-ema must lie in [0, 1], got {args.target_ema}"),
+        (0 <= args.target_input_p <= 1, f"--target-input-p must lie in [0, 1], got {args.target_input_p}"),
+        (args.imag_horizon >= 2 and args.slow_critic_every >= 1, "need --imag-horizon >= 2 and --slow-critic-every >= 1"),
+        (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must lie in (0, 1] and --lam in [0, 1]"),
+        (args.actor_min_std > 0 and args.kl_free >= 0, "need --actor-min-std > 0 and --kl-free >= 0"),
+        (min(args.model_lr, args.actor_lr, args.critic_lr, args.model_eps, args.ac_eps) > 0,
+         "--model-lr, --actor-lr, --critic-lr, --model-eps and --ac-eps must be > 0"),
+        (0 <= args.weight_decay < 1 and min(args.model_clip, args.ac_clip) > 0,
+         "need 0 <= --weight-decay < 1, --model-clip > 0 and --ac-clip > 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"error: {msg}")
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    args = apply_ladder(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                      background_dir=args.background_dir, background_mask=args.background_mask)
+    try:
+        envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                                split="eval", **env_kwargs)
+    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
+    if len(obs_shape) != 3 or obs_shape[1:] != (64, 64) or isinstance(act_space, gym.spaces.Discrete):
+        envs.close(), eval_envs.close()  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
+        raise SystemExit(f"error: {os.path.basename(__file__)} learns from 64x64 pixels with continuous actions; "
+                         f"--env-id {args.env_id} has observations of shape {obs_shape} (use a DMC id such as walker-walk)")
+    action_dim = int(np.prod(act_space.shape))
+    try:
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
+    except (MemoryError, ValueError) as e:
+        envs.close(), eval_envs.close()
+        raise SystemExit(f"error: {e}")
+
+    writer = SummaryWriter(run_dir)
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Agent: world model (+ target encoder, decoder), actor, critic and its slow copy, optimisers
+    wm, actor, critic, slow_critic, opts = make_agent(args, obs_shape, action_dim, device)
+    B, T, N = args.batch_size, args.batch_length, args.num_envs
+
+    # TRY NOT TO MODIFY: start the game
+    obs, _ = envs.reset(seed=args.seed)
+    reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
+    autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
+    state = None  # acting state, zeros once the policy takes over
+    global_step, updates, updates_due, pretrained, start_time = 0, 0, 0.0, False, time.time()
+    next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
+    metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
+    try:
+        while global_step < args.total_timesteps:
+            # ALGO LOGIC: random actions for `prefill` agent steps (and until the replay holds a batch), then the policy
+            ready = global_step >= args.prefill * args.action_repeat and replay.count >= T and len(replay) >= B * T
+            if ready:
+                set_mode(False, wm, actor)
+                state = initial_state(wm, actor, N, device) if state is None else state
+                action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
+                                       torch.as_tensor(is_first, device=device))
+                set_mode(True, wm, actor)
+            else:
+                action = torch.rand(N, action_dim) * 2 - 1
+            replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
+
+            # TRY NOT TO MODIFY: execute the game and log data
+            obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+            agent_steps = int((~autoreset).sum())
+            global_step += args.action_repeat * agent_steps
+            # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
+            is_first, is_terminal, autoreset = autoreset, term, term | trunc
+            if "episode" in infos:
+                for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
+                    if m:
+                        recent_returns = (recent_returns + [float(r)])[-10:]
+                        writer.add_scalar("charts/episodic_return", r, global_step)
+                        writer.add_scalar("charts/episodic_length", l, global_step)
+
+            # ALGO LOGIC: `pretrain` updates when the prefill ends, then one update every `train_every` agent steps
+            if ready:
+                updates_due += agent_steps / args.train_every + (0 if pretrained else args.pretrain)
+                pretrained = True
+            while updates_due >= 1:
+                data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
+                metrics = update(wm, actor, critic, slow_critic, opts, data, args, updates)
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v
+                n_metrics, updates, updates_due = n_metrics + 1, updates + 1, updates_due - 1
+                if args.video_every and global_step >= next_video:
+                    next_video += args.video_every
+                    log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), global_step, fps=10)
+
+            if global_step >= next_log:
+                next_log += args.log_every
+                if n_metrics:
+                    means = torch.stack(list(metric_sums.values())).div(n_metrics).tolist()  # the one sync per log
+                    last_metrics = dict(zip(metric_sums, means))
+                    for k, v in last_metrics.items():
+                        if not np.isfinite(v):
+                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at step "
+                                                     f"{global_step}")
+                        writer.add_scalar(k, v, global_step)
+                    metric_sums, n_metrics = {}, 0
+                sps = int(global_step / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("charts/updates", updates, global_step)
+                eta = (args.total_timesteps - global_step) / max(sps, 1) / 60
+                recent, wm_loss = np.mean(recent_returns or [np.nan]), last_metrics.get("losses/world_model", np.nan)
+                print(f"frames {global_step}/{args.total_timesteps} | return {recent:.1f} | eval {eval_return:.1f} | "
+                      f"updates {updates} | wm {wm_loss:.2f} | SPS {sps} | ETA {eta:.1f} min", flush=True)
+
+            if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
+                next_eval += args.eval_every
+                returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, args.capture_video)
+                eval_return = float(np.mean(returns))
+                writer.add_scalar("eval/episodic_return", eval_return, global_step)
+                if frames is not None:
+                    log_video(writer, "eval/video", frames, global_step, fps=30,
+                              path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
+
+        if args.save_model:
+            path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            torch.save({"wm": wm.state_dict(), "actor": actor.state_dict(), "critic": critic.state_dict(),
+                        "slow_critic": slow_critic.state_dict(), "opts": [o.state_dict() for o in opts],
+                        "args": asdict(args), "global_step": global_step, "updates": updates}, path + ".tmp")
+            os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+    finally:
+        envs.close()
+        eval_envs.close()
+        writer.close()
+    summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
+               "updates": updates, "run_dir": run_dir}
+    print(json.dumps(summary))
+    return {**summary, "losses": last_metrics}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
