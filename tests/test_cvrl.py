@@ -1,0 +1,419 @@
+"""Tests of cvrl.py: the paper's equations on hand-computed examples, gradient paths (Dreamer actor, SAC, MPC),
+every Table 2 switch, a CLI smoke run, determinism, --help and bad input."""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cvrl as c
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
+            actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
+            prefill=100, pretrain=3, train_every=50, train_steps=2)
+OBS = (3, 64, 64)  # the encoder's valid convolutions need 64x64 frames
+
+
+def tiny_build(seed=0, **overrides):
+    torch.manual_seed(seed)
+    args = c.Args(**{**TINY, **overrides})
+    agent, opts, mpc = c.build(args, OBS, 2, torch.device("cpu"))
+    return args, agent, opts, mpc
+
+
+def batch(B=2, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = dict(obs=torch.randint(0, 256, (B, T, *OBS), dtype=torch.uint8, generator=g),
+                action=torch.rand(B, T, 2, generator=g) * 2 - 1, reward=torch.rand(B, T, generator=g),
+                is_first=torch.zeros(B, T, dtype=torch.bool), is_terminal=torch.zeros(B, T, dtype=torch.bool))
+    data["is_first"][:, 0] = True
+    data["is_first"][1, 3] = True
+    return data
+
+
+# --- CELBO -------------------------------------------------------------------------------------
+# 3 states s' and 3 observations z in 2-d, W not symmetric (so a transposed W gives other numbers):
+# W s'_1 = (2, 0), W s'_2 = (1, 1), W s'_3 = (3, 1); logits [i, j] = z_j . W s'_i
+S3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+Z3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+W3 = torch.tensor([[2.0, 1.0], [0.0, 1.0]])
+E = math.e
+NCE3 = [2 - math.log(E ** 2 + 1 + E ** 2),  # logits of state 1: [2, 0, 2]
+        1 - math.log(E + E + E ** 2),  # state 2: [1, 1, 2]
+        4 - math.log(E ** 3 + E + E ** 4)]  # state 3: [3, 1, 4]
+
+
+def test_info_nce_hand_example():
+    torch.testing.assert_close(c.info_nce(S3, Z3, W3), torch.tensor(NCE3))
+    assert not torch.allclose(c.info_nce(S3, Z3, W3.T), torch.tensor(NCE3))
+    # Equal logits: every term is -ln N (the bound is 0); a dominating diagonal drives the loss to its minimum 0.
+    torch.testing.assert_close(c.info_nce(torch.zeros(4, 2), torch.randn(4, 2), torch.eye(2)),
+                               torch.full((4,), -math.log(4)))
+    eye = torch.eye(3)
+    losses = [-c.info_nce(eye, eye, k * torch.eye(3)).mean().item() for k in (0.0, 1.0, 5.0, 50.0)]
+    assert losses[0] == pytest.approx(math.log(3)) and losses == sorted(losses, reverse=True)
+    assert 0 <= losses[-1] < 1e-12
+    # float32 logits even for half inputs, and stable for huge scores
+    assert torch.isfinite(c.info_nce(1e4 * eye.half(), eye.half(), torch.eye(3).half())).all()
+
+
+def _identity_critic():
+    critic = c.ContrastiveCritic(embed_dim=2, feat_dim=2, proj_dim=2)
+    with torch.no_grad():
+        for lin in (critic.obs_proj[0], critic.state_proj[0]):
+            lin.weight.copy_(torch.eye(2)), lin.bias.zero_()
+        critic.W.copy_(W3)
+    return critic  # ELU(x) = x for the non-negative inputs below
+
+
+def test_contrastive_negatives_are_all_batch_observations_including_the_same_sequence():
+    critic = _identity_critic()
+    # One sequence of 3 steps: the negatives of each state are the OTHER TIME STEPS of its own sequence.
+    torch.testing.assert_close(critic(S3[None], Z3[None]), torch.tensor([NCE3]))
+    # Three sequences of 1 step: the negatives are the other sequences; same pairs, same numbers.
+    torch.testing.assert_close(critic(S3[:, None], Z3[:, None]), torch.tensor(NCE3)[:, None])
+    # B = 2, T = 2: each state sees all 4 observations.
+    s4, z4 = torch.rand(2, 2, 2), torch.rand(2, 2, 2)
+    logits = (s4.reshape(4, 2) @ W3.T) @ z4.reshape(4, 2).T
+    torch.testing.assert_close(critic(s4, z4).flatten(), logits.diagonal() - torch.logsumexp(logits, 1))
+
+
+def test_world_model_loss_terms_and_free_nats(one_thread):
+    args, agent, _, _ = tiny_build()
+    wm, data = agent.wm, batch()
+    loss, m, _ = c.world_model_loss(wm, data, free_nats=3.0, kl_scale=1.0)
+    assert {"losses/infonce", "losses/reward", "losses/kl"} <= set(m) and "losses/image" not in m
+    # CELBO = -InfoNCE + reward NLL + max(KL, 3): the KL of the tiny model is below 3 nats here
+    assert m["losses/kl"].item() < 3.0
+    torch.testing.assert_close(loss.detach(), m["losses/infonce"] + m["losses/reward"] + 3.0)
+    # free nats act on the batch-mean KL: below them the prior (img_out, reached only by the KL) gets no gradient
+    for free_nats, expect in ((3.0, False), (0.0, True)):
+        wm.zero_grad()
+        torch.manual_seed(1)
+        c.world_model_loss(wm, data, free_nats, 1.0)[0].backward()
+        assert (sum(p.grad.abs().sum() for p in wm.rssm.img_out.parameters()) > 0) == expect
+    # the closed-form Gaussian KL matches torch's
+    q, p = (torch.randn(5, 3), torch.rand(5, 3) + 0.1), (torch.randn(5, 3), torch.rand(5, 3) + 0.1)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(*q), torch.distributions.Normal(*p)).sum(-1)
+    torch.testing.assert_close(c.gaussian_kl(q, p), ref)
+
+
+def test_rssm_resets_at_is_first_and_consumes_the_previous_action():
+    torch.manual_seed(0)
+    rssm = c.RSSM(stoch=3, deter=5, hidden=6, action_dim=2, embed_dim=4, min_std=0.1)
+    embed, action = torch.randn(2, 4, 4), torch.randn(2, 4, 2)
+    is_first = torch.zeros(2, 4, dtype=torch.bool)
+    is_first[:, 2] = True
+    h = rssm.observe(embed, action, is_first)[0]
+    zero = rssm.gru(rssm.img_in(torch.zeros(2, 5)), torch.zeros(2, 5))  # h from the zero state AND zero action
+    torch.testing.assert_close(h[:, 2], zero)
+    torch.testing.assert_close(h[:, 0], zero)  # every batch starts from the zero state (Dreamer v1)
+    assert not torch.allclose(rssm.observe(embed, action, torch.zeros_like(is_first))[0][:, 2], zero)
+    # row t consumes action[:, t-1]: the last action changes nothing, a_0 changes h_1
+    torch.manual_seed(1)
+    ref = rssm.observe(embed, action, is_first)[0]
+    a2 = action.clone()
+    a2[:, -1] += 1
+    torch.manual_seed(1)
+    torch.testing.assert_close(rssm.observe(embed, a2, is_first)[0], ref)
+    a2[:, 0] += 1
+    torch.manual_seed(1)
+    assert not torch.allclose(rssm.observe(embed, a2, is_first)[0][:, 1], ref[:, 1])
+
+
+# --- Behaviour ---------------------------------------------------------------------------------
+def a2_value(r, v, gamma, lam, tau):
+    """CVRL A.2 written out: V_N^k = sum_{n=tau}^{h-1} g^{n-tau} r_n + g^{h-tau} v_h, h = min(tau + k, H);
+    V_lambda = (1 - lam) sum_{n=1}^{H-1} lam^{n-1} V_N^n + lam^{H-1} V_N^H."""
+    H = len(r)
+
+    def vn(k):
+        h = min(tau + k, H)
+        return sum(gamma ** (n - tau) * r[n] for n in range(tau, h)) + gamma ** (h - tau) * v[h]
+
+    return (1 - lam) * sum(lam ** (n - 1) * vn(n) for n in range(1, H)) + lam ** (H - 1) * vn(H)
+
+
+def test_lambda_return_is_appendix_a2():
+    r, v, g, lam = [1.0, 2.0, 3.0], [0.5, 1.0, 2.0, 4.0], 0.9, 0.5
+    ret = c.lambda_return(torch.tensor(r)[:, None], torch.tensor(v)[:, None], g, lam)[:, 0]
+    # by hand: R_2 = 3 + .9 * 4 = 6.6; R_1 = 2 + .9 (.5 * 2 + .5 * 6.6) = 5.87; R_0 = 1 + .9 (.5 * 1 + .5 * 5.87)
+    torch.testing.assert_close(ret, torch.tensor([4.0915, 5.87, 6.6]))
+    torch.testing.assert_close(ret, torch.tensor([a2_value(r, v, g, lam, t) for t in range(3)]))
+    # lambda = 1: discounted Monte Carlo return bootstrapped with gamma^3 v_3; lambda = 0: one-step targets
+    assert c.lambda_return(torch.tensor(r)[:, None], torch.tensor(v)[:, None], g, 1.0)[0, 0].item() == \
+        pytest.approx(1 + 0.9 * 2 + 0.81 * 3 + 0.729 * 4)
+    torch.testing.assert_close(c.lambda_return(torch.tensor(r)[:, None], torch.tensor(v)[:, None], g, 0.0)[:, 0],
+                               torch.tensor([1 + 0.9 * 1.0, 2 + 0.9 * 2.0, 3 + 0.9 * 4.0]))
+
+
+def test_tanh_gaussian_log_prob_and_actor_init():
+    # a = tanh(u): log N(u; m, s) - log(1 - tanh(u)^2); at u = m = 0, s = 1: -ln(2 pi) / 2 per dimension
+    assert c.tanh_normal_log_prob(torch.zeros(2), torch.zeros(2), torch.ones(2)).item() == \
+        pytest.approx(-math.log(2 * math.pi))
+    u = torch.tensor([0.5])
+    expect = -0.5 * 0.25 - 0.5 * math.log(2 * math.pi) - math.log(1 - math.tanh(0.5) ** 2)
+    assert c.tanh_normal_log_prob(u, torch.zeros(1), torch.ones(1)).item() == pytest.approx(expect)
+    mean, std = torch.randn(6, 3), torch.rand(6, 3) + 0.2
+    u = mean + std * torch.randn(6, 3)
+    ref = torch.distributions.TransformedDistribution(torch.distributions.Normal(mean, std),
+                                                      torch.distributions.TanhTransform())
+    torch.testing.assert_close(c.tanh_normal_log_prob(u, mean, std), ref.log_prob(torch.tanh(u)).sum(-1),
+                               rtol=1e-4, atol=1e-4)
+    # Dreamer v1's tanh_normal: zero output -> std 5 + 1e-4; the pre-tanh mean stays within +-5
+    actor = c.Actor(4, 3, 8, 1, mean_scale=5.0, init_std=5.0, min_std=1e-4)
+    with torch.no_grad():
+        actor.net[-1].weight.zero_(), actor.net[-1].bias.zero_()
+    m0, s0 = actor.dist(torch.randn(2, 4))
+    torch.testing.assert_close(s0, torch.full((2, 3), 5.0 + 1e-4)) and torch.testing.assert_close(m0, torch.zeros(2, 3))
+    with torch.no_grad():
+        actor.net[-1].bias.fill_(1e3)
+    assert actor.dist(torch.randn(2, 4))[0].max().item() <= 5.0
+
+
+def _action_rewarding_model(direction):
+    """A real RSSM set by hand so that h_{t+1} = tanh(ELU(a_t)) (update gate shut, no recurrence, no s_t input),
+    a reward head r = direction . h, and a zero value net: the imagined reward favours actions along `direction`."""
+    torch.manual_seed(0)
+    args = c.Args(**{**TINY, "deter": 2, "hidden": 2, "stoch": 1})
+    agent, _, _ = c.build(args, OBS, 2, torch.device("cpu"))
+    rssm = agent.wm.rssm
+    with torch.no_grad():
+        rssm.img_in[0].weight.copy_(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])), rssm.img_in[0].bias.zero_()
+        rssm.gru.weight_ih.zero_(), rssm.gru.weight_hh.zero_(), rssm.gru.bias_hh.zero_(), rssm.gru.bias_ih.zero_()
+        rssm.gru.weight_ih[4:6].copy_(torch.eye(2))  # candidate n = tanh(x); gates ordered (r, z, n)
+        rssm.gru.bias_ih[2:4].fill_(-30.0)  # update gate z = 0: h' = n
+    agent.wm.reward = torch.nn.Linear(3, 1)
+    agent.value = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        agent.wm.reward.weight.copy_(torch.tensor([[*direction, 0.0]])), agent.wm.reward.bias.zero_()
+        agent.value.weight.zero_(), agent.value.bias.zero_()
+    return agent
+
+
+@pytest.mark.parametrize("direction", [(1.0, -1.0), (-1.0, 1.0)])
+def test_dreamer_actor_gradient_moves_the_mean_toward_rewarded_actions(direction, one_thread):
+    agent = _action_rewarding_model(direction)
+    actor, wm = agent.actor, agent.wm
+    deter, stoch = torch.rand(32, 2), torch.randn(32, 1)
+    start = c.feature(deter, stoch)
+    before = actor.mode(start).detach()
+    opt = torch.optim.Adam(actor.parameters(), lr=1e-2)
+    wm.requires_grad_(False)
+    for _ in range(10):
+        actor_loss, _, _ = c.behaviour_loss(wm, actor, agent.value, deter, stoch, horizon=3, gamma=0.99, lam=0.95)
+        opt.zero_grad()
+        actor_loss.backward()
+        opt.step()
+    moved = actor.mode(start).detach() - before  # (32, 2)
+    d = torch.tensor(direction)
+    assert (moved @ d > 0).all(), moved
+    assert (torch.sign(moved.mean(0)) == d).all()
+
+
+def test_behaviour_losses_by_hand_and_only_actor_and_value_get_them(one_thread):
+    args, agent, _, _ = tiny_build()
+    wm, actor, value = agent.wm, agent.actor, agent.value
+    deter, stoch, g, lam = torch.randn(4, 16), torch.randn(4, 4), 0.9, 0.5
+    wm.requires_grad_(False)
+    torch.manual_seed(3)
+    actor_loss, value_loss, _ = c.behaviour_loss(wm, actor, value, deter, stoch, 3, g, lam)
+    torch.manual_seed(3)  # the same samples, written out: states s_0..s_3, losses on s_1, s_2 weighted 1, g
+    h, s, feats = deter, stoch, [c.feature(deter, stoch)]
+    for _ in range(3):
+        h, s = wm.rssm.img_step(h, s, actor(feats[-1].detach())[0])
+        feats.append(c.feature(h, s))
+    r = [wm.reward(f)[:, 0] for f in feats]
+    v = [value(f)[:, 0] for f in feats]
+    R2 = r[2] + g * v[3]
+    R1 = r[1] + g * ((1 - lam) * v[2] + lam * R2)
+    torch.testing.assert_close(actor_loss, -torch.stack([R1, g * R2]).mean())
+    torch.testing.assert_close(value_loss, torch.stack([0.5 * (v[1] - R1) ** 2, g * 0.5 * (v[2] - R2) ** 2]).mean())
+    wm.requires_grad_(True)
+
+
+# --- SAC ---------------------------------------------------------------------------------------
+def test_sac_target_hand_example():
+    # y = r + g (1 - d) (min(Q'1, Q'2) - temperature log pi')
+    y = c.sac_target(reward=torch.tensor([1.0, 2.0, 2.0]), next_q1=torch.tensor([3.0, 5.0, 5.0]),
+                     next_q2=torch.tensor([4.0, 1.0, 1.0]), next_logp=torch.tensor([-1.0, 0.5, 0.5]),
+                     terminal=torch.tensor([0.0, 0.0, 1.0]), gamma=0.9, temperature=0.2)
+    torch.testing.assert_close(y, torch.tensor([1 + 0.9 * (3 + 0.2), 2 + 0.9 * (1 - 0.1), 2.0]))
+
+
+def test_sac_transitions_run_along_time_and_not_across_episode_starts():
+    B, T = 2, 4
+    feat = (10 * torch.arange(B)[:, None] + torch.arange(T)[None]).float()[..., None]  # feat[b, t] = 10 b + t
+    action, reward = feat[..., 0] + 100, feat[..., 0] + 1000
+    is_first, is_terminal = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
+    is_first[1, 2], is_terminal[0, 3] = True, True
+    s, a, r, s_next, term, valid = c.sac_transitions(feat, action, reward, is_first, is_terminal)
+    torch.testing.assert_close(s_next[..., 0], s[..., 0] + 1)  # the next TIME step of the same sequence
+    torch.testing.assert_close(a, s[..., 0] + 100)  # the action chosen at s_t
+    torch.testing.assert_close(r, s[..., 0] + 1001)  # the reward received on arriving at s_{t+1}
+    torch.testing.assert_close(term, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(valid, torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]))
+
+
+def test_sac_loss_moves_the_actor_and_trains_q_and_temperature(one_thread):
+    runs = {}
+    for alpha in (0.0, 1.0):
+        args, agent, opts, _ = tiny_build(hybrid_alpha=alpha)
+        old_target = [p.clone() for p in agent.sac.q_target.parameters()]
+        old_q = [p.clone() for p in agent.sac.q.parameters()]
+        old_temp = agent.sac.log_temperature.item()
+        torch.manual_seed(5)
+        c.update(agent, opts, batch(), args)
+        runs[alpha] = [p.detach().clone() for p in agent.actor.parameters()]
+        assert agent.sac.log_temperature.item() != old_temp
+        assert all(not torch.equal(p, q) for p, q in zip(agent.sac.q.parameters(), old_q))
+        for p_t, p_old, p in zip(agent.sac.q_target.parameters(), old_target, agent.sac.q.parameters()):
+            torch.testing.assert_close(p_t, 0.995 * p_old + 0.005 * p)  # soft target, tau 0.005
+    # same data and random numbers: only the SAC term of the actor loss differs
+    assert any(not torch.equal(p0, p1) for p0, p1 in zip(runs[0.0], runs[1.0]))
+    # and the SAC actor loss alone has a gradient on every actor layer
+    args, agent, _, _ = tiny_build()
+    feat = torch.randn(2, 5, 20)
+    _, sac_actor_loss, _, _ = c.sac_losses(agent.sac, agent.actor, feat, batch(), 0.99)
+    grads = torch.autograd.grad(sac_actor_loss, list(agent.actor.parameters()))
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+# --- MPC ---------------------------------------------------------------------------------------
+def test_mpc_raises_v_lambda_and_leaves_every_parameter_untouched(one_thread):
+    args, agent, _, _ = tiny_build(seed=2)
+    before = {n: p.clone() for n, p in agent.named_parameters()}
+    deter, stoch = torch.randn(3, 16), torch.randn(3, 4)
+    with torch.no_grad():  # as when acting
+        torch.manual_seed(0)
+        actions, values, proposal = c.plan(agent.wm, agent.actor, agent.value, deter, stoch, horizon=4, gamma=0.99,
+                                           lam=0.95, lr=0.05, iterations=6, explore=True)
+        torch.manual_seed(0)
+        _, flat, _ = c.plan(agent.wm, agent.actor, agent.value, deter, stoch, 4, 0.99, 0.95, 0.0, 3, True)
+    assert actions.shape == (4, 3, 2) and values.shape == (6, 3) and actions.abs().max() <= 1
+    assert (values[-1] > values[0]).all(), values  # gradient ascent on V_lambda(s_t), every env
+    assert not torch.equal(actions[1:], proposal[1:])  # the whole sequence is optimised, not only a_0
+    torch.testing.assert_close(flat, flat[:1].expand(3, -1))  # lr 0: one fixed latent sample, same value
+    for n, p in agent.named_parameters():
+        assert p.grad is None, n
+        assert torch.equal(p, before[n]), n
+
+
+# --- Table 2 switches --------------------------------------------------------------------------
+@pytest.mark.parametrize("switch, present, absent", [
+    ({}, {"losses/infonce", "losses/sac_q", "mpc/value"}, {"losses/image"}),
+    ({"generative": True}, {"losses/image", "losses/sac_q", "mpc/value"}, {"losses/infonce"}),
+    ({"reward_only": True}, {"losses/reward", "mpc/value"}, {"losses/infonce", "losses/image"}),
+    ({"no_sac": True}, {"losses/infonce", "mpc/value"}, {"losses/sac_q", "losses/sac_actor"}),
+    ({"no_mpc": True}, {"losses/infonce", "losses/sac_q"}, {"mpc/value"}),
+])
+def test_every_table2_switch_runs(switch, present, absent, one_thread):
+    args, agent, opts, mpc = tiny_build(**switch)
+    before = {n: p.clone() for n, p in agent.actor.named_parameters()}
+    metrics = c.update(agent, opts, batch(), args)
+    state = c.initial_state(agent, 2, torch.device("cpu"))
+    action, state, act_metrics = c.policy(agent, state, batch()["obs"][:, 0], torch.ones(2, dtype=torch.bool),
+                                          True, mpc)
+    metrics.update(act_metrics)
+    assert action.shape == (2, 2) and action.abs().max() <= 1
+    assert present <= set(metrics) and not absent & set(metrics)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert any(not torch.equal(p, before[n]) for n, p in agent.actor.named_parameters())
+    assert (agent.wm.decoder is not None) == bool(switch.get("generative"))
+
+
+# --- Main: CLI, determinism, help, errors ------------------------------------------------------
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    return ea
+
+
+def test_smoke_cli(tmp_path):
+    """The real command line with a tiny model: final JSON line, finite losses, events, video, checkpoint."""
+    flags = {**TINY, "env_id": "cartpole-balance", "total_timesteps": 300, "eval_every": 200, "eval_episodes": 2,
+             "log_every": 100}
+    cmd = [sys.executable, os.path.join(ROOT, "cvrl.py"), "--capture-video", "--save-model"]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads(out.stdout.strip().splitlines()[-1])
+    assert math.isfinite(final["final_eval_return"]) and len(final["eval_returns"]) == 2
+    assert final["updates"] == 3 + 3 * 2  # 3 pretrain updates at frame 102 (prefill done), 2 at 152, 202, 252
+    run_dir = os.path.join(tmp_path, final["run_dir"])
+    ea = _events(run_dir)
+    tags = ea.Tags()["scalars"]
+    for tag in ("losses/infonce", "losses/reward", "losses/kl", "losses/model", "losses/actor", "losses/value",
+                "losses/sac_q", "losses/sac_actor", "mpc/value", "eval/episodic_return", "charts/episodic_return",
+                "charts/SPS"):
+        assert tag in tags, tag
+        assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
+    assert "eval/video" in ea.Tags()["images"] and glob.glob(os.path.join(run_dir, "videos", "eval_*.gif"))
+    ckpt = torch.load(os.path.join(run_dir, "cvrl.pt"), weights_only=False)
+    assert {"agent", "opts", "args"} <= set(ckpt) and set(ckpt["opts"]) == {"model", "value", "actor", "sac"}
+
+
+def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    args = c.Args(**{**TINY, "time_limit": 40, "prefill": 60, "train_every": 40}, env_id="cartpole-balance",
+                  total_timesteps=120, eval_every=10 ** 6, eval_episodes=1, log_every=120)
+    first, second = c.main(args), c.main(args)
+    assert first["updates"] > 0 and "losses/infonce" in first["losses"]
+    assert first["losses"] == second["losses"]
+
+
+def test_help_documents_every_hyperparameter_with_its_source(capsys):
+    import tyro
+
+    with pytest.raises(SystemExit):
+        tyro.cli(c.Args, args=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(c.Args):
+        assert f"--{field.name.replace('_', '-')}" in text, field.name
+    for source in ("CVRL App. B: 6e-4", "CVRL App. B: 8e-5", "CVRL Sec. 4.1: 50", "CVRL App. B: 30",
+                   "CVRL App. B: 0.003", "CVRL code: 1;", "Dreamer v1: 3.0", "Dreamer v1 code: 5", "our choice",
+                   'Table 2 "CVRL-generative"', 'Table 2 "CVRL-reward-only"', 'Table 2 "CVRL-no-SAC"',
+                   'Table 2 "CVRL-no-MPC"'):
+        assert source in text, source
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(env_id="walker-sprint"), "--env-id"),
+    (dict(batch_length=1), "--batch-length"),
+    (dict(generative=True, reward_only=True), "--generative"),
+    (dict(mpc_iterations=0), "--mpc-iterations"),
+    (dict(imag_horizon=1), "--imag-horizon"),
+    (dict(background="natural", background_dir="/nonexistent/videos"), "--background-dir"),
+])
+def test_bad_input_names_the_flag(kwargs, flag, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=flag):
+        c.main(c.Args(**kwargs))
+    assert not os.path.exists(tmp_path / "runs")  # before any heavy work
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
+    real_update = c.update
+
+    def bad_update(*a, **k):
+        metrics = real_update(*a, **k)
+        metrics["losses/reward"] = metrics["losses/reward"] * float("nan")
+        return metrics
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(c, "update", bad_update)
+    args = c.Args(**{**TINY, "time_limit": 40, "prefill": 40}, env_id="cartpole-balance", total_timesteps=120,
+                  eval_every=10 ** 6, eval_episodes=1, log_every=80, no_mpc=True)
+    with pytest.raises(FloatingPointError, match=r"losses/reward .* step 80"):
+        c.main(args)
+    assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))  # what was written is kept
