@@ -73,7 +73,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -81,7 +80,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import make_vector_env
+from common.envs import is_dmc, make_vector_env
 from common.replay import ReplayBuffer
 
 LN_EPS = 1e-3  # Keras LayerNormalization epsilon (DreamerV2 GRU)
@@ -807,16 +806,15 @@ def main(args: Args) -> dict:
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
     try:
+        if not is_dmc(args.env_id):  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
+            raise ValueError(f"--env-id {args.env_id} is a state task; {os.path.basename(__file__)} learns from "
+                             "64x64 pixels (use a DMC id such as walker-walk)")
         envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}")
     eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
                                 split="eval", **env_kwargs)
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
-    if len(obs_shape) != 3 or obs_shape[1:] != (64, 64) or isinstance(act_space, gym.spaces.Discrete):
-        envs.close(), eval_envs.close()  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
-        raise SystemExit(f"error: {os.path.basename(__file__)} learns from 64x64 pixels with continuous actions; "
-                         f"--env-id {args.env_id} has observations of shape {obs_shape} (use a DMC id such as walker-walk)")
     action_dim = int(np.prod(act_space.shape))
     try:
         replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
@@ -846,7 +844,7 @@ def main(args: Args) -> dict:
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
     autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
     state = None  # acting state, zeros once the policy takes over
-    global_step, updates, updates_due, pretrained, start_time = 0, 0, 0.0, False, time.time()
+    global_step, updates, train_credit, pretrained, start_time = 0, 0, 0, False, time.time()
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
     try:
@@ -877,15 +875,17 @@ def main(args: Args) -> dict:
                         writer.add_scalar("charts/episodic_length", l, global_step)
 
             # ALGO LOGIC: `pretrain` updates when the prefill ends, then one update every `train_every` agent steps
+            n_updates = 0
             if ready:
-                updates_due += agent_steps / args.train_every + (0 if pretrained else args.pretrain)
-                pretrained = True
-            while updates_due >= 1:
+                train_credit += agent_steps
+                n_updates = train_credit // args.train_every + (0 if pretrained else args.pretrain)
+                train_credit, pretrained = train_credit % args.train_every, True
+            for _ in range(n_updates):
                 data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
                 metrics = update(wm, actor, critic, slow_critic, opts, data, args, updates)
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + v
-                n_metrics, updates, updates_due = n_metrics + 1, updates + 1, updates_due - 1
+                n_metrics, updates = n_metrics + 1, updates + 1
                 if args.video_every and global_step >= next_video:
                     next_video += args.video_every
                     log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), global_step, fps=10)

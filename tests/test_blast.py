@@ -1,0 +1,512 @@
+"""Tests of blast.py: KL balance gradients, target encoder EMA and batch split, AR prior teacher forcing,
+BatchNorm modes, DreamerV2's truncated-normal actor, lambda-returns and slow critic, ablations, CLI."""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import blast as b
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(deter=16, hidden=16, stoch=4, classes=4, ar_steps=4, cnn_depth=2, units=16, mlp_layers=1,
+            batch_size=4, batch_length=6, imag_horizon=3, prefill=20, pretrain=2, buffer_size=2000, time_limit=60)
+OBS = (3, 64, 64)
+
+
+def tiny_agent(seed=0, **kw):
+    """Args with the TINY sizes (overridden by kw, after the ladder preset) and make_agent's outputs, 2-dim actions."""
+    torch.manual_seed(seed)
+    args = b.apply_ladder(b.Args(**{**TINY, **kw}))
+    return (args, *b.make_agent(args, OBS, 2, torch.device("cpu")))
+
+
+def batch(B=4, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = dict(obs=torch.randint(0, 256, (B, T, *OBS), dtype=torch.uint8, generator=g),
+                action=torch.rand(B, T, 2, generator=g) * 2 - 1, reward=torch.rand(B, T, generator=g),
+                is_first=torch.zeros(B, T, dtype=torch.bool), is_terminal=torch.zeros(B, T, dtype=torch.bool))
+    data["is_first"][:, 0] = True
+    return data
+
+
+def wm_loss(wm, data, args, **kw):
+    """world_model_loss with args' settings, overridden by kw."""
+    a = dataclasses.replace(args, **kw)
+    return b.world_model_loss(wm, data, a.kl_balance, a.kl_free, a.kl_scale, a.reward_scale, a.image_scale,
+                              a.target_input_p, a.reconstruction, a.reward_grad)
+
+
+def grads(loss, params):
+    return [g if g is not None else torch.zeros_like(p)
+            for g, p in zip(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)]
+
+
+def norm(gs):
+    return sum(g.abs().sum() for g in gs).item()
+
+
+# --- KL ----------------------------------------------------------------------------------------
+def test_kl_balance_one_trains_only_the_prior_with_free_nats_on_the_batch_mean():
+    # Two (b, t) entries, one latent of two classes: post [0.5, 0.5]; priors [a, 1 - a] with KL 0.5 and ~2.0.
+    kl_of = lambda a: -math.log(2) - 0.5 * math.log(a * (1 - a))  # noqa: E731
+    a1, a2 = 0.5 * (1 - math.sqrt(1 - 4 * math.exp(-2 * (0.5 + math.log(2))))), 0.002
+    post = torch.zeros(2, 1, 1, 2, requires_grad=True)
+    prior = torch.log(torch.tensor([[[[a1, 1 - a1]]], [[[a2, 1 - a2]]]])).requires_grad_()
+    mean_kl = (kl_of(a1) + kl_of(a2)) / 2
+    assert kl_of(a1) == pytest.approx(0.5) and mean_kl > 1.0
+    loss, value = b.kl_loss(post, prior, balance=1.0, free=1.0)
+    # max(1, mean KL) (free_avg), not mean(max(1, KL)) = (1 + KL_2) / 2
+    assert loss.item() == pytest.approx(mean_kl, rel=1e-5) and value.item() == pytest.approx(mean_kl, rel=1e-5)
+    g_post, g_prior = torch.autograd.grad(loss, [post, prior])
+    assert torch.all(g_post == 0) and g_prior.abs().sum() > 0  # +SG: nothing reaches the posterior
+    loss, _ = b.kl_loss(post, prior, balance=0.8, free=1.0)  # DreamerV2: both sides
+    g_post, g_prior = torch.autograd.grad(loss, [post, prior])
+    assert g_post.abs().sum() > 0 and g_prior.abs().sum() > 0
+    loss, _ = b.kl_loss(post, prior, balance=1.0, free=5.0)  # below the free nats: no gradient at all
+    assert loss.item() == 5.0 and torch.autograd.grad(loss, prior)[0].abs().sum() == 0
+
+
+def test_world_model_kl_gradient_reaches_the_encoder_only_with_balance_below_one(one_thread):
+    # T = 1: h_1 comes from the zero state, so the KL reaches the encoder only through the posterior term.
+    args, wm, *_ = tiny_agent(ladder="sg", reward_scale=0.0)
+    data = batch(T=1)
+    enc, prior_params = list(wm.encoder.parameters()), list(wm.rssm.img_dist.parameters())
+    loss = wm_loss(wm, data, args, kl_balance=1.0, kl_free=0.0)[0]
+    assert norm(grads(loss, enc)) == 0 and norm(grads(loss, prior_params)) > 0
+    loss = wm_loss(wm, data, args, kl_balance=0.8, kl_free=0.0)[0]
+    assert norm(grads(loss, enc)) > 0
+
+
+# --- Target encoder -----------------------------------------------------------------------------
+def test_ema_update_by_hand_and_batchnorm_statistics_not_copied(one_thread):
+    torch.manual_seed(0)
+    online, target = b.Encoder(3, 2, batch_norm=True), b.Encoder(3, 2, batch_norm=True)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.normal_()
+    online(torch.randint(0, 256, (8, *OBS), dtype=torch.uint8))  # train mode: online running stats move
+    old_t = [p.clone() for p in target.parameters()]
+    old_buffers = [x.clone() for x in target.buffers()]
+    b.ema_update(target, online, 0.99)
+    for p_t, p_old, p in zip(target.parameters(), old_t, online.parameters()):
+        torch.testing.assert_close(p_t, 0.99 * p_old + 0.01 * p)
+    for x_t, x_old, x in zip(target.buffers(), old_buffers, online.buffers()):
+        assert torch.equal(x_t, x_old)  # running mean / var / count stay the target's own
+    assert not torch.equal(target.net[1].running_mean, online.net[1].running_mean)
+
+
+def test_update_copies_then_ema_after_every_model_step(one_thread):
+    args, wm, actor, critic, slow, opts = tiny_agent()
+    data = batch()
+    with torch.no_grad():
+        for p in wm.target_encoder.parameters():
+            p.add_(1.0)
+    bn_before = wm.target_encoder.net[1].running_mean.clone()
+    b.update(wm, actor, critic, slow, opts, data, args, updates=0)  # the first update copies
+    for p_t, p in zip(wm.target_encoder.parameters(), wm.encoder.parameters()):
+        assert torch.equal(p_t, p)
+    # The target's BatchNorm statistics moved with its own forward pass and differ from the online ones.
+    assert not torch.equal(wm.target_encoder.net[1].running_mean, bn_before)
+    assert not torch.equal(wm.target_encoder.net[1].running_mean, wm.encoder.net[1].running_mean)
+    old = [p.clone() for p in wm.target_encoder.parameters()]
+    b.update(wm, actor, critic, slow, opts, batch(seed=1), args, updates=1)
+    for p_t, p_old, p in zip(wm.target_encoder.parameters(), old, wm.encoder.parameters()):
+        torch.testing.assert_close(p_t, 0.99 * p_old + 0.01 * p)
+        assert not p_t.requires_grad
+    assert not any(torch.equal(p_t, p) for p_t, p in zip(wm.target_encoder.parameters(), wm.encoder.parameters())
+                   if p.dim() > 1)
+
+
+def test_half_batch_split_feeds_online_then_target_posteriors(one_thread):
+    args, wm, *_ = tiny_agent()
+    data = batch()
+    with torch.no_grad():
+        for p in wm.target_encoder.parameters():
+            p.mul_(1.5)  # target != online
+    D = args.deter
+    for p, n in ((0.5, 2), (0.0, 4), (1.0, 0), (0.25, 3)):
+        torch.manual_seed(3)
+        out = wm_loss(wm, data, args, target_input_p=p)[3]
+        torch.manual_seed(3)  # the online posterior is the first thing sampled: same draws
+        on_deter, on_stoch, _ = wm.rssm.observe(wm.encoder(data["obs"]), data["action"], data["is_first"])
+        on_feat = b.feature(on_deter, on_stoch).detach()
+        feat = out["feat"].detach()
+        torch.testing.assert_close(feat[:n], on_feat[:n])
+        torch.testing.assert_close(feat[n:], b.feature(out["t_deter"], out["t_stoch"])[n:])
+        assert not torch.allclose(on_feat[:, :, :D], out["t_deter"])  # the two halves really differ
+        # The prior is a one-step prediction from the mixed h_t, teacher-forced on the target sample.
+        prior, _ = wm.rssm.prior(feat[..., :D], teacher=out["t_stoch"])
+        torch.testing.assert_close(out["prior"].detach(), prior.detach())
+
+
+# --- AR prior -------------------------------------------------------------------------------------
+def test_ar_prior_teacher_forced_in_training_free_running_in_imagination(one_thread):
+    torch.manual_seed(0)
+    rssm = b.RSSM(deter=8, stoch=4, classes=3, hidden=8, action_dim=2, embed_dim=5, batch_norm=False, ar_steps=4)
+    deter = torch.randn(6, 8)
+    teacher = F.one_hot(torch.randint(0, 3, (6, 4)), 3).float()
+    logits_a, _ = rssm.prior(deter, teacher)
+    logits_b, _ = rssm.prior(deter, teacher)
+    torch.testing.assert_close(logits_a, logits_b)  # teacher-forced: the logits ignore the prior's own draws
+    other = teacher.clone()
+    other[:, 1] = other[:, 1].roll(1, -1)  # change chunk 1 only
+    logits_c, _ = rssm.prior(deter, other)
+    torch.testing.assert_close(logits_c[:, :2], logits_a[:, :2])  # chunks 0, 1 do not see chunk 1
+    assert not torch.allclose(logits_c[:, 2], logits_a[:, 2])  # chunk 2 is conditioned on chunk 1
+    # Free-running: chunk i+1 is conditioned on the prior's own sample of chunk i.
+    torch.manual_seed(5)
+    free_logits, sample = rssm.prior(deter)
+    torch.testing.assert_close(rssm.prior(deter, teacher=sample)[0], free_logits)
+    assert not torch.allclose(rssm.prior(deter, teacher=1 - sample.detach())[0][:, 1:], free_logits[:, 1:])
+    # img_step's latent is that free-running sample from h_t = f(h, z, a).
+    stoch, action = F.one_hot(torch.randint(0, 3, (6, 4)), 3).float(), torch.rand(6, 2)
+    torch.manual_seed(7)
+    h, z = rssm.img_step(deter, stoch, action)
+    torch.manual_seed(7)
+    torch.testing.assert_close(h, rssm.recurrent(deter, stoch, action))
+    torch.testing.assert_close(z, rssm.prior(h)[1])
+
+
+def test_imagination_never_feeds_target_chunks(one_thread, monkeypatch):
+    args, wm, actor, critic, slow, opts = tiny_agent()
+    calls = []
+    prior = wm.rssm.prior
+
+    def recording_prior(deter, teacher=None):
+        calls.append((tuple(deter.shape), teacher is None))
+        return prior(deter, teacher)
+
+    monkeypatch.setattr(wm.rssm, "prior", recording_prior)
+    b.update(wm, actor, critic, slow, opts, batch(), args, updates=0)
+    N = args.batch_size * args.batch_length
+    assert calls[0] == ((args.batch_size, args.batch_length, args.deter), False)  # training: teacher-forced
+    assert calls[1:] == [((N, args.deter), True)] * args.imag_horizon  # imagination: free-running
+
+
+# --- Behaviour: DreamerV2's actor, critic, returns ---------------------------------------------------
+def test_trunc_normal_samples_log_prob_entropy_by_hand():
+    Phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    mu, sd = 0.6, 0.5
+    d = b.TruncNormal(torch.full((200_000, 1), mu), torch.full((200_000, 1), sd))
+    torch.manual_seed(0)
+    x = d.rsample()
+    assert x.min() >= -1 + 1e-6 - 1e-7 and x.max() <= 1 - 1e-6 + 1e-7
+    a, bb = (-1 - mu) / sd, (1 - mu) / sd
+    Z = Phi(bb) - Phi(a)
+    phi = lambda v: math.exp(-v * v / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    assert x.mean().item() == pytest.approx(mu + sd * (phi(a) - phi(bb)) / Z, abs=3e-3)  # truncated mean
+    # log-prob: ln phi((x - mu) / sd) - ln sd - ln Z
+    pts = torch.tensor([[-0.9], [0.0], [0.6], [0.99]])
+    d1 = b.TruncNormal(torch.full((4, 1), mu), torch.full((4, 1), sd))
+    want = [math.log(phi((v - mu) / sd) / sd / Z) for v in pts[:, 0].tolist()]
+    torch.testing.assert_close(d1.log_prob(pts), torch.tensor(want))
+    # Entropy against numerical integration of -p ln p on [-1, 1]; two action dims sum.
+    grid = torch.linspace(-1, 1, 20001, dtype=torch.float64)[:, None]
+    d64 = b.TruncNormal(torch.tensor([[mu]], dtype=torch.float64), torch.tensor([[sd]], dtype=torch.float64))
+    lp = d64.log_prob(grid)
+    assert torch.trapezoid(lp.exp(), grid[:, 0]).item() == pytest.approx(1.0, abs=1e-6)
+    assert d64.entropy().item() == pytest.approx(torch.trapezoid(-lp.exp() * lp, grid[:, 0]).item(), abs=1e-6)
+    d2 = b.TruncNormal(torch.tensor([[mu, 0.0]]), torch.tensor([[sd, 1.0]]))
+    d0 = b.TruncNormal(torch.tensor([[0.0]]), torch.tensor([[1.0]]))
+    assert d2.entropy().item() == pytest.approx(d64.entropy().item() + d0.entropy().item(), rel=1e-5)
+    # Reparameterised: the sample moves with the mean.
+    m = torch.zeros(3, 2, requires_grad=True)
+    b.TruncNormal(m, torch.ones(3, 2)).rsample().sum().backward()
+    assert torch.all(m.grad > 0)
+
+
+def test_actor_is_dreamerv2_trunc_normal():
+    torch.manual_seed(0)
+    actor = b.Actor(feat_dim=5, action_dim=2, units=8, layers=1, min_std=0.1)
+    feat = torch.randn(7, 5) * 3
+    raw_mean, raw_std = actor.net(feat).chunk(2, -1)
+    dist = actor(feat)
+    torch.testing.assert_close(dist.mean, torch.tanh(raw_mean))
+    torch.testing.assert_close(dist.std, 2 * torch.sigmoid(raw_std / 2) + 0.1)
+    torch.testing.assert_close(dist.mode, torch.tanh(raw_mean))
+
+
+def test_lambda_return_hand_computed_dreamerv2_convention():
+    # r_t of state t; V_2 = r_2 + d (0.5 v_3 + 0.5 v_3) with V_3 = bootstrap v_3 = 4, d = 0.9, lam = 0.5:
+    # V_2 = 3 + 0.9 * 4 = 6.6;  V_1 = 2 + 0.9 (0.5 * 2 + 0.5 * 6.6) = 5.87;  V_0 = 1 + 0.9 (0.5 * 1 + 0.5 * 5.87) = 4.0915
+    reward, value = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[0.5], [1.0], [2.0]])
+    disc, boot = torch.full((3, 1), 0.9), torch.tensor([4.0])
+    torch.testing.assert_close(b.lambda_return(reward, value, disc, boot, 0.5), torch.tensor([[4.0915], [5.87], [6.6]]))
+    ret = b.lambda_return(reward, value, disc, boot, 1.0)  # Monte Carlo: 1 + 0.9 * 2 + 0.81 * 3 + 0.729 * 4
+    assert ret[0, 0].item() == pytest.approx(1 + 1.8 + 2.43 + 2.916)
+    ret = b.lambda_return(reward, value, disc, boot, 0.0)  # one-step: r_t + d v_{t+1}
+    torch.testing.assert_close(ret[:, 0], torch.tensor([1 + 0.9 * 1.0, 2 + 0.9 * 2.0, 3 + 0.9 * 4.0]))
+
+
+def test_actor_critic_losses_hand_computed(one_thread):
+    """Constant reward r, slow critic v', critic v, entropy 0: V_t = r + g ((1 - lam) v' + lam V_{t+1}),
+    actor -mean_t g^t V_{t+1} (t = 0..H-2), critic mean_t g^t -ln N(V_t; v, 1) (t = 0..H-1)."""
+    args, wm, actor, critic, slow, _ = tiny_agent()
+    r, v, vs, g, lam, H = 0.3, -0.2, 1.5, 0.9, 0.5, 3
+    for head, c in ((wm.reward, r), (critic.net, v), (slow.net, vs)):
+        with torch.no_grad():
+            head[-1].weight.zero_()
+            head[-1].bias.fill_(c)
+    deter = torch.randn(5, args.deter)
+    stoch = F.one_hot(torch.randint(0, 4, (5, 4)), 4).float()
+    actor_loss, critic_loss, _ = b.actor_critic_loss(wm, actor, critic, slow, deter, stoch, H, g, lam, 0.0)
+    V = [0.0] * H
+    nxt = vs  # bootstrap v'(s_H)
+    for t in reversed(range(H)):
+        V[t] = r + g * ((1 - lam) * vs + lam * nxt)
+        nxt = V[t]
+    assert actor_loss.item() == pytest.approx(-(V[1] + g * V[2]) / 2, rel=1e-5)
+    nll = lambda t: 0.5 * (t - v) ** 2 + 0.5 * math.log(2 * math.pi)  # noqa: E731
+    assert critic_loss.item() == pytest.approx(sum(g ** t * nll(V[t]) for t in range(H)) / H, rel=1e-5)
+
+
+def test_actor_gradient_flows_through_the_dynamics(one_thread, monkeypatch):
+    args, wm, actor, critic, slow, _ = tiny_agent()  # full BLAST: AR prior, BatchNorm
+    deter, stoch = torch.randn(8, args.deter), F.one_hot(torch.randint(0, 4, (8, 4)), 4).float()
+    wm.requires_grad_(False)
+    params = list(actor.parameters())
+    loss = b.actor_critic_loss(wm, actor, critic, slow, deter, stoch, 3, 0.99, 0.95, 0.0)[0]
+    assert norm(grads(loss, params)) > 0
+    # With the imagined actions cut from the graph no gradient is left: it all came through the dynamics.
+    rsample = b.TruncNormal.rsample
+    monkeypatch.setattr(b.TruncNormal, "rsample", lambda self: rsample(self).detach())
+    loss = b.actor_critic_loss(wm, actor, critic, slow, deter, stoch, 3, 0.99, 0.95, 0.0)[0]
+    assert norm(grads(loss, params)) == 0
+
+
+class ToyDynamics:
+    """h_{t+1} = h_t + [a_t, 0...]: the first state dimension accumulates the first action."""
+
+    def img_step(self, deter, stoch, action):
+        return deter + F.pad(action, (0, deter.shape[-1] - action.shape[-1])), stoch
+
+
+@pytest.mark.parametrize("dim, sign", [(0, 1.0), (0, -1.0), (1, 1.0)])
+def test_actor_learns_the_rewarded_action_direction(dim, sign, one_thread):
+    """Reward = sign * h[dim] (rewards sign * a[dim] > 0, ignores the other action): a few actor updates
+    move the mean of a[dim] that way, more than the other one (which only moves through the shared layers)."""
+    torch.manual_seed(0)
+    D, S, K = 6, 2, 3
+    reward = torch.nn.Linear(D + S * K, 1)
+    with torch.no_grad():
+        reward.weight.zero_()
+        reward.bias.zero_()
+        reward.weight[0, dim] = sign
+    wm = types.SimpleNamespace(rssm=ToyDynamics(), reward=reward)
+    actor = b.Actor(D + S * K, 2, 16, 2, 0.1)
+    critic = b.Critic(D + S * K, 16, 1)
+    slow = b.Critic(D + S * K, 16, 1).requires_grad_(False)
+    deter, stoch = torch.zeros(64, D), F.one_hot(torch.randint(0, K, (64, S)), K).float()
+    opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    before = actor(b.feature(deter, stoch)).mean.mean(0).detach()
+    for _ in range(10):
+        loss = b.actor_critic_loss(wm, actor, critic, slow, deter, stoch, 5, 0.99, 0.95, 0.0)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    change = actor(b.feature(deter, stoch)).mean.mean(0).detach() - before
+    assert sign * change[dim] > 0.05  # pushed towards the rewarded direction
+    assert abs(change[1 - dim]) < abs(change[dim])
+
+
+def test_slow_critic_hard_copy_every_100_updates(one_thread):
+    critic, slow = b.Critic(4, 8, 1), b.Critic(4, 8, 1)
+    copies = []
+    for u in range(250):
+        with torch.no_grad():
+            critic.net[-1].bias.fill_(float(u))
+        b.slow_critic_update(slow, critic, u, 100)
+        copies.append(slow.net[-1].bias.item())
+    assert copies[:3] == [0.0, 0.0, 0.0] and copies[99] == 0.0 and copies[100] == 100.0 and copies[199] == 100.0
+    assert copies[200] == 200.0 and copies[249] == 200.0
+    # Inside update(): update 100 copies the critic after its step, update 101 leaves the slow critic alone.
+    args, wm, actor, critic, slow, opts = tiny_agent()
+    b.update(wm, actor, critic, slow, opts, batch(), args, updates=100)
+    assert all(torch.equal(p_s, p) for p_s, p in zip(slow.parameters(), critic.parameters()))
+    b.update(wm, actor, critic, slow, opts, batch(seed=1), args, updates=101)
+    assert not all(torch.equal(p_s, p) for p_s, p in zip(slow.parameters(), critic.parameters()))
+
+
+def test_rssm_zeroes_state_and_action_at_is_first():
+    torch.manual_seed(0)
+    rssm = b.RSSM(deter=8, stoch=2, classes=3, hidden=8, action_dim=2, embed_dim=5, batch_norm=False, ar_steps=1)
+    deter, stoch, act, embed = torch.randn(2, 8), torch.rand(2, 2, 3), torch.randn(2, 2), torch.randn(2, 5)
+    h, _, _ = rssm.obs_step(deter, stoch, act, embed, torch.tensor([True, False]))
+    torch.testing.assert_close(h[0], rssm.recurrent(torch.zeros(1, 8), torch.zeros(1, 2, 3), torch.zeros(1, 2))[0])
+    torch.testing.assert_close(h[1], rssm.recurrent(deter[1:], stoch[1:], act[1:])[0])
+    # observe: step t consumes action[:, t-1], so the last action changes nothing.
+    e, a = torch.randn(2, 4, 5), torch.randn(2, 4, 2)
+    first = torch.zeros(2, 4, dtype=torch.bool)
+    torch.manual_seed(1)
+    h1 = rssm.observe(e, a, first)[0]
+    a[:, -1] += 1
+    torch.manual_seed(1)
+    torch.testing.assert_close(rssm.observe(e, a, first)[0], h1)
+
+
+# --- Ablations ------------------------------------------------------------------------------------
+def test_ladder_presets_set_the_five_switches():
+    rows = {"dreamerv2": (True, 0.8, False, False, 1), "no_recon": (False, 0.8, False, False, 1),
+            "sg": (False, 1.0, False, False, 1), "ema": (False, 1.0, True, False, 1),
+            "bn": (False, 1.0, True, True, 1), "ar": (False, 1.0, True, True, 8)}
+    for rung, want in rows.items():
+        a = b.apply_ladder(b.Args(ladder=rung))
+        assert (a.reconstruction, a.kl_balance, a.target_encoder, a.batch_norm, a.ar_steps) == want, rung
+    full = b.Args()
+    assert b.apply_ladder(b.Args(ladder="ar")) == dataclasses.replace(full, ladder="ar")  # defaults = full BLAST
+
+
+@pytest.mark.parametrize("kw", [dict(ladder=r) for r in b.LADDER] + [dict(reward_grad=False), dict(ar_steps=2),
+                                                                      dict(target_input_p=1.0)])
+def test_every_ablation_runs_one_finite_update(kw, one_thread):
+    args, wm, actor, critic, slow, opts = tiny_agent(**kw)
+    assert (wm.target_encoder is not None) == args.target_encoder
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in wm.modules()) == args.batch_norm
+    assert hasattr(wm.rssm, "ar_cell") == (args.ar_steps > 1)
+    m = b.update(wm, actor, critic, slow, opts, batch(), args, updates=0)
+    assert all(torch.isfinite(v) for v in m.values())
+    assert m["grad_norm/world_model"] > 0 and m["grad_norm/actor"] > 0 and m["grad_norm/decoder"] > 0
+
+
+def test_reconstruction_and_reward_grad_switches(one_thread):
+    args, wm, *_ = tiny_agent(ladder="ema")
+    data = batch()
+    enc = list(wm.encoder.parameters())
+    torch.manual_seed(0)
+    loss, image, metrics, _ = wm_loss(wm, data, args, reconstruction=True)
+    assert isinstance(image, float) and image == 0.0  # the pixel loss is in the model loss
+    torch.testing.assert_close(loss.detach(), metrics["losses/kl"] + metrics["losses/reward"] + metrics["losses/image"])
+    torch.manual_seed(0)
+    loss_sg, image_sg, metrics, _ = wm_loss(wm, data, args, reconstruction=False)  # -recon
+    torch.testing.assert_close(loss_sg.detach(), metrics["losses/kl"] + metrics["losses/reward"])
+    assert norm(grads(image_sg, enc)) == 0 and norm(grads(image_sg, list(wm.decoder.parameters()))) > 0
+    torch.testing.assert_close(norm(grads(loss, enc)) > 0, True)
+    # The image loss of the unit Normal: its value includes 0.5 ln(2 pi) per pixel.
+    assert metrics["losses/image"].item() > 0.5 * math.log(2 * math.pi) * 3 * 64 * 64
+    # A.3 latent prediction only: the reward loss trains the head but not the representation.
+    for reward_grad in (True, False):
+        _, _, m, out = wm_loss(wm, data, args, reward_grad=reward_grad, kl_scale=0.0)
+        loss = wm_loss(wm, data, args, reward_grad=reward_grad, kl_scale=0.0)[0]
+        assert (norm(grads(loss, enc)) > 0) == reward_grad
+        assert norm(grads(loss, list(wm.reward.parameters()))) > 0
+
+
+# --- Acting, the command line ----------------------------------------------------------------------
+def tiny_main_args(**kw):
+    return b.Args(**{**TINY, "time_limit": 40, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 80,
+                     "eval_every": 10**6, "eval_episodes": 1, "log_every": 80, "video_every": 0, **kw})
+
+
+def test_acting_is_in_eval_mode_with_the_target_encoder(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    seen, policy = [], b.policy
+
+    def recording_policy(wm, actor, state, obs, is_first, explore=True):
+        bn = [m for m in wm.target_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        stats = [m.running_mean.clone() for m in bn]
+        out = policy(wm, actor, state, obs, is_first, explore)
+        seen.append((wm.training, wm.target_encoder.training, wm.rssm.training,
+                     all(torch.equal(s, m.running_mean) for s, m in zip(stats, bn)), explore))
+        return out
+
+    monkeypatch.setattr(b, "policy", recording_policy)
+    b.main(tiny_main_args(prefill=10, total_timesteps=60))
+    assert seen and all(s[:4] == (False, False, False, True) for s in seen)  # eval mode, statistics untouched
+    assert {s[4] for s in seen} == {True, False}  # sampling while training, the mode in evaluation
+    # The acting encoder is the target encoder (and the online one without +EMA).
+    _, wm, *_ = tiny_agent()
+    assert wm.act_encoder is wm.target_encoder
+    _, wm, *_ = tiny_agent(target_encoder=False)
+    assert wm.act_encoder is wm.encoder
+
+
+def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    first, second = b.main(tiny_main_args()), b.main(tiny_main_args())
+    assert first["updates"] > 0 and first["losses"]
+    assert first["losses"] == second["losses"]
+    third = b.main(tiny_main_args(seed=2))
+    assert third["losses"] != first["losses"]
+
+
+def test_bad_input_names_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for kw, flag in ((dict(env_id="walker-sprint"), "--env-id"), (dict(ar_steps=3), "--ar-steps"),
+                     (dict(ladder="big"), "--ladder"), (dict(target_input_p=1.5), "--target-input-p"),
+                     (dict(kl_balance=-0.1), "--kl-balance"), (dict(batch_size=1), "--batch-size"),
+                     (dict(env_id="Hopper-v5"), "--env-id")):
+        with pytest.raises(SystemExit, match=f"^error: .*{flag}"):
+            b.main(b.Args(**kw))
+
+
+def test_help_documents_every_hyperparameter_with_its_source(capsys):
+    import tyro
+
+    with pytest.raises(SystemExit):
+        tyro.cli(b.Args, args=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(b.Args):
+        assert f"--{field.name.replace('_', '-')}" in text, field.name
+    for source in ("BLAST A.2 DMC: rssm.deter 200", "BLAST A.2: kl.balance 1.0", "BLAST A.2: target_ema 0.99",
+                   "BLAST A.2: target_input_p 0.5", "DreamerV2 dmc_vision: model_opt.lr 3e-4",
+                   "BLAST A.2 DMC: train_every 5", "DreamerV2 slow_target_update 100", "BLAST A.3",
+                   "dreamerv2|no_recon|sg|ema|bn|ar"):
+        assert source in text, source
+
+
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    return ea
+
+
+def test_smoke_cli(tmp_path):
+    """The real command line with a tiny model: final JSON line, finite losses, events, videos, checkpoint."""
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 240, "eval_every": 160,
+             "eval_episodes": 2, "log_every": 80, "video_every": 160, "prefill": 30}  # 30 rows hold a batch
+    cmd = [sys.executable, os.path.join(ROOT, "blast.py"), "--capture-video", "--save-model"]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads(out.stdout.strip().splitlines()[-1])
+    assert math.isfinite(final["final_eval_return"]) and len(final["eval_returns"]) == 2
+    assert final["updates"] == 2 + (240 // 2 - 30) // 5  # pretrain + one per 5 agent steps after the prefill
+    run_dir = os.path.join(tmp_path, final["run_dir"])
+    ea = _events(run_dir)
+    tags = ea.Tags()["scalars"]
+    for tag in ("losses/kl", "losses/reward", "losses/image", "losses/world_model", "losses/actor",
+                "losses/critic", "eval/episodic_return", "charts/episodic_return", "charts/SPS"):
+        assert tag in tags, tag
+        assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
+    assert {"openloop", "eval/video"} <= set(ea.Tags()["images"])
+    assert glob.glob(os.path.join(run_dir, "videos", "eval_*.gif"))
+    ckpt = torch.load(os.path.join(run_dir, "blast.pt"), weights_only=False)
+    assert {"wm", "actor", "critic", "slow_critic", "opts"} <= set(ckpt)
+    assert any(k.startswith("target_encoder.") for k in ckpt["wm"])
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
+    real_update = b.update
+
+    def bad_update(*a, **k):
+        metrics = real_update(*a, **k)
+        metrics["losses/kl"] = metrics["losses/kl"] * float("nan")
+        return metrics
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(b, "update", bad_update)
+    with pytest.raises(FloatingPointError, match=r"losses/kl .* step 80"):
+        b.main(tiny_main_args())
+    assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))
