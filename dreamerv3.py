@@ -534,6 +534,8 @@ def world_model_loss(wm, data, loss_scales, free_bits):
     metrics["losses/world_model"] = loss.detach()
     metrics["stats/prior_entropy"] = -(prior.exp() * prior).sum((-2, -1)).mean().detach()
     metrics["stats/posterior_entropy"] = -(post.exp() * post).sum((-2, -1)).mean().detach()
+    # KL[q || p] before the free-bits clip: the clipped losses read 1.0 for a working and a collapsed model alike
+    metrics["stats/kl"] = categorical_kl(post.detach(), prior.detach()).mean()
     return loss, metrics, (deter.detach(), stoch.detach())
 
 

@@ -591,8 +591,10 @@ def world_model_loss(wm, slow_value, data, loss_scales, free_bits, gamma, lam):
     if "action" in loss_scales:
         # [MuDreamer Eq. 3] action predictor -ln p(a_{t-1} | x_t, s_{t-1}) for t >= 1, not where an episode starts
         # (masked zeros diluted in the mean as for the value). Only the log-prob: no sample is drawn.
+        # The target is the executed action: the env clips the policy's Normal sample into [-1, 1], and
+        # that clipped action is what caused the change from x_{t-1} to x_t (a no-op for one-hot actions).
         logp, _, _ = wm.heads["action"].dist(torch.cat([embed[:, 1:], feat[:, :-1]], -1))
-        losses["action"] = -logp(action[:, :-1]) * ~data["is_first"][:, 1:]  # (B, T-1)
+        losses["action"] = -logp(action[:, :-1].clamp(-1.0, 1.0)) * ~data["is_first"][:, 1:]  # (B, T-1)
     losses["kl_dyn"], losses["kl_rep"] = kl_terms(post, prior, free_bits)
     assert losses.keys() == loss_scales.keys(), (sorted(losses), sorted(loss_scales))
     loss = sum(loss_scales[k] * v.mean() for k, v in losses.items())
@@ -600,6 +602,8 @@ def world_model_loss(wm, slow_value, data, loss_scales, free_bits, gamma, lam):
     metrics["losses/world_model"] = loss.detach()
     metrics["stats/prior_entropy"] = -(prior.exp() * prior).sum((-2, -1)).mean().detach()
     metrics["stats/posterior_entropy"] = -(post.exp() * post).sum((-2, -1)).mean().detach()
+    # KL[q || p] before the free-bits clip: the clipped losses read 1.0 for a working and a collapsed model alike
+    metrics["stats/kl"] = categorical_kl(post.detach(), prior.detach()).mean()
     return loss, metrics, (deter.detach(), stoch.detach())
 
 

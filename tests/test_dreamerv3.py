@@ -315,6 +315,8 @@ def test_one_update_is_finite_and_trains_every_network(one_thread):
     before = {f"{k}.{n}": p.clone() for k, net in nets.items() for n, p in net.named_parameters()}
     m = d.update(wm, actor, critic, slow, d.ReturnNorm(0.99, 5, 95, 1.0), opts, data, a)
     assert all(torch.isfinite(v) for v in m.values())
+    # The raw KL is logged before the free-bits clip (a fresh model sits mostly below 1 nat; the clipped loss >= 1).
+    assert 0 < m["stats/kl"].item() < m["losses/kl_dyn"].item() and m["losses/kl_dyn"].item() >= 1.0
     # The first reward loss is ln(255): the zero-initialised output layer predicts uniform bins.
     assert m["losses/reward"].item() == pytest.approx(math.log(255), rel=1e-5)
     after = {f"{k}.{n}": p for k, net in nets.items() for n, p in net.named_parameters()}

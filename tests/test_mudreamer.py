@@ -115,7 +115,7 @@ def test_value_and_action_losses_masked_and_shape_the_representation(one_thread)
 
 def test_value_and_action_losses_match_eq3_eq5_by_hand(one_thread):
     """losses["value"] = NLL of head(s_t) under R_t of Eq. 5 bootstrapped by the SLOW v', masked where is_first[t+1];
-    losses["action"] = -ln p(a_{t-1} | x_t, s_{t-1}) masked where is_first[t]; an episode starts mid-sequence."""
+    losses["action"] = -ln p(clip(a_{t-1}) | x_t, s_{t-1}) masked where is_first[t]; an episode starts mid-sequence."""
     a = _tiny_args()
     wm, slow_value, *_ = _agent(a)
     torch.manual_seed(1)
@@ -126,6 +126,7 @@ def test_value_and_action_losses_match_eq3_eq5_by_hand(one_thread):
     data = _batch(B=2, T=6)
     data["is_first"][0, 3] = True  # row 0: a new episode at t = 3
     data["is_terminal"][1, 4] = True  # row 1: c_4 = 0
+    data["action"] = data["action"] * 3  # raw Normal samples, partly outside [-1, 1]: the env executes clip(a)
     scales = {"reward": 0.0, "cont": 0.0, "kl_dyn": 0.0, "kl_rep": 0.0, "value": 1.0, "action": 1.0}
     torch.manual_seed(7)
     _, metrics, _ = m.world_model_loss(wm, slow_value, data, scales, 1.0, a.gamma, a.lam)
@@ -141,7 +142,9 @@ def test_value_and_action_losses_match_eq3_eq5_by_hand(one_thread):
         assert valid[0, 2] == 0 and valid.sum() == 2 * 5 - 1
         value = (m.twohot_loss(wm.heads["value"](feat[:, :-1]), ret, wm.bins) * valid).mean()
         _, logp, _ = wm.heads["action"](torch.cat([embed[:, 1:], feat[:, :-1]], -1))
-        action = (-logp(data["action"][:, :-1]) * ~data["is_first"][:, 1:]).mean()
+        executed = data["action"][:, :-1].clamp(-1, 1)
+        assert (executed != data["action"][:, :-1]).any()
+        action = (-logp(executed) * ~data["is_first"][:, 1:]).mean()
     torch.testing.assert_close(metrics["losses/value"], value)
     torch.testing.assert_close(metrics["losses/action"], action)
 
