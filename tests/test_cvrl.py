@@ -93,8 +93,11 @@ def test_world_model_loss_terms_and_free_nats(one_thread):
     # CELBO = -InfoNCE + reward NLL + max(KL, 3): the KL of the tiny model is below 3 nats here
     assert m["losses/kl"].item() < 3.0
     torch.testing.assert_close(loss.detach(), m["losses/infonce"] + m["losses/reward"] + 3.0)
-    # free nats act on the batch-mean KL: below them the prior (img_out, reached only by the KL) gets no gradient
-    for free_nats, expect in ((3.0, False), (0.0, True)):
+    # free nats act on the batch-mean KL (not per (b, t)): just above the mean the prior (img_out, reached only
+    # by the KL) gets no gradient, although some (b, t) terms exceed it; just below the mean it does
+    torch.manual_seed(1)
+    kl = c.world_model_loss(wm, data, 3.0, 1.0)[1]["losses/kl"].item()
+    for free_nats, expect in ((kl + 1e-3, False), (kl - 1e-3, True)):
         wm.zero_grad()
         torch.manual_seed(1)
         c.world_model_loss(wm, data, free_nats, 1.0)[0].backward()
