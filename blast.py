@@ -12,7 +12,7 @@ Paper symbol -> code name
     h_t  deter (GRU state)   z_t  stoch (S one-hot latents of K classes)   s_t = [h_t, z_t]  feat
     q_theta(z_t | h_t, x_t)  post logits   q_xi(z_t | h_t, x_t)  target post   p_theta(z_t | h_t)  prior logits
     xi <- tau xi + (1 - tau) theta  ema_update (tau = target_ema)   r^_t  heads reward   alpha  kl_balance
-    v(s_t)  critic   v_targ(s_t)  slow_critic   pi(a_t | s_t)  actor   V^lambda_t  ret (DreamerV2 Eq. 4)
+    v(s_t)  critic   v_targ(s_t)  slow_critic   pi(a_t | s_t)  actor   V^lambda_t  ret (DreamerV2 lambda-target)
 
 Shape letters: B batch, T sequence length, H imagination horizon, N = B*T imagination starts, D deter,
 S stoch latents, K classes, C = S / ar_steps latents per AR chunk, F = D + S*K, E embed, A action dim.
@@ -23,10 +23,9 @@ action are zeroed (DreamerV2 resets to its zero initial state).
 Reward timing (DreamerV2, not DreamerV3): r_t is predicted from s_t and the lambda-return of state t starts
 with r_t: V_t = r_t + gamma ((1 - lam) v(s_{t+1}) + lam V_{t+1}); DreamerV3 uses r_{t+1} there instead.
 
-Step counting: BLAST A.2 "steps 1e6" counts DreamerV2 agent steps (one per action, logged x action repeat),
-so the paper's 1e6 steps are 2e6 frames here: `global_step` counts frames, `--total-timesteps 2000000`.
-`--prefill` and `--train-every` are in agent steps as in A.2 (1000 agent steps = 2000 frames; one update
-per 5 agent steps, i.e. replayed steps per policy step = B*T/5 = 160 in DreamerV3's train-ratio terms).
+Step counting: BLAST A.2 "steps 1e6" counts DreamerV2 agent steps (one per action, logged x action repeat), so
+the paper's 1e6 steps are 2e6 frames of `global_step` (`--total-timesteps 2000000`). `--prefill` and `--train-every`
+count agent steps as in A.2 (1000 = 2000 frames; one update per 5 agent steps = a train ratio of B*T/5 = 160).
 
 Ablation ladder of Figs. 3-4 (each rung adds to the one before), one flag each, `--ladder RUNG`:
     dreamerv2  --reconstruction --kl-balance 0.8 --no-target-encoder --no-batch-norm --ar-steps 1
@@ -34,9 +33,8 @@ Ablation ladder of Figs. 3-4 (each rung adds to the one before), one flag each, 
     ema        + --target-encoder          bn  + --batch-norm          ar  + --ar-steps S (= full BLAST, default)
 A.3 (Fig. 5) "latent prediction only": `--no-reward-grad` (no reward gradient into the representation).
 
-Tags: `[BLAST Eq. 2.N]` / `[BLAST Sec. N]` point at arXiv:2111.04387; `[DreamerV2 ...]` at DreamerV2
-(arXiv:2010.02193) and its code, which BLAST runs unchanged where it does not say otherwise.
-
+Tags: `[BLAST Eq. 2.N]` / `[BLAST Sec. N]` point at arXiv:2111.04387. DreamerV2 (arXiv:2010.02193, not in papers/)
+items are tagged by topic or code name (`[DreamerV2 lambda-target]`); BLAST runs that code where it says nothing.
 Decisions where the paper and the issue are silent: continuous actions only (DMC); evaluation takes the
 actor's mode and samples the latent (DreamerV2 eval mode); the open-loop video uses the acting encoder.
 
@@ -45,19 +43,18 @@ Deviations from the paper / the official code (each also tagged `# DEVIATION` wh
  2. Every replayed batch starts from the zero state with a zero previous action; the official code carries
     the last posterior (and action) of the previous batch over. Sequences are windows of the shared replay
     that may cross episode starts (state reset at is_first) instead of DreamerV2's per-episode chunks.
- 3. The decoder has its own Adam (same lr, eps, clip, weight decay) and its own gradient clip; the official
-    code puts it in the model optimiser, so its gradient norm shares the world model's clip of 100. With
-    sg(features) that coupling would let the picture-only decoder rescale world-model steps (A.5 says the
-    decoder is for visualisation only). With --reconstruction the pixel loss also flows into the features.
+ 3. The decoder has its own Adam (same settings) and clip; the official code's model optimiser also holds it, so
+    its gradient norm shares the world model's clip of 100 and could rescale world-model steps although A.5 calls
+    the decoder visualisation only. With --reconstruction the pixel loss also flows into the features.
  4. The AR prior computes only the current chunk's logits at each of its steps (the official head computes
-    all S*K logits and keeps one chunk) and skips the AR GRU step after the last chunk: same values.
+    all S*K logits and keeps one chunk) and skips the AR GRU step after the last chunk: same values. Without
+    the target encoder (no ladder rung) it is teacher-forced on sg(online posterior); the official code's
+    branch without a target encoder runs it free in training.
  5. Replay capacity 1e6 steps by default (DreamerV2: 2e6), which fits in memory; --buffer-size 2000000 restores it.
- 6. Truncated-normal sampling by the inverse CDF (torch.special.ndtri) with u clamped to [1e-6, 1 - 1e-6]
-    (tails of mass 1e-6 dropped), then DreamerV2's straight-through clip to [-1 + 1e-6, 1 - 1e-6]; TFP draws
-    exact samples with implicit reparameterisation gradients.
- 7. The slow critic starts as a copy of the critic (the official one starts at its own random init and is
-    first copied after update 0, so only update 0's targets differ). Adam's eps is torch's (added to the
-    bias-corrected sqrt(v)) rather than Keras' (added before the bias correction).
+ 6. Truncated-normal samples by the inverse CDF (torch.special.ndtri), its argument clamped to [1e-6, 1 - 1e-6],
+    then DreamerV2's straight-through clip to [-1 + 1e-6, 1 - 1e-6]; TFP samples exactly (implicit gradients).
+ 7. The slow critic starts as a copy of the critic (official: own init, first copied after update 0). Adam's
+    eps is torch's (added to the bias-corrected sqrt(v)), not Keras' (added before the bias correction).
 
 Run:  python blast.py --env-id walker-walk            (full BLAST; --ladder dreamerv2 for the base)
 """
@@ -237,6 +234,10 @@ def sample_onehot(logits):
     return sample + probs - probs.detach()
 
 
+def categorical_entropy(logits):  # (..., S, K) -> mean over (...) of the entropy summed over the S latents
+    return -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum((-2, -1)).mean().detach()
+
+
 def categorical_kl(logits_p, logits_q):
     """KL[p || q] of S independent categoricals, summed over the S latents: (..., S, K) -> (...)."""
     logp, logq = F.log_softmax(logits_p, -1), F.log_softmax(logits_q, -1)
@@ -245,21 +246,17 @@ def categorical_kl(logits_p, logits_q):
 
 def kl_loss(post, prior, balance, free):
     """[DreamerV2 KL balancing, BLAST Eq. 2.4] alpha max(free, E KL[sg(q) || p]) + (1 - alpha) max(free, E KL[q || sg(p)]).
-
-    post, prior: logits (B, T, S, K). Free nats on the batch mean (free_avg). alpha = 1 (+SG) trains only the
-    prior. Returns (loss, mean KL value).
-    """
+    post, prior: logits (B, T, S, K); free nats on the batch mean (free_avg); alpha = 1 (+SG) trains only p.
+    Returns (loss, mean KL)."""
     prior_term = torch.clamp(categorical_kl(post.detach(), prior).mean(), min=free)  # trains p
     post_term = torch.clamp(categorical_kl(post, prior.detach()).mean(), min=free)  # trains q
     return balance * prior_term + (1 - balance) * post_term, categorical_kl(post, prior).mean().detach()
 
 
 def lambda_return(reward, value, disc, bootstrap, lam):
-    """[DreamerV2 Eq. 4, common.lambda_return] V_t = r_t + d_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap.
-
+    """[DreamerV2 lambda-target, common.lambda_return] V_t = r_t + d_t ((1 - lam) v_{t+1} + lam V_{t+1}), V_H = bootstrap.
     reward, value, disc: (H, N) r_0..r_{H-1}, v_0..v_{H-1}, d_0..d_{H-1}; bootstrap (N,) = v_H. Returns (H, N).
-    Note r_t is the reward predicted for state t (DreamerV2 convention; DreamerV3 would use r_{t+1}).
-    """
+    r_t is the reward predicted for state t (DreamerV2 convention; DreamerV3 would use r_{t+1})."""
     next_value = torch.cat([value[1:], bootstrap[None]], 0)
     inputs = reward + disc * next_value * (1 - lam)
     ret, out = bootstrap, []
@@ -271,10 +268,8 @@ def lambda_return(reward, value, disc, bootstrap, lam):
 
 class TruncNormal:
     """[DreamerV2 TruncNormalDist] Normal(mean, std) truncated to [low, high], independent over the last axis.
-
-    rsample: inverse CDF, x = mean + std ndtri(Phi(a) + u (Phi(b) - Phi(a))) with a, b the standardised bounds,
-    differentiable in mean and std; then DreamerV2's straight-through clip into [low + 1e-6, high - 1e-6].
-    """
+    rsample: inverse CDF x = mean + std ndtri(Phi(a) + u (Phi(b) - Phi(a))), a, b the standardised bounds
+    (differentiable in mean and std), then DreamerV2's straight-through clip into [low + 1e-6, high - 1e-6]."""
 
     def __init__(self, mean, std, low=-1.0, high=1.0):
         self.mean, self.std, self.low, self.high = mean, std, low, high
@@ -316,10 +311,9 @@ def init_weights(m):
 # --- Networks --------------------------------------------------------------------------------
 def mlp(inp, units, layers, out):
     """[DreamerV2 common.MLP] `layers` x (Linear + ELU), no norm, then a Linear to `out`."""
-    mods = []
-    for i in range(layers):
-        mods += [nn.Linear(inp if i == 0 else units, units), nn.ELU()]
-    return nn.Sequential(*mods, nn.Linear(units if layers else inp, out))
+    sizes = [inp] + [units] * layers
+    return nn.Sequential(*[m for i in range(layers) for m in (nn.Linear(sizes[i], units), nn.ELU())],
+                         nn.Linear(sizes[-1], out))
 
 
 class Encoder(nn.Module):
@@ -328,12 +322,9 @@ class Encoder(nn.Module):
     def __init__(self, channels, depth, batch_norm):
         super().__init__()
         layers, c_in = [], channels
-        for i in range(4):
-            c_out = depth * 2 ** i
-            layers += [nn.Conv2d(c_in, c_out, 4, 2)]
-            layers += [nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)] if batch_norm else []
-            layers += [nn.ELU()]
-            c_in = c_out
+        for c_out in (depth, 2 * depth, 4 * depth, 8 * depth):
+            norm = [nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)] if batch_norm else []
+            layers, c_in = layers + [nn.Conv2d(c_in, c_out, 4, 2), *norm, nn.ELU()], c_out
         self.net, self.out_dim = nn.Sequential(*layers), c_in * 2 * 2
 
     def forward(self, obs):  # (..., 3, 64, 64) uint8 -> (..., E); BatchNorm statistics over all B*T images
@@ -364,11 +355,10 @@ class GRUCell(nn.Module):
         super().__init__()
         self.linear, self.norm = nn.Linear(inp + size, 3 * size), nn.LayerNorm(3 * size, eps=LN_EPS)
 
-    def forward(self, x, state):
+    def forward(self, x, state):  # (..., inp), (..., size) -> (..., size)
         reset, cand, update = self.norm(self.linear(torch.cat([x, state], -1))).chunk(3, -1)
-        reset, update = torch.sigmoid(reset), torch.sigmoid(update - 1.0)
-        cand = torch.tanh(reset * cand)
-        return update * cand + (1 - update) * state
+        update = torch.sigmoid(update - 1.0)
+        return update * torch.tanh(torch.sigmoid(reset) * cand) + (1 - update) * state
 
 
 class RSSM(nn.Module):
@@ -395,24 +385,20 @@ class RSSM(nn.Module):
             self.ar_sample_in = nn.Sequential(nn.Linear(self.chunk * classes, hidden), nn.ELU())
             self.ar_cell = GRUCell(hidden, deter)
 
-    def initial(self, n, device):
-        """DreamerV2's zero initial state: (n, D), (n, S, K)."""
+    def initial(self, n, device):  # DreamerV2's zero initial state: (n, D), (n, S, K)
         return torch.zeros(n, self.deter, device=device), torch.zeros(n, self.stoch, self.classes, device=device)
 
-    def recurrent(self, deter, stoch, action):
-        """h_t = GRU(h_{t-1}, img_in([z_{t-1}, a_{t-1}]))."""
+    def recurrent(self, deter, stoch, action):  # h_t = GRU(h_{t-1}, img_in([z_{t-1}, a_{t-1}]))
         return self.gru(self.img_in(torch.cat([stoch.flatten(-2), action], -1)), deter)
 
     def post_logits(self, deter, embed):  # (..., D), (..., E) -> (..., S, K)
         return self.obs_dist(self.obs_out(torch.cat([deter, embed], -1))).unflatten(-1, (self.stoch, self.classes))
 
     def prior(self, deter, teacher=None):
-        """p(z_t | h_t): (..., D) -> logits (..., S, K) and a sample z^_t (..., S, K).
+        """p(z_t | h_t): (..., D) -> logits (..., S, K) and a sample z^_t (..., S, K). ar_steps 1: one head on h_t.
 
-        Independent prior (ar_steps 1): one head on h_t. [BLAST Sec. 2.3.2] AR prior: a separate GRU seeded
-        with h_t emits the latents chunk by chunk; chunk i+1 is conditioned on chunk i, which is `teacher`'s
-        chunk i when given (training: sg(target posterior sample)) and the prior's own sample otherwise
-        (imagination, pictures).
+        [BLAST Sec. 2.3.2] AR prior: a separate GRU seeded with h_t emits the latents chunk by chunk; chunk i+1 is
+        conditioned on `teacher`'s chunk i (training: sg(target posterior)), else on its own sample (imagination).
         """
         if self.ar_steps == 1:
             logits = self.img_dist(self.img_out(deter)).unflatten(-1, (self.stoch, self.classes))
@@ -438,10 +424,8 @@ class RSSM(nn.Module):
         return deter, sample_onehot(logits), logits
 
     def observe(self, embed, action, is_first):
-        """Posterior states of a (B, T) sequence; step t consumes action[:, t-1].
-
-        Returns deter (B, T, D), stoch (B, T, S, K), post logits (B, T, S, K). The prior is computed from
-        deter afterwards (one step ahead of each h_t), so that its inputs can be mixed (BLAST Sec. 2.3.2).
+        """Posterior states of a (B, T) sequence; step t consumes action[:, t-1]. Returns deter (B, T, D),
+        stoch (B, T, S, K), post logits (B, T, S, K); the prior comes afterwards from deter, so that its inputs can be mixed.
         """
         B, T = is_first.shape
         # DEVIATION: every batch starts from the zero state (the official code carries the last posterior over)
@@ -475,17 +459,14 @@ class WorldModel(nn.Module):
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if target_encoder else None
 
     @property
-    def act_encoder(self):
-        """The encoder that acting, imagination starts and pictures use (BLAST: the target encoder)."""
+    def act_encoder(self):  # what acting and pictures use (BLAST: the target encoder)
         return self.encoder if self.target_encoder is None else self.target_encoder
 
-    def model_parameters(self):
-        """What the model optimiser trains: all but the target encoder and the decoder."""
+    def model_parameters(self):  # what the model optimiser trains: all but the target encoder and the decoder
         return [p for n, p in self.named_parameters() if not n.startswith(("target_encoder.", "decoder."))]
 
 
-def feature(deter, stoch):
-    """s_t = [h_t, flatten(z_t)]: (..., D), (..., S, K) -> (..., F)."""
+def feature(deter, stoch):  # s_t = [h_t, flatten(z_t)]: (..., D), (..., S, K) -> (..., F)
     return torch.cat([deter, stoch.flatten(-2)], -1)
 
 
@@ -495,8 +476,7 @@ class Actor(nn.Module):
     def __init__(self, feat_dim, action_dim, units, layers, min_std):
         super().__init__()
         self.action_dim, self.min_std = action_dim, min_std
-        self.net = mlp(feat_dim, units, layers, 2 * action_dim)
-        self.apply(init_weights)
+        self.net = mlp(feat_dim, units, layers, 2 * action_dim).apply(init_weights)
 
     def forward(self, feat):  # (..., F) -> TruncNormal over (..., A)
         mean, std = self.net(feat).chunk(2, -1)
@@ -508,8 +488,7 @@ class Critic(nn.Module):
 
     def __init__(self, feat_dim, units, layers):
         super().__init__()
-        self.net = mlp(feat_dim, units, layers, 1)
-        self.apply(init_weights)
+        self.net = mlp(feat_dim, units, layers, 1).apply(init_weights)
 
     def forward(self, feat):  # (..., F) -> (...)
         return self.net(feat)[..., 0]
@@ -536,11 +515,8 @@ def make_agent(args, obs_shape, action_dim, device):
 # --- Losses and the update step --------------------------------------------------------------
 def world_model_loss(wm, data, kl_balance, kl_free, kl_scale, reward_scale, image_scale, target_input_p,
                      reconstruction, reward_grad):
-    """[BLAST Eq. 2.4] (DreamerV2 Eq. 2.3 with --reconstruction and without the target encoder) on a (B, T) batch.
-
-    Returns (model loss, decoder loss, metrics, outputs) where outputs hold the prior logits, the target
-    posterior (deter, stoch, logits) and the mixed features; the imagination starts are the target posteriors.
-    """
+    """[BLAST Eq. 2.4] (Eq. 2.3, DreamerV2's, with --reconstruction and without the target encoder) on a (B, T) batch.
+    Returns (model loss, decoder loss, metrics, outputs: prior logits, target posterior, mixed features)."""
     obs, action, is_first = data["obs"], data["action"], data["is_first"]
     B = obs.shape[0]
     embed = wm.encoder(obs)  # (B, T, E)
@@ -560,31 +536,25 @@ def world_model_loss(wm, data, kl_balance, kl_free, kl_scale, reward_scale, imag
         kl_post = post
     # [BLAST Sec. 2.3.2] prior from each h_t, teacher-forced on sg(target posterior sample) chunks
     prior, _ = wm.rssm.prior(deter, teacher=t_stoch.detach())  # (B, T, S, K)
-    losses = {}
     # [BLAST Eq. 2.4, DreamerV2 KL balancing] ABLATION(kl_balance)
-    losses["kl"], kl_value = kl_loss(kl_post, prior, kl_balance, kl_free)
+    kl, kl_value = kl_loss(kl_post, prior, kl_balance, kl_free)
     feat = feature(deter, stoch)  # (B, T, F)
     # [BLAST Eq. 2.4] -ln p(r_t | s_t), unit Normal; A.3: no reward gradient into s_t. ABLATION(reward_grad)
-    losses["reward"] = gaussian_nll(wm.reward(feat if reward_grad else feat.detach())[..., 0], data["reward"]).mean()
-    # [DreamerV2 Eq. 2.3] -ln p(o_t | s_t), unit Normal summed over pixels; -recon: the decoder sees sg(s_t)
+    reward = gaussian_nll(wm.reward(feat if reward_grad else feat.detach())[..., 0], data["reward"]).mean()
+    # [BLAST Eq. 2.3] -ln p(o_t | s_t), unit Normal summed over pixels; -recon: the decoder sees sg(s_t)
     recon_in = feat if reconstruction else feat.detach()  # ABLATION(reconstruction)
     image = gaussian_nll(wm.decoder(recon_in), obs.float() / 255.0 - 0.5).sum((-3, -2, -1)).mean()
-    loss = kl_scale * losses["kl"] + reward_scale * losses["reward"]
-    if reconstruction:
-        loss = loss + image_scale * image
-    metrics = {f"losses/{k}": v.detach() for k, v in losses.items()}
-    metrics.update({"losses/image": image.detach(), "losses/world_model": loss.detach(), "stats/kl": kl_value,
-                    "stats/prior_entropy": -(F.softmax(prior, -1) * F.log_softmax(prior, -1)).sum((-2, -1)).mean().detach(),
-                    "stats/posterior_entropy": -(F.softmax(t_post, -1) * F.log_softmax(t_post, -1)).sum((-2, -1)).mean().detach()})
+    loss = kl_scale * kl + reward_scale * reward + (image_scale * image if reconstruction else 0.0)
+    metrics = {"losses/kl": kl.detach(), "losses/reward": reward.detach(), "losses/image": image.detach(),
+               "losses/world_model": loss.detach(), "stats/kl": kl_value,
+               "stats/prior_entropy": categorical_entropy(prior), "stats/posterior_entropy": categorical_entropy(t_post)}
     outputs = dict(prior=prior, t_deter=t_deter.detach(), t_stoch=t_stoch.detach(), t_post=t_post.detach(), feat=feat)
     return loss, (0.0 if reconstruction else image_scale * image), metrics, outputs
 
 
 def imagine(rssm, actor, deter, stoch, horizon):
-    """Roll the (free-running) prior H steps from N start states with a_t ~ pi(a_t | sg(s_t)), rsample.
-
-    Returns feat (H+1, N, F) for s_0..s_H and the actor entropies (H, N) at s_0..s_{H-1}.
-    """
+    """Roll the free-running prior H steps from N start states with a_t ~ pi(a_t | sg(s_t)) (rsample).
+    Returns feat (H+1, N, F) for s_0..s_H and the actor entropies (H, N) at s_0..s_{H-1}."""
     feats, ents = [feature(deter, stoch)], []
     for _ in range(horizon):
         dist = actor(feats[-1].detach())  # [DreamerV2] the actor sees sg(s_t)
@@ -594,7 +564,7 @@ def imagine(rssm, actor, deter, stoch, horizon):
 
 
 def actor_critic_loss(wm, actor, critic, slow_critic, deter, stoch, horizon, gamma, lam, entropy_scale):
-    """[DreamerV2 Sec. 2.2, ActorCritic] dynamics backprop actor and MSE critic on trajectories from N start states.
+    """[DreamerV2 ActorCritic] dynamics backprop actor and MSE critic on trajectories from N start states.
 
         states   s_0  s_1 ... s_H        rewards r_t = reward(s_t), values v_targ(s_t) (slow critic)
         targets  V_0  V_1 ... V_{H-1}    weights w_t = gamma^t (no discount head: d_t = gamma)
@@ -606,12 +576,12 @@ def actor_critic_loss(wm, actor, critic, slow_critic, deter, stoch, horizon, gam
     reward = wm.reward(feat)[..., 0]  # (H+1, N) r_0..r_H, the mode of the unit Normal
     value = slow_critic(feat)  # (H+1, N); its parameters are frozen but the gradient reaches the actions
     disc = torch.full_like(reward, gamma)  # pred_discount False (BLAST A.2)
-    # [DreamerV2 Eq. 4] lambda_return(reward[:-1], value[:-1], disc[:-1], bootstrap=value[-1])
+    # [DreamerV2 lambda-target] lambda_return(reward[:-1], value[:-1], disc[:-1], bootstrap=value[-1])
     ret = lambda_return(reward[:-1], value[:-1], disc[:-1], value[-1], lam)  # (H, N)
     weight = torch.cumprod(torch.cat([torch.ones_like(disc[:1]), disc[:-1]]), 0).detach()  # (H+1, N)
-    # [DreamerV2 Eq. 6, actor_grad dynamics] maximise V^lambda by backpropagating through the dynamics
+    # [DreamerV2 actor loss, actor_grad dynamics] maximise V^lambda by backpropagating through the dynamics
     actor_loss = -(weight[:-2] * (ret[1:] + entropy_scale * ent[:-1])).mean()
-    # [DreamerV2 Eq. 5] critic regresses sg(V^lambda) on sg(s_t)
+    # [DreamerV2 critic loss] the critic regresses sg(V^lambda) on sg(s_t)
     critic_loss = (weight[:-1] * gaussian_nll(critic(feat[:-1].detach()), ret.detach())).mean()
     metrics = {"losses/actor": actor_loss.detach(), "losses/critic": critic_loss.detach(),
                "stats/actor_entropy": ent.mean().detach(), "stats/imagined_return": ret.mean().detach(),
@@ -630,8 +600,7 @@ def ema_update(target, online, decay):
 def slow_critic_update(slow_critic, critic, updates, every):
     """[DreamerV2 slow_target] hard copy critic -> slow critic when updates % every == 0 (update 0 included)."""
     if updates % every == 0:
-        for p_s, p in zip(slow_critic.parameters(), critic.parameters()):
-            p_s.copy_(p)
+        slow_critic.load_state_dict(critic.state_dict())
 
 
 def opt_step(opt, params, clip, weight_decay):
@@ -644,11 +613,8 @@ def opt_step(opt, params, clip, weight_decay):
 
 
 def update(wm, actor, critic, slow_critic, opts, data, args, updates):
-    """One training update (world model, target encoder EMA, actor, critic, slow critic). No host syncs.
-
-    `updates` is the number of updates done before this one (a Python int: it schedules the first EMA copy
-    and the slow critic's hard copies).
-    """
+    """One training update (world model, target EMA, actor, critic, slow critic). No host syncs. `updates`: the
+    number of updates before this one (a Python int scheduling the first EMA copy and the slow critic's copies)."""
     wm_opt, actor_opt, critic_opt, dec_opt = opts
     # DEVIATION: float32 throughout (the official code uses mixed float16)
     wm_loss, image_loss, metrics, out = world_model_loss(
@@ -689,13 +655,11 @@ def policy(wm, actor, state, obs, is_first, explore=True):
     return action, (deter, stoch, action)
 
 
-def initial_state(wm, actor, n, device):
-    """Acting state (h, z, previous action) of n envs: zeros (DreamerV2)."""
+def initial_state(wm, actor, n, device):  # acting state (h, z, previous action) of n envs: zeros (DreamerV2)
     return (*wm.rssm.initial(n, device), torch.zeros(n, actor.action_dim, device=device))
 
 
-def set_mode(training, *modules):
-    """[BLAST code] act with BatchNorm in eval mode (running statistics), train in train mode."""
+def set_mode(training, *modules):  # [BLAST code] act with BatchNorm in eval mode (running statistics)
     for m in modules:
         m.train(training)
 
@@ -721,9 +685,7 @@ def evaluate(wm, actor, envs, episodes, device, capture=False):
 @torch.no_grad()
 def openloop_video(wm, actor, data, context, n=4):
     """[DreamerV2 video_pred] `context` observed frames, then the free-running prior with the real actions.
-
-    Returns (T, 3*64, n*64, C) uint8 frames: real on top, model in the middle, error at the bottom.
-    """
+    Returns (T, 3*64, n*64, C) uint8 frames: real on top, model in the middle, error at the bottom."""
     set_mode(False, wm, actor)
     obs, action = data["obs"][:n], data["action"][:n]
     deter, stoch, _ = wm.rssm.observe(wm.act_encoder(obs[:, :context]), action[:, :context],
@@ -762,6 +724,8 @@ def apply_ladder(args):
     """[BLAST Figs. 3-4] `--ladder RUNG` sets the five switches; each rung adds one change to the previous one."""
     if args.ladder is None:
         return args
+    if args.ladder not in LADDER:
+        raise SystemExit(f"error: --ladder must be one of {'|'.join(LADDER)}, got {args.ladder!r}")
     rung = LADDER.index(args.ladder)
     return dataclasses.replace(args, reconstruction=rung < 1, kl_balance=0.8 if rung < 2 else 1.0,
                                target_encoder=rung >= 3, batch_norm=rung >= 4, ar_steps=args.stoch if rung >= 5 else 1)
@@ -769,7 +733,6 @@ def apply_ladder(args):
 
 def check_args(args):
     checks = [
-        (args.ladder is None or args.ladder in LADDER, f"--ladder must be one of {'|'.join(LADDER)}, got {args.ladder!r}"),
         (min(args.total_timesteps, args.num_envs, args.eval_episodes, args.eval_every, args.log_every) >= 1,
          "--total-timesteps, --num-envs, --eval-episodes, --eval-every and --log-every must be >= 1"),
         (args.video_every >= 0 and 0 < args.video_context < args.batch_length,
@@ -782,12 +745,11 @@ def check_args(args):
          "model sizes (--deter --hidden --stoch --classes --units --cnn-depth) must be >= 1, --mlp-layers >= 0"),
         (args.ar_steps >= 1 and args.stoch % args.ar_steps == 0,
          f"--ar-steps must be >= 1 and divide --stoch ({args.stoch}), got {args.ar_steps}"),
-        (0 <= args.kl_balance <= 1, f"--kl-balance must lie in [0, 1], got {args.kl_balance}"),
-        (0 <= args.target_ema <= 1, f"--target-ema must lie in [0, 1], got {args.target_ema}"),
-        (0 <= args.target_input_p <= 1, f"--target-input-p must lie in [0, 1], got {args.target_input_p}"),
+        *[(0 <= getattr(args, k) <= 1, f"--{k.replace('_', '-')} must lie in [0, 1], got {getattr(args, k)}")
+          for k in ("kl_balance", "target_ema", "target_input_p", "lam")],
         (args.imag_horizon >= 2 and args.slow_critic_every >= 1, "need --imag-horizon >= 2 and --slow-critic-every >= 1"),
-        (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must lie in (0, 1] and --lam in [0, 1]"),
-        (args.actor_min_std > 0 and args.kl_free >= 0, "need --actor-min-std > 0 and --kl-free >= 0"),
+        (0 < args.gamma <= 1 and args.actor_min_std > 0 and args.kl_free >= 0,
+         "need --gamma in (0, 1], --actor-min-std > 0 and --kl-free >= 0"),
         (min(args.model_lr, args.actor_lr, args.critic_lr, args.model_eps, args.ac_eps) > 0,
          "--model-lr, --actor-lr, --critic-lr, --model-eps and --ac-eps must be > 0"),
         (0 <= args.weight_decay < 1 and min(args.model_clip, args.ac_clip) > 0,
@@ -799,8 +761,8 @@ def check_args(args):
 
 
 def main(args: Args) -> dict:
-    check_args(args)
     args = apply_ladder(args)
+    check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
@@ -814,8 +776,7 @@ def main(args: Args) -> dict:
         raise SystemExit(f"error: {e}")
     eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
                                 split="eval", **env_kwargs)
-    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
-    action_dim = int(np.prod(act_space.shape))
+    obs_shape, action_dim = envs.single_observation_space.shape, int(np.prod(envs.single_action_space.shape))
     try:
         replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
     except (MemoryError, ValueError) as e:
