@@ -516,7 +516,7 @@ def make_agent(args, obs_shape, action_dim, device):
 def world_model_loss(wm, data, kl_balance, kl_free, kl_scale, reward_scale, image_scale, target_input_p,
                      reconstruction, reward_grad):
     """[BLAST Eq. 2.4] (Eq. 2.3, DreamerV2's, with --reconstruction and without the target encoder) on a (B, T) batch.
-    Returns (model loss, decoder loss, metrics, outputs: prior logits, target posterior, mixed features)."""
+    Returns (loss incl. the decoder's, metrics, outputs: prior logits, target posterior, mixed features)."""
     obs, action, is_first = data["obs"], data["action"], data["is_first"]
     B = obs.shape[0]
     embed = wm.encoder(obs)  # (B, T, E)
@@ -544,12 +544,13 @@ def world_model_loss(wm, data, kl_balance, kl_free, kl_scale, reward_scale, imag
     # [BLAST Eq. 2.3] -ln p(o_t | s_t), unit Normal summed over pixels; -recon: the decoder sees sg(s_t)
     recon_in = feat if reconstruction else feat.detach()  # ABLATION(reconstruction)
     image = gaussian_nll(wm.decoder(recon_in), obs.float() / 255.0 - 0.5).sum((-3, -2, -1)).mean()
-    loss = kl_scale * kl + reward_scale * reward + (image_scale * image if reconstruction else 0.0)
+    # As in the official code the decoder term is always in the loss; with sg(s_t) it reaches only the decoder.
+    loss = kl_scale * kl + reward_scale * reward + image_scale * image
     metrics = {"losses/kl": kl.detach(), "losses/reward": reward.detach(), "losses/image": image.detach(),
                "losses/world_model": loss.detach(), "stats/kl": kl_value,
                "stats/prior_entropy": categorical_entropy(prior), "stats/posterior_entropy": categorical_entropy(t_post)}
     outputs = dict(prior=prior, t_deter=t_deter.detach(), t_stoch=t_stoch.detach(), t_post=t_post.detach(), feat=feat)
-    return loss, (0.0 if reconstruction else image_scale * image), metrics, outputs
+    return loss, metrics, outputs
 
 
 def imagine(rssm, actor, deter, stoch, horizon):
@@ -617,11 +618,11 @@ def update(wm, actor, critic, slow_critic, opts, data, args, updates):
     number of updates before this one (a Python int scheduling the first EMA copy and the slow critic's copies)."""
     wm_opt, actor_opt, critic_opt, dec_opt = opts
     # DEVIATION: float32 throughout (the official code uses mixed float16)
-    wm_loss, image_loss, metrics, out = world_model_loss(
+    wm_loss, metrics, out = world_model_loss(
         wm, data, args.kl_balance, args.kl_free, args.kl_scale, args.reward_scale, args.image_scale,
         args.target_input_p, args.reconstruction, args.reward_grad)
     wm_opt.zero_grad(set_to_none=True), dec_opt.zero_grad(set_to_none=True)
-    (wm_loss + image_loss).backward()  # with sg(features) the two graphs are disjoint
+    wm_loss.backward()
     metrics["grad_norm/world_model"] = opt_step(wm_opt, wm.model_parameters(), args.model_clip, args.weight_decay)
     metrics["grad_norm/decoder"] = opt_step(dec_opt, list(wm.decoder.parameters()), args.model_clip, args.weight_decay)
     if wm.target_encoder is not None:  # [BLAST Sec. 2.3.1] after every model update; the first one copies
