@@ -11,7 +11,7 @@ Paper symbol -> code name
     o_t  obs (uint8 image)   x_t  embed = encoder(o_t)   x^xi_t  target embed = target_encoder(o_t)   a_t  action
     h_t  deter (GRU state)   z_t  stoch (S one-hot latents of K classes)   s_t = [h_t, z_t]  feat
     q_theta(z_t | h_t, x_t)  post logits   q_xi(z_t | h_t, x_t)  target post   p_theta(z_t | h_t)  prior logits
-    xi <- tau xi + (1 - tau) theta  ema_update (tau = target_ema)   r^_t  heads reward   alpha  kl_balance
+    xi <- tau xi + (1 - tau) theta  ema_update (tau = target_ema)   r^_t  wm.reward (unit Normal)   alpha  kl_balance
     v(s_t)  critic   v_targ(s_t)  slow_critic   pi(a_t | s_t)  actor   V^lambda_t  ret (DreamerV2 lambda-target)
 
 Shape letters: B batch, T sequence length, H imagination horizon, N = B*T imagination starts, D deter,
@@ -161,7 +161,7 @@ class Args:
     reward_scale: float = 1.0
     """reward loss scale beta_r (BLAST A.2 DMC: loss_scales.reward 1.0)"""
     image_scale: float = 1.0
-    """image loss scale beta_img, decoder loss (DreamerV2 loss_scales.image 1.0)"""
+    """image loss scale beta_img of the decoder loss (DreamerV2 loss_scales: image unset, default 1.0)"""
     model_lr: float = 3e-4
     """world model Adam learning rate (DreamerV2 dmc_vision: model_opt.lr 3e-4)"""
     model_eps: float = 1e-5
