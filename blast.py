@@ -35,14 +35,13 @@ A.3 (Fig. 5) "latent prediction only": `--no-reward-grad` (no reward gradient in
 
 Tags: `[BLAST Eq. 2.N]` / `[BLAST Sec. N]` point at arXiv:2111.04387. DreamerV2 (arXiv:2010.02193, not in papers/)
 items are tagged by topic or code name (`[DreamerV2 lambda-target]`); BLAST runs that code where it says nothing.
-Decisions where the paper and the issue are silent: continuous actions only (DMC); evaluation takes the
-actor's mode and samples the latent (DreamerV2 eval mode); the open-loop video uses the acting encoder.
+Decisions where paper and issue are silent: continuous actions only (DMC); evaluation takes the actor's mode
+and samples the latent (DreamerV2 eval mode); pictures use the acting encoder; the ladder overrides the 5 switches.
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
  1. float32 instead of mixed float16; a non-finite loss stops the run at the next log.
- 2. Every replayed batch starts from the zero state with a zero previous action; the official code carries
-    the last posterior (and action) of the previous batch over. Sequences are windows of the shared replay
-    that may cross episode starts (state reset at is_first) instead of DreamerV2's per-episode chunks.
+ 2. Every replayed window starts from the zero state and action (official: the previous batch's last posterior
+    carried over) and may cross episode starts (reset at is_first); DreamerV2 samples chunks within episodes.
  3. The decoder has its own Adam (same settings) and clip; the official code's model optimiser also holds it, so
     its gradient norm shares the world model's clip of 100 and could rescale world-model steps although A.5 calls
     the decoder visualisation only. With --reconstruction the pixel loss also flows into the features.
@@ -126,7 +125,7 @@ class Args:
     """how the background is found: "color" or "segmentation" (natural backgrounds only)"""
 
     # Replay and training schedule (BLAST A.2 DMC, DreamerV2 dmc_vision)
-    buffer_size: int = 1_000_000
+    buffer_size: int = 1_000_000  # DEVIATION: DreamerV2 holds 2e6 steps; 1e6 fits in memory
     """replay capacity in steps, FIFO (DreamerV2 replay.capacity: 2e6; 1e6 here to fit in memory)"""
     batch_size: int = 16
     """sequences per batch, B (DreamerV2 dataset.batch: 16)"""
@@ -428,7 +427,8 @@ class RSSM(nn.Module):
         stoch (B, T, S, K), post logits (B, T, S, K); the prior comes afterwards from deter, so that its inputs can be mixed.
         """
         B, T = is_first.shape
-        # DEVIATION: every batch starts from the zero state (the official code carries the last posterior over)
+        # DEVIATION: every batch starts from the zero state (official: the last posterior carried over); windows
+        # of the shared replay may cross episode starts (reset at is_first), DreamerV2 samples within episodes
         deter, stoch = self.initial(B, embed.device)
         prev_action = torch.cat([torch.zeros_like(action[:, :1]), action[:, :-1]], 1)  # a_{t-1}
         deters, stochs, logits = [], [], []
@@ -504,7 +504,7 @@ def make_agent(args, obs_shape, action_dim, device):
     critic = Critic(feat_dim, args.units, args.mlp_layers).to(device)
     # DEVIATION: the slow critic starts as a copy (official: own init, copied after update 0)
     slow_critic = copy.deepcopy(critic).requires_grad_(False)
-    opts = (torch.optim.Adam(wm.model_parameters(), lr=args.model_lr, eps=args.model_eps),
+    opts = (torch.optim.Adam(wm.model_parameters(), lr=args.model_lr, eps=args.model_eps),  # DEVIATION: torch's eps
             torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
             torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps),
             # DEVIATION: the decoder has its own optimiser and clip (official: the model's, one global clip)
@@ -532,7 +532,7 @@ def world_model_loss(wm, data, kl_balance, kl_free, kl_scale, reward_scale, imag
         deter, stoch = torch.cat([deter[:n], t_deter[n:]]), torch.cat([stoch[:n], t_stoch[n:]])
         kl_post = t_post.detach()  # [BLAST Eq. 2.4] KL(sg(q_xi) || p_theta)
     else:
-        t_deter, t_stoch, t_post = deter, stoch, post
+        t_deter, t_stoch, t_post = deter, stoch, post  # DEVIATION: an AR prior is teacher-forced on sg(q_theta) here
         kl_post = post
     # [BLAST Sec. 2.3.2] prior from each h_t, teacher-forced on sg(target posterior sample) chunks
     prior, _ = wm.rssm.prior(deter, teacher=t_stoch.detach())  # (B, T, S, K)
