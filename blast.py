@@ -45,15 +45,15 @@ Deviations from the paper / the official code (each also tagged `# DEVIATION` wh
  3. The decoder has its own Adam (same settings) and clip; the official code's model optimiser also holds it, so
     its gradient norm shares the world model's clip of 100 and could rescale world-model steps although A.5 calls
     the decoder visualisation only. With --reconstruction the pixel loss also flows into the features.
- 4. The AR prior computes only the current chunk's logits at each of its steps (the official head computes
-    all S*K logits and keeps one chunk) and skips the AR GRU step after the last chunk: same values. Without
-    the target encoder (no ladder rung) it is teacher-forced on sg(online posterior); the official code's
-    branch without a target encoder runs it free in training.
+ 4. The AR prior computes only the current chunk's logits at each of its steps (the official head computes all
+    S*K logits and keeps one chunk) and skips the AR GRU step after the last chunk: same values. Without the target
+    encoder (no ladder rung) it is teacher-forced on sg(online posterior); the official code runs it free there.
  5. Replay capacity 1e6 steps by default (DreamerV2: 2e6), which fits in memory; --buffer-size 2000000 restores it.
  6. Truncated-normal samples by the inverse CDF (torch.special.ndtri), its argument clamped to [1e-6, 1 - 1e-6],
     then DreamerV2's straight-through clip to [-1 + 1e-6, 1 - 1e-6]; TFP samples exactly (implicit gradients).
- 7. The slow critic starts as a copy of the critic (official: own init, first copied after update 0). Adam's
-    eps is torch's (added to the bias-corrected sqrt(v)), not Keras' (added before the bias correction).
+ 7. The slow critic starts as a copy of the critic (official: own init, first copied after update 0). The target
+    encoder's first update copies the online one (BYOL; official update_targets: xi <- mix xi + (1 - mix) theta with
+    mix 1 at update 0, which keeps xi's own random init). Adam's eps is torch's, not Keras' (before bias correction).
 
 Run:  python blast.py --env-id walker-walk            (full BLAST; --ladder dreamerv2 for the base)
 """
@@ -625,7 +625,7 @@ def update(wm, actor, critic, slow_critic, opts, data, args, updates):
     wm_loss.backward()
     metrics["grad_norm/world_model"] = opt_step(wm_opt, wm.model_parameters(), args.model_clip, args.weight_decay)
     metrics["grad_norm/decoder"] = opt_step(dec_opt, list(wm.decoder.parameters()), args.model_clip, args.weight_decay)
-    if wm.target_encoder is not None:  # [BLAST Sec. 2.3.1] after every model update; the first one copies
+    if wm.target_encoder is not None:  # DEVIATION: update 0 copies theta (official: keeps xi's own random init)
         ema_update(wm.target_encoder, wm.encoder, 0.0 if updates == 0 else args.target_ema)
 
     # Behaviour from all B*T target posteriors (BLAST: imagination starts from target_posts); wm frozen

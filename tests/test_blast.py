@@ -112,6 +112,7 @@ def test_update_copies_then_ema_after_every_model_step(one_thread):
             p.add_(1.0)
     bn_before = wm.target_encoder.net[1].running_mean.clone()
     b.update(wm, actor, critic, slow, opts, data, args, updates=0)  # the first update copies
+    assert "keeps xi's own random init" in b.__doc__  # a DEVIATION: the official first update keeps the target
     for p_t, p in zip(wm.target_encoder.parameters(), wm.encoder.parameters()):
         assert torch.equal(p_t, p)
     # The target's BatchNorm statistics moved with its own forward pass and differ from the online ones.
