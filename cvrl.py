@@ -106,7 +106,7 @@ class Args:
     """parallel training environments (CVRL code: 1)"""
     eval_every: int = 10_000
     """evaluate every this many frames (Dreamer v1 code: 1e4)"""
-    eval_episodes: int = 10
+    eval_episodes: int = 10  # DEVIATION: Dreamer v1 evaluates 1 episode; 10 is the house rule (deviation 7)
     """episodes per evaluation (house convention: 10)"""
     log_every: int = 2_000
     """log metrics every this many frames"""
@@ -124,7 +124,7 @@ class Args:
     """how the background is found: "color" or "segmentation" (natural backgrounds only)"""
 
     # Replay and training schedule (CVRL code, from Dreamer v1)
-    buffer_size: int = 1_000_000
+    buffer_size: int = 1_000_000  # DEVIATION: the code keeps every episode; FIFO bounds memory (deviation 8)
     """replay capacity in steps, FIFO (the code keeps every episode: deviation 8)"""
     batch_size: int = 50
     """sequences per batch, B (CVRL Sec. 4.1: 50)"""
@@ -192,13 +192,13 @@ class Args:
     """std of the additive Gaussian exploration noise when training, none in evaluation (CVRL code: 0.3)"""
 
     # Hybrid actor-critic (CVRL Sec. 3.2, Eq. 8)
-    hybrid_alpha: float = 1.0
+    hybrid_alpha: float = 1.0  # DEVIATION: neither paper nor code gives alpha (deviation 4)
     """alpha of Eq. 8, L = L_Dreamer + alpha L_SAC (not given by the paper or the code: our choice)"""
     sac_lr: float = 8e-5
     """SAC (Q nets and temperature) Adam learning rate (CVRL App. B: 8e-5)"""
     sac_tau: float = 0.005
     """soft target update rate of the Q nets (CVRL code: 0.005)"""
-    sac_init_temperature: float = 0.1
+    sac_init_temperature: float = 0.1  # DEVIATION: no value in CVRL; SAC-AE's DMC one (deviation 4)
     """initial SAC entropy temperature (not in CVRL; SAC-AE's DMC setting: 0.1)"""
 
     # Latent-guided MPC (CVRL A.3, App. B)
@@ -396,7 +396,8 @@ class WorldModel(nn.Module):
         self.reward = mlp(feat_dim, units, reward_layers, 1)
         contrastive = obs_model == "contrastive"
         self.contrast = ContrastiveCritic(self.encoder.out_dim, feat_dim, proj_dim) if contrastive else None
-        self.decoder = Decoder(feat_dim, obs_shape[0], cnn_depth) if obs_model == "generative" else None
+        self.decoder = (Decoder(feat_dim, obs_shape[0], cnn_depth)  # DEVIATION: 8, built only for --generative
+                        if obs_model == "generative" else None)
         self.apply(init_weights)
         if self.contrast is not None:
             nn.init.eye_(self.contrast.W)
@@ -576,14 +577,14 @@ def sac_losses(sac, actor, feat, data, gamma):
 
 
 def update(agent, opts, data, args):
-    """One training update: world model, then the Dreamer actor and value (+ SAC). No host syncs."""
+    """One training update: world model, Dreamer actor and value (+ SAC). No host syncs. As in Dreamer v1's code,
+    every loss is computed from the same (pre-update) parameters and the optimisers step only at the end."""
     wm, actor, value, sac = agent.wm, agent.actor, agent.value, agent.sac
     # DEVIATION: float32; the code trains in mixed float16.
     model_loss, metrics, (deter, stoch) = world_model_loss(wm, data, args.free_nats, args.kl_scale)
-    opts["model"].zero_grad(set_to_none=True)
+    for opt in opts.values():
+        opt.zero_grad(set_to_none=True)
     model_loss.backward()
-    metrics["grad_norm/model"] = nn.utils.clip_grad_norm_(wm.parameters(), args.grad_clip)
-    opts["model"].step()
 
     # Behaviour from all B*T posterior states; the world model is not trained here.
     wm.requires_grad_(False)
@@ -596,18 +597,17 @@ def update(agent, opts, data, args):
         # DEVIATION: [CVRL Eq. 8] L = L_Dreamer + alpha L_SAC for the actor, stepped by the actor optimiser
         actor_loss = actor_loss + args.hybrid_alpha * sac_actor_loss
     wm.requires_grad_(True)
-    for opt in opts.values():
-        opt.zero_grad(set_to_none=True)
     # Each loss reaches only its own parameters (the actor loss shares the value net's forward pass).
     actor_loss.backward(inputs=list(actor.parameters()), retain_graph=True)
     value_loss.backward(inputs=list(value.parameters()))
-    metrics["grad_norm/actor"] = nn.utils.clip_grad_norm_(actor.parameters(), args.grad_clip)
-    metrics["grad_norm/value"] = nn.utils.clip_grad_norm_(value.parameters(), args.grad_clip)
-    opts["actor"].step(), opts["value"].step()
     if sac is not None:
         (q_loss + temperature_loss).backward(inputs=sac.trainable())
-        metrics["grad_norm/sac"] = nn.utils.clip_grad_norm_(sac.trainable(), args.grad_clip)
-        opts["sac"].step()
+    params = dict(model=wm.parameters(), actor=actor.parameters(), value=value.parameters(),
+                  sac=sac.trainable() if sac is not None else None)
+    for name, opt in opts.items():
+        metrics[f"grad_norm/{name}"] = nn.utils.clip_grad_norm_(params[name], args.grad_clip)
+        opt.step()
+    if sac is not None:
         with torch.no_grad():  # soft target update Q' <- (1 - tau) Q' + tau Q
             for p_target, p in zip(sac.q_target.parameters(), sac.q.parameters()):
                 p_target.lerp_(p, args.sac_tau)
@@ -634,7 +634,7 @@ def plan(wm, actor, value, deter, stoch, horizon, gamma, lam, lr, iterations, ex
         act = propose
         for i in range(iterations):
             feat, _ = imagine(wm.rssm, act, deter, stoch, horizon, noise)  # (H+1, n, F)
-            v0 = imagined_returns(wm, value, feat, gamma, lam)[0][0]  # (n,) V_lambda(s_t)
+            v0 = imagined_returns(wm, value, feat, gamma, lam)[0][0]  # DEVIATION: A.3's V(s_t), all actions
             grads = torch.autograd.grad(v0.sum(), leaves)  # envs are independent: sum = per-env gradients
             actions = torch.stack(leaves).detach()  # (H, n, A)
             proposal = actions if i == 0 else proposal
@@ -848,7 +848,7 @@ def main(args: Args) -> dict:
             elif ready and global_step >= next_train:
                 updates_due, next_train = updates_due + args.train_steps, next_train + args.train_every
             while updates_due > 0:
-                data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
+                data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}  # DEVIATION: 8
                 accumulate(sums, update(agent, opts, data, args))
                 updates, updates_due = updates + 1, updates_due - 1
 

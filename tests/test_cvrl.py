@@ -289,6 +289,18 @@ def test_sac_loss_moves_the_actor_and_trains_q_and_temperature(one_thread):
     assert all(g.abs().sum() > 0 for g in grads)
 
 
+def test_every_loss_uses_the_pre_update_world_model(one_thread):
+    # Dreamer v1 / CVRL code: all losses from the same parameters, optimisers applied at the end. So the actor,
+    # value and Q updates cannot depend on how far the model optimiser moves the world model.
+    after = {}
+    for lr in (1e-1, 1e-6):
+        args, agent, opts, _ = tiny_build(model_lr=lr)
+        torch.manual_seed(5)
+        c.update(agent, opts, batch(), args)
+        after[lr] = [p.detach().clone() for m in (agent.actor, agent.value, agent.sac.q) for p in m.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(after[1e-1], after[1e-6]))
+
+
 # --- MPC ---------------------------------------------------------------------------------------
 def test_mpc_raises_v_lambda_and_leaves_every_parameter_untouched(one_thread):
     args, agent, _, _ = tiny_build(seed=2)
