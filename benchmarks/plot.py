@@ -121,6 +121,7 @@ def plot(groups, path, band, papers):
     fig, axes = plt.subplots(1, len(envs), figsize=(4.5 * len(envs), 3.4), squeeze=False)
     for ax, env in zip(axes[0], envs):
         setting = "plain"
+        right = max(r["steps"][-1] for (_, e), runs in groups.items() if e == env for r in runs)  # panel's right edge
         for (agent, e), runs in groups.items():
             if e != env:
                 continue
@@ -130,8 +131,8 @@ def plot(groups, path, band, papers):
             setting = runs[0]["setting"]
             paper = lookup(papers, agent, env, setting)
             if paper is not None:
-                frames = float(paper["frames"] or steps[-1])
-                x = frames if frames <= steps[-1] else steps[-1]
+                frames = float(paper["frames"] or right)
+                x = frames if frames <= right else right
                 ax.plot([x], [float(paper["mean"])], "*", ms=11, color=line.get_color(),
                         label=f"{agent}, {paper['paper'].split(' (')[0]} {paper['table']} at {frames:.0e} frames")
         rand = lookup(papers, "random", env, "natural")
