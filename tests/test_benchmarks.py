@@ -100,7 +100,8 @@ def test_runner_runs_skips_finished_and_reports_died(tmp_path, capsys, monkeypat
     # A run that died: stdout without the final line; reported with its stderr tail, then rerun.
     open(os.path.join(folder, "stdout.log"), "w").write("frames 10\n")
     open(os.path.join(folder, "stderr.log"), "w").write("Traceback\nBoom: out of memory\n")
-    monkeypatch.setattr(run, "command", lambda agent, env_id, seed, extra: [sys.executable, "-c", "raise SystemExit(3)"])
+    dies = [sys.executable, "-c", "raise SystemExit(3)"]
+    monkeypatch.setattr(run, "command", lambda agent, env_id, seed, extra: dies)
     assert run.main(argv) == 1
     out = capsys.readouterr().out
     assert "died" in out and "Boom: out of memory" in out and "exit 3, no final line" in out

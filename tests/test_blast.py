@@ -3,11 +3,8 @@ BatchNorm modes, DreamerV2's truncated-normal actor, lambda-returns and slow cri
 
 import dataclasses
 import glob
-import json
 import math
 import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -15,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import blast as b
+from smoke import assert_finite_scalars, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(deter=16, hidden=16, stoch=4, classes=4, ar_steps=4, cnn_depth=2, units=16, mlp_layers=1,
             batch_size=4, batch_length=6, imag_horizon=3, prefill=20, pretrain=2, buffer_size=2000, time_limit=60)
 OBS = (3, 64, 64)
@@ -461,33 +458,16 @@ def test_help_documents_every_hyperparameter_with_its_source(capsys):
         assert source in text, source
 
 
-def _events(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
-    ea.Reload()
-    return ea
-
-
 def test_smoke_cli(tmp_path):
     """The real command line with a tiny model: final JSON line, finite losses, events, videos, checkpoint."""
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 240, "eval_every": 160,
              "eval_episodes": 2, "log_every": 80, "video_every": 160, "prefill": 30}  # 30 rows hold a batch
-    cmd = [sys.executable, os.path.join(ROOT, "blast.py"), "--capture-video", "--save-model"]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # ~20 s idle
-    assert out.returncode == 0, out.stderr[-3000:]
-    final = json.loads(out.stdout.strip().splitlines()[-1])
+    final, run_dir, ea = run_cli("blast.py", tmp_path, flags, ("--capture-video", "--save-model"))
     assert math.isfinite(final["final_eval_return"]) and len(final["eval_returns"]) == 2
     assert final["updates"] == 2 + (240 // 2 - 30) // 5  # pretrain + one per 5 agent steps after the prefill
-    run_dir = os.path.join(tmp_path, final["run_dir"])
-    ea = _events(run_dir)
-    tags = ea.Tags()["scalars"]
-    for tag in ("losses/kl", "losses/reward", "losses/image", "losses/world_model", "losses/actor",
-                "losses/critic", "eval/episodic_return", "charts/episodic_return", "charts/SPS"):
-        assert tag in tags, tag
-        assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
+    assert_finite_scalars(ea, (
+        "losses/kl", "losses/reward", "losses/image", "losses/world_model", "losses/actor", "losses/critic",
+        "eval/episodic_return", "charts/episodic_return", "charts/SPS"))
     assert {"openloop", "eval/video"} <= set(ea.Tags()["images"])
     assert glob.glob(os.path.join(run_dir, "videos", "eval_*.gif"))
     ckpt = torch.load(os.path.join(run_dir, "blast.pt"), weights_only=False)

@@ -3,18 +3,15 @@ every Table 2 switch, a CLI smoke run, determinism, --help and bad input."""
 
 import dataclasses
 import glob
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import cvrl as c
+from smoke import assert_finite_scalars, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
             actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
             prefill=100, pretrain=3, train_every=50, train_steps=2)
@@ -345,35 +342,17 @@ def test_every_table2_switch_runs(switch, present, absent, one_thread):
 
 
 # --- Main: CLI, determinism, help, errors ------------------------------------------------------
-def _events(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
-    ea.Reload()
-    return ea
-
-
 def test_smoke_cli(tmp_path):
     """The real command line with a tiny model: final JSON line, finite losses, events, video, checkpoint."""
     flags = {**TINY, "env_id": "cartpole-balance", "total_timesteps": 300, "eval_every": 200, "eval_episodes": 2,
              "log_every": 100}
-    cmd = [sys.executable, os.path.join(ROOT, "cvrl.py"), "--capture-video", "--save-model"]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    # the timeout is a hang guard, not a speed test (about 20 s of CPU; much longer wall time on a busy machine)
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    final = json.loads(out.stdout.strip().splitlines()[-1])
+    final, run_dir, ea = run_cli("cvrl.py", tmp_path, flags, ("--capture-video", "--save-model"))
     assert math.isfinite(final["final_eval_return"]) and len(final["eval_returns"]) == 2
     assert final["updates"] == 3 + 3 * 2  # 3 pretrain updates at frame 102 (prefill done), 2 at 152, 202, 252
-    run_dir = os.path.join(tmp_path, final["run_dir"])
-    ea = _events(run_dir)
-    tags = ea.Tags()["scalars"]
-    for tag in ("losses/infonce", "losses/reward", "losses/kl", "losses/model", "losses/actor", "losses/value",
-                "losses/sac_q", "losses/sac_actor", "mpc/value", "eval/episodic_return", "charts/episodic_return",
-                "charts/SPS"):
-        assert tag in tags, tag
-        assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
+    assert_finite_scalars(ea, (
+        "losses/infonce", "losses/reward", "losses/kl", "losses/model", "losses/actor", "losses/value",
+        "losses/sac_q", "losses/sac_actor", "mpc/value", "eval/episodic_return", "charts/episodic_return",
+        "charts/SPS"))
     assert "eval/video" in ea.Tags()["images"] and glob.glob(os.path.join(run_dir, "videos", "eval_*.gif"))
     ckpt = torch.load(os.path.join(run_dir, "cvrl.pt"), weights_only=False)
     assert {"agent", "opts", "args"} <= set(ckpt) and set(ckpt["opts"]) == {"model", "value", "actor", "sac"}

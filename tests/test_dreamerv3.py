@@ -1,18 +1,15 @@
 """Tests of dreamerv3.py: the maths on hand-computed examples, the RSSM resets, a CLI smoke run, determinism."""
 
 import glob
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import dreamerv3 as d
+from smoke import assert_finite_scalars, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
 
@@ -335,33 +332,16 @@ def test_bad_input_names_the_flag(tmp_path, monkeypatch):
         d.main(d.Args(batch_length=1))
 
 
-def _events(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
-    ea.Reload()
-    return ea
-
-
 def test_smoke_cli(tmp_path):
     """The real command line with a tiny model: final JSON line, finite losses, events, video, checkpoint."""
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 240, "eval_every": 160,
              "eval_episodes": 2, "log_every": 80, "video_every": 160}
-    cmd = [sys.executable, os.path.join(ROOT, "dreamerv3.py"), "--capture-video", "--save-model"]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    final = json.loads(out.stdout.strip().splitlines()[-1])
+    final, run_dir, ea = run_cli("dreamerv3.py", tmp_path, flags, ("--capture-video", "--save-model"))
     assert math.isfinite(final["final_eval_return"]) and len(final["eval_returns"]) == 2
     assert final["updates"] > 10
-    run_dir = os.path.join(tmp_path, final["run_dir"])
-    ea = _events(run_dir)
-    tags = ea.Tags()["scalars"]
-    for tag in ("losses/image", "losses/reward", "losses/cont", "losses/kl_dyn", "losses/kl_rep",
-                "losses/actor", "losses/critic", "eval/episodic_return", "charts/episodic_return", "charts/SPS"):
-        assert tag in tags, tag
-        assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
+    assert_finite_scalars(ea, (
+        "losses/image", "losses/reward", "losses/cont", "losses/kl_dyn", "losses/kl_rep", "stats/kl", "losses/actor",
+        "losses/critic", "eval/episodic_return", "charts/episodic_return", "charts/SPS"))
     assert {"openloop", "eval/video"} <= set(ea.Tags()["images"])
     assert glob.glob(os.path.join(run_dir, "videos", "eval_*.gif"))
     ckpt = torch.load(os.path.join(run_dir, "dreamerv3.pt"), weights_only=False)

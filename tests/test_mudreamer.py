@@ -4,19 +4,16 @@ Value targets (Eq. 5) by hand, the action predictor's inputs, the decoder's stop
 the collapse monitor, every Table 3 ablation in a smoke run, and one smoke run through the real command line.
 """
 
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 import mudreamer as m
+from smoke import assert_finite_scalars, run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
 
@@ -320,33 +317,16 @@ def test_ablation_smoke(flags, tmp_path, monkeypatch, one_thread):
             + 1.0 * losses["losses/kl_dyn"], rel=1e-4)  # (averaged over updates: linear, so it still adds up)
 
 
-def _events(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
-    ea.Reload()
-    return ea
-
-
 def test_smoke_cli(tmp_path):
     """The real command line (natural backgrounds, default offline clips): JSON line, finite losses, events, pictures."""
     flags = {**TINY, "env_id": "walker-run", "background": "natural", "num_envs": 1, "total_timesteps": 160,
              "time_limit": 40, "eval_every": 120, "eval_episodes": 1, "log_every": 60, "video_every": 120}
-    cmd = [sys.executable, os.path.join(ROOT, "mudreamer.py"), "--save-model"]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    final = json.loads(out.stdout.strip().splitlines()[-1])
+    final, run_dir, ea = run_cli("mudreamer.py", tmp_path, flags, ("--save-model",))
     assert math.isfinite(final["final_eval_return"]) and final["updates"] > 10
-    run_dir = os.path.join(tmp_path, final["run_dir"])
-    ea = _events(run_dir)
-    tags = ea.Tags()["scalars"]
-    for tag in ("losses/reward", "losses/cont", "losses/value", "losses/action", "losses/image", "losses/kl_dyn",
-                "losses/kl_rep", "losses/actor", "losses/critic", "mudreamer/embed_std", "mudreamer/deter_std",
-                "eval/episodic_return", "charts/SPS"):
-        assert tag in tags, tag
-        assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
+    assert_finite_scalars(ea, (
+        "losses/reward", "losses/cont", "losses/value", "losses/action", "losses/image", "losses/kl_dyn",
+        "losses/kl_rep", "stats/kl", "losses/actor", "losses/critic", "mudreamer/embed_std", "mudreamer/deter_std",
+        "eval/episodic_return", "charts/SPS"))
     assert all(e.value > 0 for e in ea.Scalars("mudreamer/embed_std"))
     assert "openloop" in ea.Tags()["images"]
     ckpt = torch.load(os.path.join(run_dir, "mudreamer.pt"), weights_only=False)

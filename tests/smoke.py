@@ -1,0 +1,41 @@
+"""Helpers for the CLI smoke runs of the pixel agents' tests (not a test module)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def events(run_dir):
+    """TensorBoard's own reader over a run folder (scalars and images kept whole)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    return ea
+
+
+def run_cli(script, cwd, flags, switches=(), timeout=600):
+    """Run `python ROOT/script --switch ... --flag=value ...` on one thread in `cwd`.
+
+    Asserts exit code 0; returns (final JSON line as a dict, run directory, its events). The timeout is a hang
+    guard, not a speed test (each smoke run needs about 20 s of CPU; a busy machine stretches the wall time)."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *switches]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads(out.stdout.strip().splitlines()[-1])
+    run_dir = os.path.join(cwd, final["run_dir"])
+    return final, run_dir, events(run_dir)
+
+
+def assert_finite_scalars(ea, tags):
+    """Every tag was logged and every logged value is finite."""
+    logged = ea.Tags()["scalars"]
+    for tag in tags:
+        assert tag in logged, tag
+        assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
