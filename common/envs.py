@@ -30,7 +30,9 @@ import argparse
 import functools
 import importlib.util
 import itertools
+import multiprocessing
 import os
+import signal
 import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering unless the user chose a backend
@@ -414,6 +416,16 @@ def make_env(env_id: str, seed: int, **options) -> gym.Env:
     return env
 
 
+def _worker_env(env_id: str, seed: int, **options) -> gym.Env:
+    """make_env in an env subprocess, which ignores SIGINT and SIGTERM: Ctrl-C reaches the whole process
+    group, and the agent, not its workers, decides how to stop (it closes them). Not in the parent, where
+    gymnasium also calls this once to read the spaces."""
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return make_env(env_id, seed, **options)
+
+
 def make_vector_env(env_id: str, num_envs: int, seed: int, **options) -> gym.vector.VectorEnv:
     """`num_envs` copies with seeds seed, seed+1, ...; in subprocesses when num_envs > 1.
 
@@ -425,10 +437,10 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, **options) -> gym.vec
     if num_envs < 1:
         raise ValueError(f"--num-envs must be >= 1, got {num_envs}")
     is_dmc(env_id)  # fail here, in the parent, on a bad id
-    fns = [functools.partial(make_env, env_id, seed + i, **options) for i in range(num_envs)]
     mode = gym.vector.AutoresetMode.NEXT_STEP
     if num_envs == 1:
-        return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+        return gym.vector.SyncVectorEnv([functools.partial(make_env, env_id, seed, **options)], autoreset_mode=mode)
+    fns = [functools.partial(_worker_env, env_id, seed + i, **options) for i in range(num_envs)]
     # spawn, not fork: forking a process that already holds a GL context or OpenMP threads can hang.
     return gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=mode)
 

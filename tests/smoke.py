@@ -39,3 +39,34 @@ def assert_finite_scalars(ea, tags):
     for tag in tags:
         assert tag in logged, tag
         assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
+
+
+def assert_cli_error(script, cwd, argv, *needles):
+    """Bad input through the real command line: exit code 2, one line `error: ...` naming `needles`, no traceback."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, (argv, out.returncode, out.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), (argv, out.stderr[-2000:])
+    for needle in needles:
+        assert needle in lines[0], (argv, needle, lines[0])
+    return lines[0]
+
+
+def interrupt_cli(script, cwd, flags, sig, wait_for="[train]", timeout=300):
+    """Start a tiny run, send `sig` once a stdout line contains `wait_for`; returns (exit code, stdout, stderr)."""
+    import signal
+    import time
+
+    cmd = [sys.executable, os.path.join(ROOT, script)] + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    with open(os.path.join(cwd, "out.txt"), "w") as out, open(os.path.join(cwd, "err.txt"), "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
+        deadline = time.time() + timeout
+        while wait_for not in open(os.path.join(cwd, "out.txt")).read():
+            assert proc.poll() is None and time.time() < deadline, open(os.path.join(cwd, "err.txt")).read()[-2000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)  # Ctrl-C reaches the group
+        code = proc.wait(timeout=timeout)
+    return code, open(os.path.join(cwd, "out.txt")).read(), open(os.path.join(cwd, "err.txt")).read()
