@@ -147,6 +147,20 @@ def _too_short(path: str, frames: int) -> ValueError:
                       f"of at least {MIN_FRAMES} frames")
 
 
+def encode_video(path: str, frames: np.ndarray, fps: int = 30):
+    """Write (T, H, W, 3) uint8 frames as an H.264 mp4 with PyAV (H and W even); atomic: a .tmp, then rename."""
+    import av
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with av.open(path + ".tmp", "w", format="mp4") as container:
+        stream = container.add_stream("h264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    os.replace(path + ".tmp", path)
+
+
 @functools.lru_cache(maxsize=None)
 def decode_video(path: str, size: int) -> np.ndarray:
     """The first MAX_FRAMES frames of a video as a read-only (T, size, size, 3) uint8 array.
@@ -309,6 +323,7 @@ class DMCPixelEnv(gym.Env):
         self.action_space = gym.spaces.Box(-1.0, 1.0, spec.shape, np.float32)
         self.render_mode = "rgb_array"
         self._frames, self._return, self._last = 0, 0.0, None
+        self.video_size, self._video_camera = 0, None  # video_frame() pictures; make_vector_env sets env 0's
         # One camera reused for every render (same pixels as physics.render, without its per-call setup).
         self._camera = mujoco_engine.Camera(self._env.physics, size, size, self.camera)
         self.background, self.background_mask, self.split = background, background_mask, split
@@ -368,6 +383,24 @@ class DMCPixelEnv(gym.Env):
         """The last observation as (H, W, 3) uint8."""
         return self._last
 
+    def video_frame(self) -> np.ndarray | None:
+        """A picture for people: the current state rendered at video_size x video_size, and with natural
+        backgrounds the agent's own view (scaled up, nearest) beside it: (S, S or 2S, 3) uint8. None when
+        video_size is 0 (the other envs of a vector env, so that only one of them pays for the render)."""
+        if not self.video_size:
+            return None
+        if self._video_camera is None:
+            from dm_control.mujoco import engine as mujoco_engine
+
+            self._video_camera = mujoco_engine.Camera(self._env.physics, self.video_size, self.video_size,
+                                                      self.camera)
+        frame = self._video_camera.render().copy()
+        if self._videos is not None:
+            k = -(-self.video_size // self.size)  # ceil
+            view = self._last.repeat(k, 0).repeat(k, 1)[: self.video_size, : self.video_size]
+            frame = np.concatenate([frame, view], 1)
+        return frame
+
     def close(self):
         self._env.close() if hasattr(self._env, "close") else None
 
@@ -426,8 +459,11 @@ def _worker_env(env_id: str, seed: int, **options) -> gym.Env:
     return make_env(env_id, seed, **options)
 
 
-def make_vector_env(env_id: str, num_envs: int, seed: int, **options) -> gym.vector.VectorEnv:
+def make_vector_env(env_id: str, num_envs: int, seed: int, video_size: int = 0, **options) -> gym.vector.VectorEnv:
     """`num_envs` copies with seeds seed, seed+1, ...; in subprocesses when num_envs > 1.
+
+    With `video_size` > 0 (DMC ids), env 0 renders `envs.call("video_frame")[0]`, a picture of that size for
+    evaluation videos (DMCPixelEnv.video_frame); the other envs return None.
 
     Autoreset is gymnasium's NEXT_STEP mode, chosen on purpose: the step that ends an episode returns
     its last observation (terminated/truncated set, `info["episode"]` filled); the following step
@@ -439,10 +475,13 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, **options) -> gym.vec
     is_dmc(env_id)  # fail here, in the parent, on a bad id
     mode = gym.vector.AutoresetMode.NEXT_STEP
     if num_envs == 1:
-        return gym.vector.SyncVectorEnv([functools.partial(make_env, env_id, seed, **options)], autoreset_mode=mode)
-    fns = [functools.partial(_worker_env, env_id, seed + i, **options) for i in range(num_envs)]
-    # spawn, not fork: forking a process that already holds a GL context or OpenMP threads can hang.
-    return gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=mode)
+        envs = gym.vector.SyncVectorEnv([functools.partial(make_env, env_id, seed, **options)], autoreset_mode=mode)
+    else:  # spawn, not fork: forking a process that already holds a GL context or OpenMP threads can hang.
+        fns = [functools.partial(_worker_env, env_id, seed + i, **options) for i in range(num_envs)]
+        envs = gym.vector.AsyncVectorEnv(fns, context="spawn", autoreset_mode=mode)
+    if video_size:
+        envs.set_attr("video_size", [video_size] + [0] * (num_envs - 1))
+    return envs
 
 
 GRID_TASKS = ("walker-run", "cheetah-run", "finger-spin", "quadruped-run", "cup-catch")

@@ -396,7 +396,13 @@ def test_smoke_cli(tmp_path):
         "losses/image", "losses/reward", "losses/cont", "losses/kl_dyn", "losses/kl_rep", "stats/kl", "losses/actor",
         "losses/critic", "eval/episodic_return", "charts/episodic_return", "charts/SPS"))
     assert {"openloop", "eval/video"} <= set(ea.Tags()["images"])
-    assert glob.glob(os.path.join(run_dir, "videos", "eval_*.gif"))
+    videos = sorted(glob.glob(os.path.join(run_dir, "videos", "eval_*.mp4")))
+    assert [os.path.basename(v) for v in videos] == ["eval_160.mp4", "eval_240.mp4"]
+    import av
+
+    with av.open(videos[-1]) as c:  # a 256x256 picture of the evaluation episode that people can watch
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    assert frames[0].shape == (256, 256, 3) and len(frames) > 10
     ckpt = torch.load(os.path.join(run_dir, "dreamerv3.pt"), weights_only=False)
     assert {"wm", "actor", "critic", "slow_critic", "return_norm", "opts"} <= set(ckpt)
 

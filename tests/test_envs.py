@@ -145,3 +145,39 @@ def test_readme_one_liner_and_headless_default():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "(3, 64, 64) uint8 egl"
+
+
+def test_video_frames_are_large_renders_of_the_same_state_and_only_env_0_renders():
+    from common.envs import encode_video
+
+    plain, natural = make_env("cartpole-balance", 3), make_env("cartpole-balance", 3, background="natural")
+    assert plain.video_frame() is None  # off unless asked
+    plain.video_size = natural.video_size = 256
+    obs_p, obs_n = plain.reset()[0], natural.reset()[0]
+    big_p, big_n = plain.video_frame(), natural.video_frame()
+    assert big_p.shape == (256, 256, 3) and big_n.shape == (256, 512, 3)
+    # Same state, 4x the pixels: block means of the large render approximate the agent's 64x64 view.
+    small = big_p.reshape(64, 4, 64, 4, 3).mean((1, 3))
+    assert np.abs(small - obs_p.transpose(1, 2, 0)).mean() < 8
+    np.testing.assert_array_equal(big_n[:, :256], big_p)  # the left half is the plain scene ...
+    np.testing.assert_array_equal(big_n[::4, 256::4], obs_n.transpose(1, 2, 0))  # ... the right the agent's view
+    envs = make_vector_env("cartpole-balance", 2, 0, video_size=128)
+    envs.reset(seed=0)
+    first, second = envs.call("video_frame")
+    envs.close()
+    assert first.shape == (128, 128, 3) and second is None
+
+
+def test_encode_video_writes_a_decodable_mp4(tmp_path):
+    import av
+
+    from common.envs import encode_video
+
+    frames = np.zeros((12, 64, 96, 3), np.uint8)
+    frames[:, :, :48, 0] = np.arange(12, dtype=np.uint8)[:, None, None] * 20
+    path = str(tmp_path / "v" / "a.mp4")
+    encode_video(path, frames, fps=10)
+    with av.open(path) as c:
+        back = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+    assert back.shape == frames.shape and not os.path.exists(path + ".tmp")
+    assert np.abs(back.astype(int) - frames).mean() < 6  # lossy, but the same pictures
