@@ -46,7 +46,11 @@ import io
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -58,7 +62,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import make_vector_env
+from common.envs import is_dmc, make_vector_env
 from common.replay import ReplayBuffer
 
 LN_EPS = 1e-3  # LayerNorm epsilon of the DreamerV3 2023 code
@@ -75,6 +79,12 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "mbrl-without-reconstruction"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
     capture_video: bool = False
     """if toggled, log a video of one evaluation episode at every evaluation"""
     save_model: bool = False
@@ -818,57 +828,188 @@ def log_video(writer, tag, frames, step, fps, path=None):
             f.write(buf.getvalue())
 
 
-# --- Main ------------------------------------------------------------------------------------
+# --- Main ---------------------------------------------------------------------------------------
+def fail(msg):
+    """Bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def check_args(args):
+    """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
+    a = args
+    for flag in ("total_timesteps", "num_envs", "eval_episodes", "eval_every", "log_every",
+                 "train_ratio", "deter", "stoch", "classes", "units", "cnn_depth", "imag_horizon", "action_repeat"):
+        if getattr(a, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    for flag in ("model_lr", "actor_lr", "critic_lr", "model_eps", "ac_eps", "actor_min_std"):
+        if not getattr(a, flag) > 0:
+            fail(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
+    for flag in ("pred_scale", "reward_loss_scale", "kl_dyn", "kl_rep"):  # loss scales
+        if getattr(a, flag) < 0:
+            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     checks = [
-        (min(args.total_timesteps, args.num_envs, args.eval_episodes, args.eval_every, args.log_every) >= 1,
-         "--total-timesteps, --num-envs, --eval-episodes, --eval-every and --log-every must be >= 1"),
-        (args.video_every >= 0 and args.train_ratio > 0, "need --video-every >= 0 (0: no video), --train-ratio > 0"),
-        (args.batch_size >= 2 and args.batch_length >= 2, "--batch-size (BatchNorm) and --batch-length must be >= 2"),
-        (0 < args.video_context < args.batch_length, "--video-context must lie in [1, --batch-length)"),
-        (args.buffer_size >= args.batch_size * args.batch_length, "--buffer-size must hold one batch (B*T steps)"),
-        (min(args.deter, args.stoch, args.classes, args.units, args.cnn_depth) >= 1 and args.mlp_layers >= 0,
-         "model sizes (--deter --stoch --classes --units --cnn-depth) must be >= 1, --mlp-layers >= 0"),
-        (0 <= args.unimix < 1 and args.reward_bins >= 2 and args.imag_horizon >= 1,
-         "need 0 <= --unimix < 1, --reward-bins >= 2, --imag-horizon >= 1"),
-        (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must lie in (0, 1] and --lam in [0, 1]"),
-        (0 <= args.critic_ema_decay < 1 and 0 <= args.return_norm_decay < 1, "EMA decays must lie in [0, 1)"),
-        (0 <= args.value_ema_decay < 1 and 0 <= args.bn_momentum < 1, "--value-ema-decay and --bn-momentum: [0, 1)"),
-        (min(args.pred_scale, args.reward_loss_scale, args.kl_dyn, args.kl_rep) >= 0, "loss scales must be >= 0"),
-        (0 <= args.return_norm_low < args.return_norm_high <= 100 and 0 < args.actor_min_std <= args.actor_max_std,
-         "need 0 <= --return-norm-low < --return-norm-high <= 100 and 0 < --actor-min-std <= --actor-max-std"),
-        (min(args.model_lr, args.actor_lr, args.critic_lr, args.model_eps, args.ac_eps) > 0, "lr and eps must be > 0"),
+        (a.video_every >= 0, f"--video-every must be >= 0 (0: no video), got {a.video_every}"),
+        (a.mlp_layers >= 0, f"--mlp-layers must be >= 0, got {a.mlp_layers}"),
+        (a.batch_size >= 2, f"--batch-size must be >= 2 (BatchNorm), got {a.batch_size}"),
+        (a.batch_length >= 2, f"--batch-length must be >= 2, got {a.batch_length}"),
+        (0 < a.video_context < a.batch_length,
+         f"--video-context must lie in [1, --batch-length {a.batch_length}), got {a.video_context}"),
+        (a.buffer_size >= a.batch_size * a.batch_length,
+         f"--buffer-size must hold one batch (--batch-size x --batch-length = {a.batch_size * a.batch_length} "
+         f"steps), got {a.buffer_size}"),
+        (0 <= a.unimix < 1, f"--unimix must lie in [0, 1), got {a.unimix}"),
+        (a.reward_bins >= 2, f"--reward-bins must be >= 2, got {a.reward_bins}"),
+        (0 < a.gamma <= 1, f"--gamma must lie in (0, 1], got {a.gamma}"),
+        (0 <= a.lam <= 1, f"--lam must lie in [0, 1], got {a.lam}"),
+        (0 <= a.critic_ema_decay < 1, f"--critic-ema-decay must lie in [0, 1), got {a.critic_ema_decay}"),
+        (0 <= a.return_norm_decay < 1, f"--return-norm-decay must lie in [0, 1), got {a.return_norm_decay}"),
+        (0 <= a.value_ema_decay < 1, f"--value-ema-decay must lie in [0, 1), got {a.value_ema_decay}"),
+        (0 <= a.bn_momentum < 1, f"--bn-momentum must lie in [0, 1), got {a.bn_momentum}"),
+        (0 <= a.return_norm_low < 100, f"--return-norm-low must lie in [0, 100), got {a.return_norm_low}"),
+        (a.return_norm_low < a.return_norm_high <= 100,
+         f"--return-norm-high must lie in (--return-norm-low, 100], got {a.return_norm_high}"),
+        (a.actor_min_std <= a.actor_max_std,
+         f"--actor-max-std must be >= --actor-min-std {a.actor_min_std}, got {a.actor_max_std}"),
     ]
     for ok, msg in checks:
         if not ok:
-            raise SystemExit(f"error: {msg}")
+            fail(msg)
+    try:
+        pixels = is_dmc(a.env_id)
+    except ValueError as e:
+        fail(e)
+    if not pixels:  # DEVIATION: pixels only; the 2023 code also has MLP encoders for vectors
+        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from pixels; use a DMC id such as walker-walk")
+
+
+def fmt_time(seconds):
+    """12 s, 3.4 min, 5.6 h, or ? when unknown."""
+    if not np.isfinite(seconds):
+        return "?"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """What the run is doing, on the console: a status line at every log step and, from a background thread,
+    at least every `every_s` seconds (also during a long update or an evaluation). On a terminal the status
+    line is rewritten in place; elsewhere (CI, SLURM logs) it is a plain line. The rates and the ETA come
+    from the current phase only (prefill, train), over its last `window_s` seconds, never the run's average.
+    """
+
+    def __init__(self, total, every_s=30.0, window_s=120.0, clock=time.monotonic, out=sys.stdout):
+        self.total, self.every_s, self.window_s, self.clock, self.out = total, every_s, window_s, clock, out
+        self.tty = out.isatty()
+        self.frames = self.updates = 0
+        self.recent = self.eval = float("nan")
+        self.phase, self.phase_end, self.samples = "setup", 0, deque()
+        self.last_print, self.lock, self.stop = clock(), threading.RLock(), threading.Event()
+        self.thread = None
+
+    def set_phase(self, phase, end):
+        """Enter `phase`, which lasts until frame `end`; its rate is measured afresh."""
+        with self.lock:
+            self.phase, self.phase_end = phase, end
+            self.samples = deque([(self.clock(), self.frames, self.updates)])
+
+    def step(self, frames, updates, recent=None, eval_return=None):
+        """Record the counters (cheap: call it every env step); a rate sample at most once a second."""
+        self.frames, self.updates = frames, updates
+        self.recent = self.recent if recent is None else recent
+        self.eval = self.eval if eval_return is None else eval_return
+        now = self.clock()
+        with self.lock:
+            if now - self.samples[-1][0] >= 1.0:
+                self.samples.append((now, frames, updates))
+                while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+                    self.samples.popleft()
+
+    def rates(self):
+        """(frames/s, updates/s) of the current phase over its recent window."""
+        with self.lock:
+            t0, f0, u0 = self.samples[0]
+        dt = self.clock() - t0
+        return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (float("nan"), float("nan"))
+
+    def eta(self):
+        """Seconds until the current phase ends, at its recent frame rate."""
+        fps = self.rates()[0]
+        return (self.phase_end - self.frames) / fps if fps > 0 else float("nan")
+
+    def line(self):
+        fps, ups = self.rates()
+        eta = f"{self.phase} ends in {fmt_time(self.eta())}" if self.phase == "prefill" else f"ETA {fmt_time(self.eta())}"
+        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | "
+                f"{fps:.1f} frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | {eta}")
+
+    def print(self, text=None, live=False):
+        """Print `text` (default: the status line); `live` lines are rewritten in place on a terminal."""
+        with self.lock:
+            text = self.line() if text is None else text
+            end = "" if live and self.tty else "\n"
+            self.out.write(("\r\033[K" if self.tty else "") + text + end)
+            self.out.flush()
+            self.last_print = self.clock()
+
+    def start(self):
+        """Heartbeat thread: the status line whenever nothing was printed for `every_s` seconds."""
+        def beat():
+            while not self.stop.wait(1.0):
+                if self.clock() - self.last_print >= self.every_s:
+                    self.print(live=True)
+        self.thread = threading.Thread(target=beat, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.tty:
+            self.out.write("\n")
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+
+
+def close_envs(*envs):
+    """Close vector envs; workers that already stopped (Ctrl-C reaches the whole process group) are fine."""
+    for env in envs:
+        try:
+            env.close()
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            pass
 
 
 def main(args: Args) -> dict:
     check_args(args)
+    progress = Progress(args.total_timesteps)
+    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
+                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
     try:
         envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
+        eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                                    split="eval", **env_kwargs)
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
-    eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                                split="eval", **env_kwargs)
+        fail(e)
     obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
-    if len(obs_shape) != 3:  # DEVIATION: pixels only; the 2023 code also has MLP encoders for vectors
-        envs.close(), eval_envs.close()
-        raise SystemExit(f"error: {os.path.basename(__file__)} learns from pixels; --env-id {args.env_id} has observations of shape "
-                         f"{obs_shape} (use a DMC id such as walker-walk)")
     discrete = isinstance(act_space, gym.spaces.Discrete)
     action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
     try:
         replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
     except (MemoryError, ValueError) as e:
-        envs.close(), eval_envs.close()
-        raise SystemExit(f"error: {e}")
+        close_envs(envs, eval_envs)
+        fail(e)
 
+    if args.track:
+        import wandb  # only when asked; syncs the TensorBoard scalars, images and text below
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -910,6 +1051,15 @@ def main(args: Args) -> dict:
     global_step, updates, updates_due, start_time = 0, 0, 0.0, time.time()
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
+    returns, interrupted, projected = [], None, False
+    prefill = B * T * args.action_repeat  # frames of random actions until the replay holds one batch
+    per_frame = args.train_ratio / (B * T * args.action_repeat)  # updates per frame once training
+    progress.print(f"cost: {B * T} replayed steps per update, {per_frame * args.action_repeat:.3g} updates per policy "
+                   f"step, about {int(max(args.total_timesteps - prefill, 0) * per_frame)} updates in all; "
+                   f"prefilling {prefill} frames with random actions, wall time projected after the first updates")
+    progress.set_phase("prefill", min(prefill, args.total_timesteps))
+    progress.start()
+    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: prefill with random actions until the replay holds one batch, then act with the policy
@@ -939,6 +1089,9 @@ def main(args: Args) -> dict:
 
             # ALGO LOGIC: training, train_ratio replayed steps per policy step
             if ready:
+                if progress.phase == "prefill":
+                    progress.set_phase("train", args.total_timesteps)
+                    train_start = (time.time(), global_step)
                 updates_due += N * args.train_ratio / (B * T)
             while updates_due >= 1:
                 data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
@@ -950,6 +1103,12 @@ def main(args: Args) -> dict:
                     next_video += args.video_every
                     frames = openloop_video(wm, actor, data, args.video_context)
                     log_video(writer, "openloop", frames, global_step, fps=10)
+            progress.step(global_step, updates, np.mean(recent_returns or [np.nan]))
+            if ready and not projected and updates >= 10 and time.time() - train_start[0] >= 20:
+                projected, elapsed = True, time.time() - train_start[0]
+                rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
+                progress.print(f"measured: {elapsed / updates:.2f} s per update with acting; projected wall time "
+                               f"of the run {fmt_time(time.time() - start_time + rest)} (evaluations extra)")
 
             if global_step >= next_log:
                 next_log += args.log_every
@@ -967,15 +1126,15 @@ def main(args: Args) -> dict:
                 sps = int(global_step / (time.time() - start_time))
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("charts/updates", updates, global_step)
-                eta = (args.total_timesteps - global_step) / max(sps, 1) / 60
-                recent, wm_loss = np.mean(recent_returns or [np.nan]), last_metrics.get("losses/world_model", np.nan)
-                print(f"frames {global_step}/{args.total_timesteps} | return {recent:.1f} | eval {eval_return:.1f} | "
-                      f"updates {updates} | wm {wm_loss:.2f} | SPS {sps} | ETA {eta:.1f} min", flush=True)
+                progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
 
             if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
                 next_eval += args.eval_every
+                phase, progress.phase = progress.phase, "eval"
                 returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete, args.capture_video)
+                progress.phase = phase
                 eval_return = float(np.mean(returns))
+                progress.step(global_step, updates, eval_return=eval_return)
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 if frames is not None:
                     log_video(writer, "eval/video", frames, global_step, fps=30,
@@ -989,10 +1148,19 @@ def main(args: Args) -> dict:
                         "args": asdict(args), "global_step": global_step},
                        path + ".tmp")
             os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+        interrupted = str(e) or "SIGINT"
     finally:
-        envs.close()
-        eval_envs.close()
+        signal.signal(signal.SIGTERM, old_sigterm)
+        progress.close()
+        close_envs(envs, eval_envs)
         writer.close()
+        if args.track:
+            wandb.finish()
+    if interrupted:
+        print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
+              f"the events written so far are in {run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}
     print(json.dumps(summary))
@@ -1000,4 +1168,8 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:  # before the training loop (which handles its own)
+        print("interrupted while starting; nothing was trained", file=sys.stderr)
+        raise SystemExit(130)

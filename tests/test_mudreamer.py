@@ -1,18 +1,22 @@
 """Tests of mudreamer.py: what the paper changes on top of dreamerv3.py (whose maths tests/test_dreamerv3.py covers).
 
 Value targets (Eq. 5) by hand, the action predictor's inputs, the decoder's stop-gradient, BatchNorm modes,
-the collapse monitor, every Table 3 ablation in a smoke run, and one smoke run through the real command line.
+the collapse monitor, every Table 3 ablation in a smoke run, one smoke run through the real command line, and
+the run as a user sees it: one-line errors, the progress ETA, Ctrl-C, --track.
 """
 
+import glob
+import io
 import math
 import os
+import signal
 
 import pytest
 import torch
 import torch.nn as nn
 
 import mudreamer as m
-from smoke import assert_finite_scalars, run_cli
+from smoke import assert_cli_error, assert_finite_scalars, events, interrupt_cli, run_cli
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -266,14 +270,65 @@ def test_collapse_monitor_values():
     assert m.collapse_monitor(wm, data)["mudreamer/embed_std"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_bad_input_names_the_flag(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="--batch-size"):
-        m.main(m.Args(batch_size=1))
-    with pytest.raises(SystemExit, match="--bn-momentum"):
-        m.main(m.Args(bn_momentum=1.5))
-    with pytest.raises(SystemExit, match="--env-id"):
-        m.main(m.Args(env_id="walker-sprint"))
+@pytest.mark.parametrize("argv, needles", [
+    (["--env-id", "walker-sprint"], ["--env-id", "walker-sprint"]),
+    (["--env-id", "Hopper-v5"], ["--env-id Hopper-v5", "learns from pixels"]),
+    (["--total-timesteps", "-5"], ["--total-timesteps", "-5"]),
+    (["--num-envs", "0"], ["--num-envs", "got 0"]),
+    (["--train-ratio", "0"], ["--train-ratio", "got 0"]),
+    (["--batch-size", "1"], ["--batch-size", "BatchNorm", "got 1"]),
+    (["--batch-length", "1"], ["--batch-length", "got 1"]),
+    (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
+    (["--gamma", "1.5"], ["--gamma", "1.5"]),
+    (["--bn-momentum", "1.5"], ["--bn-momentum", "1.5"]),
+    (["--value-ema-decay", "1.0"], ["--value-ema-decay", "1.0"]),
+    (["--kl-rep", "-0.1"], ["--kl-rep", "-0.1"]),
+])
+def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
+    assert_cli_error("mudreamer.py", tmp_path, argv, *needles)
+
+
+def test_progress_eta_follows_the_current_phase():
+    """Fake clock: a fast prefill (1000 frames/s), then slow training (10 frames/s): the ETA is the training one."""
+    now = [0.0]
+    out = io.StringIO()
+    p = m.Progress(total=10_000, window_s=30.0, clock=lambda: now[0], out=out)
+    p.set_phase("prefill", 2_000)
+    for t in range(1, 3):
+        now[0] = t
+        p.step(1000 * t, 0)
+    assert p.eta() == 0.0 and "prefill ends in 0 s" in p.line()
+    p.set_phase("train", 10_000)
+    for t in range(1, 61):  # 60 s of training at 10 frames/s and 2 updates/s
+        now[0] = 2 + t
+        p.step(2000 + 10 * t, 2 * t)
+    fps, ups = p.rates()
+    assert fps == pytest.approx(10.0) and ups == pytest.approx(2.0)
+    assert p.eta() == pytest.approx((10_000 - 2_600) / 10.0)  # the run's average (43 frames/s) would say 172 s
+    assert "ETA 12.3 min" in p.line() and "updates 120 (2.00/s)" in p.line()
+    p.print()
+    assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
+
+
+def test_sigint_stops_cleanly_with_events_written(tmp_path):
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
+             "eval_episodes": 1, "log_every": 40, "video_every": 0}
+    code, out, err = interrupt_cli("mudreamer.py", tmp_path, flags, signal.SIGINT)
+    assert code == 130, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted (SIGINT) at frame")
+    ea = events(glob.glob(os.path.join(tmp_path, "runs", "*"))[0])
+    assert "charts/SPS" in ea.Tags()["scalars"]
+
+
+def test_track_writes_an_offline_wandb_run(tmp_path, monkeypatch):
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 80, "eval_every": 80,
+             "eval_episodes": 1, "log_every": 40, "video_every": 0, "time_limit": 40}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run_cli("mudreamer.py", tmp_path, flags, ("--track",))
+    runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
 
 
 @pytest.mark.parametrize("flags", [dict(no_value_predictor=True), dict(no_action_predictor=True),
