@@ -376,8 +376,13 @@ def test_smoke_cli(tmp_path):
     """The real command line (natural backgrounds, default offline clips): JSON line, finite losses, events, pictures."""
     flags = {**TINY, "env_id": "walker-run", "background": "natural", "num_envs": 1, "total_timesteps": 160,
              "time_limit": 40, "eval_every": 120, "eval_episodes": 1, "log_every": 60, "video_every": 120}
-    final, run_dir, ea = run_cli("mudreamer.py", tmp_path, flags, ("--save-model",))
+    final, run_dir, ea = run_cli("mudreamer.py", tmp_path, flags, ("--save-model", "--capture-video"))
     assert math.isfinite(final["final_eval_return"]) and final["updates"] > 10
+    import av
+
+    with av.open(os.path.join(run_dir, "videos", "eval_160.mp4")) as c:  # 256x256 render | agent's view, natural
+        assert next(c.decode(c.streams.video[0])).to_ndarray(format="rgb24").shape == (256, 512, 3)
+    assert "eval/video" in ea.Tags()["images"]
     assert_finite_scalars(ea, (
         "losses/reward", "losses/cont", "losses/value", "losses/action", "losses/image", "losses/kl_dyn",
         "losses/kl_rep", "stats/kl", "losses/actor", "losses/critic", "mudreamer/embed_std", "mudreamer/deter_std",
