@@ -308,6 +308,8 @@ def read_scalars(run_dir):
 def test_smoke_cli(tmp_path, extra):
     out = run_cli(tmp_path, *extra)
     assert out.returncode == 0, out.stderr[-3000:]
+    window = 16 * (2 if "--horizon" in extra else 4)  # --batch-size 16 windows of --horizon + 1 steps
+    assert f"cost: {window} + 32 replayed steps per update" in out.stdout and "[train] frames 200/240" in out.stdout
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert math.isfinite(summary["final_eval_return"]) and summary["global_step"] == 240 and summary["updates"] > 120
     run_dir = tmp_path / summary["run_dir"]
