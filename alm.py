@@ -59,7 +59,11 @@ Run:  python alm.py --env-id HalfCheetah-v5
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -70,7 +74,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import make_env, make_vector_env
+from common.envs import is_dmc, make_env, make_vector_env
 from common.replay import ReplayBuffer
 
 ACTION_EPS = 1e-6  # actions are clamped into [low + eps, high - eps] of the env's box (official TruncatedNormal)
@@ -86,6 +90,12 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "mbrl-without-reconstruction"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
     capture_video: bool = False
     """not supported by alm.py (gymnasium state tasks are built without a render mode)"""
     save_model: bool = False
@@ -149,27 +159,46 @@ class Args:
     """toggles the classifier reward of the policy objective (Fig. 5 left, "no classifier reward")"""
 
 
+def fail(msg):
+    """Bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def check_args(args: Args) -> None:
-    """One clear error naming the flag, before any heavy work."""
-    positive = dict(total_timesteps=args.total_timesteps, num_envs=args.num_envs, eval_every=args.eval_every,
-                    eval_episodes=args.eval_episodes, log_every=args.log_every, batch_size=args.batch_size,
-                    learning_rate=args.learning_rate, max_grad_norm=args.max_grad_norm, latent_dim=args.latent_dim,
-                    expl_duration=args.expl_duration, hidden_dim=args.hidden_dim,
-                    model_hidden_dim=args.model_hidden_dim, horizon=args.horizon)
-    if args.buffer_size is not None:
-        positive["buffer_size"] = args.buffer_size
-    for name, value in positive.items():
-        if not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("gamma", "tau", "lam"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise ValueError(f"--{name} must lie in [0, 1], got {getattr(args, name)}")
-    for name in ("learning_starts", "classifier_coef", "expl_clip", "expl_start", "expl_end"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.capture_video:
-        raise ValueError("--capture-video is not supported by alm.py: common.envs.make_env builds gymnasium "
-                         "state tasks without a render mode")
+    """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
+    a = args
+    for flag in ("total_timesteps", "num_envs", "eval_every", "eval_episodes", "log_every", "batch_size",
+                 "latent_dim", "expl_duration", "hidden_dim", "model_hidden_dim", "horizon"):
+        if getattr(a, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    for flag in ("learning_rate", "max_grad_norm"):
+        if not getattr(a, flag) > 0:
+            fail(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
+    for flag in ("gamma", "tau", "lam"):
+        if not 0.0 <= getattr(a, flag) <= 1.0:
+            fail(f"--{flag} must lie in [0, 1], got {getattr(a, flag)}")
+    for flag in ("learning_starts", "classifier_coef", "expl_clip", "expl_start", "expl_end"):
+        if not getattr(a, flag) >= 0:
+            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
+    if a.capture_video:
+        fail("--capture-video is not supported by alm.py: common.envs.make_env builds gymnasium "
+             "state tasks without a render mode")
+    cap, window = replay_capacity(a), a.horizon + 1  # each update samples (B, K+1) windows
+    got = f"got {cap}" + (" (the default for this --env-id)" if a.buffer_size is None else "")
+    if cap < a.batch_size * window:
+        fail(f"--buffer-size must hold one batch of windows (--batch-size x (--horizon + 1) = "
+             f"{a.batch_size * window} steps), {got}")
+    if cap // a.num_envs < window:
+        fail(f"--buffer-size must hold a window of --horizon + 1 = {window} steps in each of the --num-envs "
+             f"{a.num_envs} streams ({a.num_envs * window} steps), {got}")
+    try:
+        pixels = is_dmc(a.env_id)
+    except ValueError as e:
+        fail(e)
+    if pixels:
+        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from state vectors; use a gymnasium "
+             f"MuJoCo id such as HalfCheetah-v5")
 
 
 def replay_capacity(args: Args) -> int:
@@ -507,18 +536,134 @@ def evaluate(agent: Agent, env, episodes: int, device: torch.device) -> float:
     return float(np.mean(returns))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Console, signals and the main loop
+
+
+def fmt_time(seconds):
+    """12 s, 3.4 min, 5.6 h, or ? when unknown."""
+    if not np.isfinite(seconds):
+        return "?"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """What the run is doing, on the console: a status line at every log step and, from a background thread,
+    at least every `every_s` seconds (also during a long update or an evaluation). On a terminal the status
+    line is rewritten in place; elsewhere (CI, SLURM logs) it is a plain line. The rates and the ETA come
+    from the current phase only (warmup, train), over its last `window_s` seconds, never the run's average.
+    """
+
+    def __init__(self, total, every_s=30.0, window_s=120.0, clock=time.monotonic, out=sys.stdout):
+        self.total, self.every_s, self.window_s, self.clock, self.out = total, every_s, window_s, clock, out
+        self.tty = out.isatty()
+        self.frames = self.updates = 0
+        self.recent = self.eval = float("nan")
+        self.phase, self.phase_end, self.samples = "setup", 0, deque()
+        self.last_print, self.lock, self.stop = clock(), threading.RLock(), threading.Event()
+        self.thread = None
+
+    def set_phase(self, phase, end):
+        """Enter `phase`, which lasts until frame `end`; its rate is measured afresh."""
+        with self.lock:
+            self.phase, self.phase_end = phase, end
+            self.samples = deque([(self.clock(), self.frames, self.updates)])
+
+    def step(self, frames, updates, recent=None, eval_return=None):
+        """Record the counters (cheap: call it every env step); a rate sample at most once a second."""
+        self.frames, self.updates = frames, updates
+        self.recent = self.recent if recent is None else recent
+        self.eval = self.eval if eval_return is None else eval_return
+        now = self.clock()
+        with self.lock:
+            if now - self.samples[-1][0] >= 1.0:
+                self.samples.append((now, frames, updates))
+                while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+                    self.samples.popleft()
+
+    def rates(self):
+        """(frames/s, updates/s) of the current phase over its recent window."""
+        with self.lock:
+            t0, f0, u0 = self.samples[0]
+        dt = self.clock() - t0
+        return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (float("nan"), float("nan"))
+
+    def eta(self):
+        """Seconds until the current phase ends, at its recent frame rate."""
+        fps = self.rates()[0]
+        return (self.phase_end - self.frames) / fps if fps > 0 else float("nan")
+
+    def line(self):
+        fps, ups = self.rates()
+        eta = f"{self.phase} ends in {fmt_time(self.eta())}" if self.phase == "warmup" else f"ETA {fmt_time(self.eta())}"
+        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | "
+                f"{fps:.1f} frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | {eta}")
+
+    def print(self, text=None, live=False):
+        """Print `text` (default: the status line); `live` lines are rewritten in place on a terminal."""
+        with self.lock:
+            text = self.line() if text is None else text
+            end = "" if live and self.tty else "\n"
+            self.out.write(("\r\033[K" if self.tty else "") + text + end)
+            self.out.flush()
+            self.last_print = self.clock()
+
+    def start(self):
+        """Heartbeat thread: the status line whenever nothing was printed for `every_s` seconds."""
+        def beat():
+            while not self.stop.wait(1.0):
+                if self.clock() - self.last_print >= self.every_s:
+                    self.print(live=True)
+        self.thread = threading.Thread(target=beat, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.tty:
+            self.out.write("\n")
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+
+
+def close_envs(*envs):
+    """Close envs; workers that already stopped (Ctrl-C reaches the whole process group) are fine."""
+    for env in envs:
+        try:
+            env.close()
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            pass
+
+
 def main(args: Args) -> dict:
     check_args(args)
+    progress = Progress(args.total_timesteps)
+    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} env steps; building "
+                   f"{args.num_envs} + 1 envs (training + evaluation) ...")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
-    envs = make_vector_env(args.env_id, args.num_envs, args.seed)  # fails here on an unknown --env-id
-    if len(envs.single_observation_space.shape) != 1:
-        envs.close()
-        raise ValueError(f"--env-id {args.env_id}: alm.py learns from state vectors; use a gymnasium MuJoCo id")
-    eval_env = make_env(args.env_id, args.seed + 10_000)
+    try:
+        envs = make_vector_env(args.env_id, args.num_envs, args.seed)
+        eval_env = make_env(args.env_id, args.seed + 10_000)
+    except (ValueError, TypeError) as e:
+        fail(e)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high
+    try:
+        replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), action_dim, obs_dtype=np.float32,
+                              seed=args.seed)
+    except (MemoryError, ValueError) as e:
+        close_envs(envs, eval_env)
+        fail(e)
 
+    if args.track:
+        import wandb  # only when asked; syncs the TensorBoard scalars and text below
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     with open(os.path.join(run_dir, "args.json"), "w") as f:
@@ -531,18 +676,33 @@ def main(args: Args) -> dict:
 
     agent = Agent(obs_dim, action_dim, args.latent_dim, args.hidden_dim, args.model_hidden_dim, low, high).to(device)
     optims, groups = make_optimizers(agent, args.learning_rate)
-    replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), action_dim, obs_dtype=np.float32, seed=args.seed)
     K = args.horizon  # ABLATION(horizon): ALM(K), Fig. 5 center; sets the replayed window and rollout length
     rng = np.random.default_rng(args.seed)
 
     def tensors(b: dict) -> dict:
         return {k: torch.as_tensor(v, device=device) for k, v in b.items()}
 
+    def run_eval() -> float:
+        phase, progress.phase = progress.phase, "eval"
+        try:
+            return evaluate(agent, eval_env, args.eval_episodes, device)
+        finally:
+            progress.phase = phase
+
     N = args.num_envs
     obs, _ = envs.reset(seed=args.seed)
     reward, is_first, is_terminal, done = np.zeros(N), np.ones(N, bool), np.zeros(N, bool), np.zeros(N, bool)
     global_step, updates, next_log, next_eval = 0, 0, args.log_every, args.eval_every
     metrics, recent, last_eval, start, first_bad = {}, [], float("nan"), time.time(), None
+    interrupted, projected, B = None, False, args.batch_size
+    warmup = min(args.learning_starts, args.total_timesteps)  # env steps of random actions and no updates
+    progress.print(f"cost: {B * (K + 1)} + {B * 2} replayed steps per update ({B} windows of --horizon + 1 = {K + 1} "
+                   f"steps, {B} transitions), 1 update per env step (UTD 1), about {args.total_timesteps - warmup} "
+                   f"updates in all; warm-up of {warmup} env steps with random actions, wall time projected after "
+                   f"the first updates")
+    progress.set_phase("warmup", warmup)
+    progress.start()
+    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while global_step < args.total_timesteps:
             std = linear_schedule(args.expl_start, args.expl_end, args.expl_duration,
@@ -564,6 +724,9 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
 
             if global_step >= args.learning_starts and replay.count > K:
+                if progress.phase == "warmup":
+                    progress.set_phase("train", args.total_timesteps)
+                    train_start = (time.time(), global_step)
                 for _ in range(frames):  # UTD 1: one update (both phases) per environment step
                     # DEVIATION: windows never cross an episode start (the official sample_seq checks terminals only)
                     seq = tensors(replay.sample(args.batch_size, K + 1, within_episode=True))
@@ -573,6 +736,13 @@ def main(args: Args) -> dict:
                     # DEVIATION: the official clip_grad_norm_(error_if_nonfinite=True) raises inside the update (a
                     # host sync); we record on device where each metric first went non-finite, raise at log time
                     first_bad = track_non_finite(metrics, first_bad, updates, global_step)
+            progress.step(global_step, updates, np.mean(recent) if recent else float("nan"))
+            if updates >= 10 and not projected and time.time() - train_start[0] >= 20:
+                projected, elapsed = True, time.time() - train_start[0]
+                rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
+                progress.print(f"measured: {elapsed / updates:.2f} s per update with acting; "
+                               f"projected wall time of the run {fmt_time(time.time() - start + rest)} "
+                               f"(evaluations extra)")
 
             if global_step >= next_log:
                 next_log += args.log_every
@@ -585,26 +755,33 @@ def main(args: Args) -> dict:
                 sps = global_step / (time.time() - start)
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("stats/expl_std", std, global_step)
-                eta = (args.total_timesteps - global_step) / max(sps, 1e-9) / 60
-                print(f"step {global_step:>8d}  return {np.mean(recent) if recent else float('nan'):8.1f}  "
-                      f"eval {last_eval:8.1f}  actor {values.get('losses/actor', float('nan')):8.3f}  "
-                      f"SPS {sps:6.1f}  ETA {eta:6.1f} min", flush=True)
+                progress.print(progress.line() + f" | actor loss {values.get('losses/actor', float('nan')):.3f}")
             if global_step >= next_eval:
                 next_eval += args.eval_every
-                last_eval = evaluate(agent, eval_env, args.eval_episodes, device)
+                last_eval = run_eval()
+                progress.step(global_step, updates, eval_return=last_eval)
                 writer.add_scalar("eval/episodic_return", last_eval, global_step)
 
-        final = evaluate(agent, eval_env, args.eval_episodes, device)
+        final = run_eval()
         writer.add_scalar("eval/episodic_return", final, global_step)
         if args.save_model:
             path = os.path.join(run_dir, "alm.pt")
             torch.save({"agent": agent.state_dict(), "optims": {k: o.state_dict() for k, o in optims.items()},
                         "args": asdict(args), "global_step": global_step}, path + ".tmp")
             os.replace(path + ".tmp", path)  # never a half-written checkpoint
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+        interrupted = str(e) or "SIGINT"
     finally:
+        signal.signal(signal.SIGTERM, old_sigterm)
+        progress.close()
         writer.close()
-        envs.close()
-        eval_env.close()
+        close_envs(envs, eval_env)
+        if args.track:
+            wandb.finish()
+    if interrupted:
+        print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
+              f"the events written so far are in {run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
     summary = {"final_eval_return": final, "global_step": global_step, "updates": updates, "run_dir": run_dir,
                "sps": global_step / (time.time() - start)}
     print(json.dumps(summary), flush=True)
@@ -612,4 +789,8 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:  # before the training loop (which handles its own)
+        print("interrupted while starting; nothing was trained", file=sys.stderr)
+        raise SystemExit(130)

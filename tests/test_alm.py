@@ -1,9 +1,12 @@
 """alm.py: values from the paper's equations on hand-computed examples, the replay alignment, every
 ablation flag, and smoke runs through the real command line."""
 
+import glob
+import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,6 +21,8 @@ from alm import (Agent, Args, check_args, critic_loss, main, gaussian_kl, lambda
                  reward_classifier_loss, soft_update, split_transitions, update)
 from alm import act as alm_act
 from common.replay import ReplayBuffer
+from smoke import assert_cli_error, events, interrupt_cli
+from smoke import run_cli as smoke_run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(latent_dim=4, hidden_dim=16, model_hidden_dim=16, batch_size=8)
@@ -266,7 +271,7 @@ def test_policy_loss_classifier_reward_ablation():
     assert torch.allclose(m["stats/classifier_reward"], bonus.mean(), atol=1e-5)
 
 
-def test_defaults_are_table3_and_bad_flags_are_named():
+def test_defaults_are_table3_and_bad_flags_are_named(capsys):
     a = Args()
     assert (a.gamma, a.learning_starts, a.tau, a.lam, a.batch_size, a.learning_rate, a.max_grad_norm) == \
         (0.99, 5000, 0.005, 0.95, 512, 1e-4, 100.0)
@@ -277,8 +282,9 @@ def test_defaults_are_table3_and_bad_flags_are_named():
     assert replay_capacity(Args(env_id="Humanoid-v5", buffer_size=500)) == 500
     for bad, flag in [(dict(horizon=0), "--horizon"), (dict(lam=1.5), "--lam"), (dict(batch_size=0), "--batch-size"),
                       (dict(capture_video=True), "--capture-video")]:
-        with pytest.raises(ValueError, match=flag):
+        with pytest.raises(SystemExit) as exit_:
             check_args(Args(**bad))
+        assert exit_.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flag}")
 
 
 def run_cli(tmp_path, *extra):
@@ -302,6 +308,8 @@ def read_scalars(run_dir):
 def test_smoke_cli(tmp_path, extra):
     out = run_cli(tmp_path, *extra)
     assert out.returncode == 0, out.stderr[-3000:]
+    window = 16 * (2 if "--horizon" in extra else 4)  # --batch-size 16 windows of --horizon + 1 steps
+    assert f"cost: {window} + 32 replayed steps per update" in out.stdout and "[train] frames 200/240" in out.stdout
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert math.isfinite(summary["final_eval_return"]) and summary["global_step"] == 240 and summary["updates"] > 120
     run_dir = tmp_path / summary["run_dir"]
@@ -316,13 +324,73 @@ def test_smoke_cli(tmp_path, extra):
         assert ckpt["global_step"] == 240 and "encoder_target.net.0.weight" in ckpt["agent"]
 
 
-def test_bad_env_id_is_named_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="--env-id"):
-        main(Args(env_id="NoSuchEnv-v0"))
-    with pytest.raises(ValueError, match="--env-id"):  # pixels: alm.py learns from state vectors
-        main(Args(env_id="cartpole-balance", **TINY))
-    assert not (tmp_path / "runs").exists()
+@pytest.mark.parametrize("argv, needles", [
+    (["--env-id", "NoSuchEnv-v0"], ["--env-id", "NoSuchEnv-v0"]),
+    (["--env-id", "cartpole-balance"], ["--env-id cartpole-balance", "learns from state vectors"]),
+    (["--num-envs", "0"], ["--num-envs", "got 0"]),
+    (["--total-timesteps", "-5"], ["--total-timesteps", "-5"]),
+    (["--horizon", "0"], ["--horizon", "got 0"]),
+    (["--learning-starts", "-1"], ["--learning-starts", "got -1"]),
+    (["--learning-rate", "0"], ["--learning-rate", "got 0.0"]),
+    (["--lam", "1.5"], ["--lam", "1.5"]),
+    (["--buffer-size", "2"], ["--buffer-size", "got 2"]),
+    (["--buffer-size", "40", "--num-envs", "16", "--batch-size", "8"], ["--buffer-size", "--num-envs 16", "got 40"]),
+    (["--buffer-size", str(10**12)], ["--buffer-size 1000000000000", "GB"]),  # a MemoryError from the replay
+    (["--capture-video"], ["--capture-video"]),
+])
+def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
+    assert_cli_error("alm.py", tmp_path, ["--env-id", "InvertedPendulum-v5", *argv], *needles)
+    assert not (tmp_path / "runs").exists()  # before any work
+
+
+def test_progress_eta_follows_the_current_phase():
+    """Fake clock: a fast warm-up (1000 steps/s), then slow training (10 steps/s): the ETA is the training one."""
+    import alm
+
+    now = [0.0]
+    out = io.StringIO()
+    p = alm.Progress(total=10_000, window_s=30.0, clock=lambda: now[0], out=out)
+    p.set_phase("warmup", 2_000)
+    for t in range(1, 3):
+        now[0] = t
+        p.step(1000 * t, 0)
+    assert p.eta() == 0.0 and "warmup ends in 0 s" in p.line()
+    p.set_phase("train", 10_000)
+    for t in range(1, 61):  # 60 s of training at 10 steps/s and 10 updates/s (UTD 1)
+        now[0] = 2 + t
+        p.step(2000 + 10 * t, 10 * t)
+    fps, ups = p.rates()
+    assert fps == pytest.approx(10.0) and ups == pytest.approx(10.0)
+    assert p.eta() == pytest.approx((10_000 - 2_600) / 10.0)  # the run's average (43 steps/s) would say 172 s
+    assert "ETA 12.3 min" in p.line() and "updates 600 (10.00/s)" in p.line()
+    assert alm.fmt_time(float("nan")) == "?" and alm.fmt_time(7 * 3600) == "7.0 h"
+    p.print()
+    assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
+
+
+CLI_TINY = dict(env_id="InvertedPendulum-v5", learning_starts=80, batch_size=16, hidden_dim=32, model_hidden_dim=32,
+                latent_dim=8, eval_episodes=1)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_cleanly_with_events_written(tmp_path, sig, code):
+    flags = {**CLI_TINY, "total_timesteps": 100_000, "eval_every": 10**6, "log_every": 20}
+    got, out, err = interrupt_cli("alm.py", tmp_path, flags, sig)
+    assert got == code, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"interrupted ({sig.name}) at frame")
+    assert "cost: 64 + 32 replayed steps per update" in out and "[warmup]" in out
+    ea = events(glob.glob(os.path.join(tmp_path, "runs", "*"))[0])
+    assert "charts/SPS" in ea.Tags()["scalars"] and "losses/actor" in ea.Tags()["scalars"]
+
+
+def test_track_writes_an_offline_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    flags = {**CLI_TINY, "total_timesteps": 120, "eval_every": 120, "log_every": 100}
+    smoke_run_cli("alm.py", tmp_path, flags, ("--track",))
+    runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
 
 
 def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatch):
