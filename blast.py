@@ -65,7 +65,12 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
+import warnings
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -95,6 +100,12 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "mbrl-without-reconstruction"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
     capture_video: bool = False
     """if toggled, log a video of one evaluation episode at every evaluation"""
     save_model: bool = False
@@ -721,69 +732,192 @@ def log_video(writer, tag, frames, step, fps, path=None):
 
 
 # --- Main ------------------------------------------------------------------------------------
+def fail(msg):
+    """Bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def apply_ladder(args):
     """[BLAST Figs. 3-4] `--ladder RUNG` sets the five switches; each rung adds one change to the previous one."""
     if args.ladder is None:
         return args
     if args.ladder not in LADDER:
-        raise SystemExit(f"error: --ladder must be one of {'|'.join(LADDER)}, got {args.ladder!r}")
+        fail(f"--ladder must be one of {'|'.join(LADDER)}, got {args.ladder!r}")
     rung = LADDER.index(args.ladder)
     return dataclasses.replace(args, reconstruction=rung < 1, kl_balance=0.8 if rung < 2 else 1.0,
                                target_encoder=rung >= 3, batch_norm=rung >= 4, ar_steps=args.stoch if rung >= 5 else 1)
 
 
 def check_args(args):
+    """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
+    a = args
+    for flag, low in (("total_timesteps", 1), ("num_envs", 1), ("eval_episodes", 1), ("eval_every", 1),
+                      ("log_every", 1), ("action_repeat", 1), ("batch_size", 2), ("batch_length", 2),
+                      ("prefill", 0), ("pretrain", 0), ("train_every", 1), ("deter", 1), ("hidden", 1),
+                      ("stoch", 1), ("classes", 1), ("cnn_depth", 1), ("units", 1), ("mlp_layers", 0),
+                      ("ar_steps", 1), ("imag_horizon", 2), ("slow_critic_every", 1), ("video_every", 0)):
+        if getattr(a, flag) < low:
+            fail(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(a, flag)}")
+    for flag in ("model_lr", "actor_lr", "critic_lr", "model_eps", "ac_eps", "actor_min_std", "model_clip", "ac_clip"):
+        if not getattr(a, flag) > 0:
+            fail(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
+    for flag in ("kl_balance", "target_ema", "target_input_p", "lam"):
+        if not 0 <= getattr(a, flag) <= 1:
+            fail(f"--{flag.replace('_', '-')} must lie in [0, 1], got {getattr(a, flag)}")
     checks = [
-        (min(args.total_timesteps, args.num_envs, args.eval_episodes, args.eval_every, args.log_every) >= 1,
-         "--total-timesteps, --num-envs, --eval-episodes, --eval-every and --log-every must be >= 1"),
-        (args.video_every >= 0 and 0 < args.video_context < args.batch_length,
-         "need --video-every >= 0 (0: no video) and --video-context in [1, --batch-length)"),
-        (args.batch_size >= 2 and args.batch_length >= 2, "--batch-size (BatchNorm, batch split) and --batch-length must be >= 2"),
-        (args.buffer_size >= args.batch_size * args.batch_length, "--buffer-size must hold one batch (B*T steps)"),
-        (args.prefill >= 0 and args.pretrain >= 0 and args.train_every >= 1,
-         "need --prefill >= 0, --pretrain >= 0 and --train-every >= 1"),
-        (min(args.deter, args.hidden, args.stoch, args.classes, args.units, args.cnn_depth) >= 1 and args.mlp_layers >= 0,
-         "model sizes (--deter --hidden --stoch --classes --units --cnn-depth) must be >= 1, --mlp-layers >= 0"),
-        (args.ar_steps >= 1 and args.stoch % args.ar_steps == 0,
-         f"--ar-steps must be >= 1 and divide --stoch ({args.stoch}), got {args.ar_steps}"),
-        *[(0 <= getattr(args, k) <= 1, f"--{k.replace('_', '-')} must lie in [0, 1], got {getattr(args, k)}")
-          for k in ("kl_balance", "target_ema", "target_input_p", "lam")],
-        (args.imag_horizon >= 2 and args.slow_critic_every >= 1, "need --imag-horizon >= 2 and --slow-critic-every >= 1"),
-        (0 < args.gamma <= 1 and args.actor_min_std > 0 and args.kl_free >= 0,
-         "need --gamma in (0, 1], --actor-min-std > 0 and --kl-free >= 0"),
-        (min(args.model_lr, args.actor_lr, args.critic_lr, args.model_eps, args.ac_eps) > 0,
-         "--model-lr, --actor-lr, --critic-lr, --model-eps and --ac-eps must be > 0"),
-        (0 <= args.weight_decay < 1 and min(args.model_clip, args.ac_clip) > 0,
-         "need 0 <= --weight-decay < 1, --model-clip > 0 and --ac-clip > 0"),
+        (0 < a.video_context < a.batch_length,
+         f"--video-context must lie in [1, --batch-length {a.batch_length}), got {a.video_context}"),
+        (a.buffer_size >= a.batch_size * a.batch_length,
+         f"--buffer-size must hold one batch (--batch-size x --batch-length = {a.batch_size * a.batch_length} "
+         f"steps), got {a.buffer_size}"),
+        (a.stoch % a.ar_steps == 0, f"--ar-steps must divide --stoch {a.stoch}, got {a.ar_steps}"),
+        (0 < a.gamma <= 1, f"--gamma must lie in (0, 1], got {a.gamma}"),
+        (a.kl_free >= 0, f"--kl-free must be >= 0, got {a.kl_free}"),
+        (0 <= a.weight_decay < 1, f"--weight-decay must lie in [0, 1), got {a.weight_decay}"),
     ]
     for ok, msg in checks:
         if not ok:
-            raise SystemExit(f"error: {msg}")
+            fail(msg)
+    try:
+        pixels = is_dmc(a.env_id)
+    except ValueError as e:
+        fail(e)
+    if not pixels:  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
+        fail(f"--env-id {a.env_id} is a state task; {os.path.basename(__file__)} learns from 64x64 pixels "
+             "(use a DMC id such as walker-walk)")
+
+
+def fmt_time(seconds):
+    """12 s, 3.4 min, 5.6 h, or ? when unknown."""
+    if not np.isfinite(seconds):
+        return "?"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """What the run is doing, on the console: a status line at every log step and, from a background thread,
+    at least every `every_s` seconds (also during a long update or an evaluation). On a terminal the status
+    line is rewritten in place; elsewhere (CI, SLURM logs) it is a plain line. The rates and the ETA come
+    from the current phase only (prefill, pretrain, train), over its last `window_s` seconds, never the run's
+    average; the pretrain phase ends at an update count, the others at a frame count.
+    """
+
+    def __init__(self, total, every_s=30.0, window_s=120.0, clock=time.monotonic, out=sys.stdout):
+        self.total, self.every_s, self.window_s, self.clock, self.out = total, every_s, window_s, clock, out
+        self.tty = out.isatty()
+        self.frames, self.updates, self.recent, self.eval = 0, 0, float("nan"), float("nan")
+        self.phase, self.phase_end, self.samples = "setup", 0, deque()
+        self.last_print, self.lock, self.stop = clock(), threading.RLock(), threading.Event()
+        self.thread = None
+
+    def set_phase(self, phase, end):
+        """Enter `phase`, which lasts until frame `end` (pretrain: update `end`); its rate is measured afresh."""
+        with self.lock:
+            self.phase, self.phase_end = phase, end
+            self.samples = deque([(self.clock(), self.frames, self.updates)])
+
+    def step(self, frames, updates, recent=None, eval_return=None):
+        """Record the counters (cheap: call it every env step); a rate sample at most once a second."""
+        self.frames, self.updates = frames, updates
+        self.recent = self.recent if recent is None else recent
+        self.eval = self.eval if eval_return is None else eval_return
+        now = self.clock()
+        with self.lock:
+            if now - self.samples[-1][0] >= 1.0:
+                self.samples.append((now, frames, updates))
+                while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+                    self.samples.popleft()
+
+    def rates(self):
+        """(frames/s, updates/s) of the current phase over its recent window."""
+        with self.lock:
+            t0, f0, u0 = self.samples[0]
+        dt = self.clock() - t0
+        return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (float("nan"), float("nan"))
+
+    def eta(self):
+        """Seconds until the current phase ends, at its recent frame rate (pretrain: update rate)."""
+        fps, ups = self.rates()
+        done, rate = (self.updates, ups) if self.phase == "pretrain" else (self.frames, fps)
+        return (self.phase_end - done) / rate if rate > 0 else float("nan")
+
+    def line(self):
+        fps, ups = self.rates()
+        eta = f"ETA {fmt_time(self.eta())}" if self.phase in ("train", "eval") else f"{self.phase} ends in {fmt_time(self.eta())}"
+        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | "
+                f"{fps:.1f} frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | {eta}")
+
+    def print(self, text=None, live=False):
+        """Print `text` (default: the status line); `live` lines are rewritten in place on a terminal."""
+        with self.lock:
+            text = self.line() if text is None else text
+            end = "" if live and self.tty else "\n"
+            self.out.write(("\r\033[K" if self.tty else "") + text + end)
+            self.out.flush()
+            self.last_print = self.clock()
+
+    def start(self):
+        """Heartbeat thread: the status line whenever nothing was printed for `every_s` seconds."""
+        def beat():
+            while not self.stop.wait(1.0):
+                if self.clock() - self.last_print >= self.every_s:
+                    self.print(live=True)
+        self.thread = threading.Thread(target=beat, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.tty:
+            self.out.write("\n")
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+
+
+def close_envs(*envs):
+    """Close vector envs; workers that already stopped (Ctrl-C reaches the whole process group) are fine, and
+    gymnasium's warning about a step still pending (Ctrl-C came during one) is not shown: it is finished here."""
+    for env in envs:
+        try:
+            with warnings.catch_warnings():  # (action="ignore" needs Python 3.11)
+                warnings.simplefilter("ignore")
+                env.close()
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            pass
 
 
 def main(args: Args) -> dict:
     args = apply_ladder(args)
     check_args(args)
+    progress = Progress(args.total_timesteps)
+    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
+                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
     try:
-        if not is_dmc(args.env_id):  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
-            raise ValueError(f"--env-id {args.env_id} is a state task; {os.path.basename(__file__)} learns from "
-                             "64x64 pixels (use a DMC id such as walker-walk)")
         envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
+        eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                                    split="eval", **env_kwargs)
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
-    eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                                split="eval", **env_kwargs)
+        fail(e)
     obs_shape, action_dim = envs.single_observation_space.shape, int(np.prod(envs.single_action_space.shape))
     try:
         replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
     except (MemoryError, ValueError) as e:
-        envs.close(), eval_envs.close()
-        raise SystemExit(f"error: {e}")
+        close_envs(envs, eval_envs)
+        fail(e)
 
+    if args.track:
+        import wandb  # only when asked; syncs the TensorBoard scalars, images and text below
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -809,6 +943,15 @@ def main(args: Args) -> dict:
     global_step, updates, train_credit, pretrained, start_time = 0, 0, 0, False, time.time()
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
+    interrupted, train_start, projected = None, None, False
+    prefill = args.action_repeat * max(args.prefill, N * T, B * T)  # frames of random actions (and a batch in replay)
+    total = args.pretrain + (args.total_timesteps - prefill) // (args.action_repeat * args.train_every)  # if trained
+    progress.print(f"cost: {B * T} replayed steps per update, {1 / args.train_every:.3g} updates per policy step, about "
+                   f"{total if prefill < args.total_timesteps else 0} updates in all ({args.pretrain} when the prefill ends); "
+                   f"prefilling {prefill} frames with random actions, wall time projected after the first updates")
+    progress.set_phase("prefill", min(prefill, args.total_timesteps))
+    progress.start()
+    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: random actions for `prefill` agent steps (and until the replay holds a batch), then the policy
@@ -842,15 +985,27 @@ def main(args: Args) -> dict:
                 train_credit += agent_steps
                 n_updates = train_credit // args.train_every + (0 if pretrained else args.pretrain)
                 train_credit, pretrained = train_credit % args.train_every, True
+                if progress.phase == "prefill":
+                    progress.set_phase("pretrain", updates + n_updates)
             for _ in range(n_updates):
                 data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
                 metrics = update(wm, actor, critic, slow_critic, opts, data, args, updates)
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + v
                 n_metrics, updates = n_metrics + 1, updates + 1
+                progress.step(global_step, updates)  # the pretrain burst can take minutes
                 if args.video_every and global_step >= next_video:
                     next_video += args.video_every
                     log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), global_step, fps=10)
+            if progress.phase == "pretrain":  # the train phase's rate and the projection start after the pretrain
+                progress.set_phase("train", args.total_timesteps)
+                train_start = (time.time(), global_step, updates)
+            progress.step(global_step, updates, np.mean(recent_returns or [np.nan]))
+            if train_start and not projected and updates - train_start[2] >= 10 and time.time() - train_start[0] >= 20:
+                projected, elapsed = True, time.time() - train_start[0]
+                rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
+                progress.print(f"measured: {elapsed / (updates - train_start[2]):.2f} s per update with acting; projected "
+                               f"wall time of the run {fmt_time(time.time() - start_time + rest)} (evaluations extra)")
 
             if global_step >= next_log:
                 next_log += args.log_every
@@ -866,15 +1021,15 @@ def main(args: Args) -> dict:
                 sps = int(global_step / (time.time() - start_time))
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("charts/updates", updates, global_step)
-                eta = (args.total_timesteps - global_step) / max(sps, 1) / 60
-                recent, wm_loss = np.mean(recent_returns or [np.nan]), last_metrics.get("losses/world_model", np.nan)
-                print(f"frames {global_step}/{args.total_timesteps} | return {recent:.1f} | eval {eval_return:.1f} | "
-                      f"updates {updates} | wm {wm_loss:.2f} | SPS {sps} | ETA {eta:.1f} min", flush=True)
+                progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
 
             if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
                 next_eval += args.eval_every
+                phase, progress.phase = progress.phase, "eval"
                 returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, args.capture_video)
+                progress.phase = phase
                 eval_return = float(np.mean(returns))
+                progress.step(global_step, updates, eval_return=eval_return)
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 if frames is not None:
                     log_video(writer, "eval/video", frames, global_step, fps=30,
@@ -886,10 +1041,19 @@ def main(args: Args) -> dict:
                         "slow_critic": slow_critic.state_dict(), "opts": [o.state_dict() for o in opts],
                         "args": asdict(args), "global_step": global_step, "updates": updates}, path + ".tmp")
             os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+        interrupted = str(e) or "SIGINT"
     finally:
-        envs.close()
-        eval_envs.close()
+        signal.signal(signal.SIGTERM, old_sigterm)
+        progress.close()
+        close_envs(envs, eval_envs)
         writer.close()
+        if args.track:
+            wandb.finish()
+    if interrupted:
+        print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
+              f"the events written so far are in {run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}
     print(json.dumps(summary))
@@ -897,4 +1061,8 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:  # before the training loop (which handles its own)
+        print("interrupted while starting; nothing was trained", file=sys.stderr)
+        raise SystemExit(130)

@@ -3,8 +3,10 @@ BatchNorm modes, DreamerV2's truncated-normal actor, lambda-returns and slow cri
 
 import dataclasses
 import glob
+import io
 import math
 import os
+import signal
 import types
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import blast as b
-from smoke import assert_finite_scalars, run_cli
+from smoke import assert_cli_error, assert_finite_scalars, events, interrupt_cli, run_cli
 
 TINY = dict(deter=16, hidden=16, stoch=4, classes=4, ar_steps=4, cnn_depth=2, units=16, mlp_layers=1,
             batch_size=4, batch_length=6, imag_horizon=3, prefill=20, pretrain=2, buffer_size=2000, time_limit=60)
@@ -433,14 +435,72 @@ def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
     assert third["losses"] != first["losses"]
 
 
-def test_bad_input_names_the_flag(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for kw, flag in ((dict(env_id="walker-sprint"), "--env-id"), (dict(ar_steps=3), "--ar-steps"),
-                     (dict(ladder="big"), "--ladder"), (dict(target_input_p=1.5), "--target-input-p"),
-                     (dict(kl_balance=-0.1), "--kl-balance"), (dict(batch_size=1), "--batch-size"),
-                     (dict(env_id="Hopper-v5"), "--env-id")):
-        with pytest.raises(SystemExit, match=f"^error: .*{flag}"):
-            b.main(b.Args(**kw))
+@pytest.mark.parametrize("argv, needles", [
+    (["--env-id", "walker-sprint"], ["--env-id", "walker-sprint"]),
+    (["--env-id", "Hopper-v5"], ["--env-id Hopper-v5", "state task", "pixels"]),
+    (["--total-timesteps", "-5"], ["--total-timesteps", "-5"]),
+    (["--train-every", "0"], ["--train-every", "got 0"]),
+    (["--prefill", "-1"], ["--prefill", "got -1"]),
+    (["--batch-size", "1"], ["--batch-size", ">= 2", "got 1"]),
+    (["--ar-steps", "3"], ["--ar-steps", "--stoch 8", "got 3"]),
+    (["--ladder", "big"], ["--ladder", "dreamerv2|no_recon", "'big'"]),
+    (["--target-input-p", "1.5"], ["--target-input-p", "[0, 1]", "1.5"]),
+    (["--gamma", "1.5"], ["--gamma", "1.5"]),
+    (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
+])
+def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
+    assert_cli_error("blast.py", tmp_path, argv, *needles)
+
+
+def test_progress_eta_follows_the_current_phase():
+    """Fake clock: a fast prefill (1000 frames/s), a pretrain burst (no frames, 4 updates/s, its ETA counts
+    updates), then slow training (10 frames/s): the ETA is the training one, not the run's average."""
+    now = [0.0]
+    out = io.StringIO()
+    p = b.Progress(total=10_000, window_s=30.0, clock=lambda: now[0], out=out)
+    p.set_phase("prefill", 2_000)
+    for t in range(1, 3):
+        now[0] = t
+        p.step(1000 * t, 0)
+    assert p.eta() == 0.0 and "prefill ends in 0 s" in p.line()
+    p.set_phase("pretrain", 100)
+    for t in range(1, 11):  # 10 s of pretraining: 40 of 100 updates
+        now[0] = 2 + t
+        p.step(2000, 4 * t)
+    assert p.eta() == pytest.approx(15.0) and "pretrain ends in 15 s" in p.line()
+    p.set_phase("train", 10_000)
+    for t in range(1, 61):  # 60 s of training at 10 frames/s and 2 updates/s
+        now[0] = 12 + t
+        p.step(2000 + 10 * t, 40 + 2 * t)
+    fps, ups = p.rates()
+    assert fps == pytest.approx(10.0) and ups == pytest.approx(2.0)
+    assert p.eta() == pytest.approx((10_000 - 2_600) / 10.0)  # the run's average (36 frames/s) would say 205 s
+    assert "ETA 12.3 min" in p.line() and "updates 160 (2.00/s)" in p.line()
+    p.print()
+    assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_stops_cleanly_with_events_written(tmp_path, sig, code):
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
+             "eval_episodes": 1, "log_every": 40, "video_every": 0}
+    got, out, err = interrupt_cli("blast.py", tmp_path, flags, sig)
+    assert got == code, err
+    lines = err.strip().splitlines()  # one line: no traceback, no warning about the step Ctrl-C cut short
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted ({sig.name}) at frame"), err
+    assert "cost: 24 replayed steps per update" in out
+    ea = events(glob.glob(os.path.join(tmp_path, "runs", "*"))[0])
+    assert "charts/SPS" in ea.Tags()["scalars"]
+
+
+def test_track_writes_an_offline_wandb_run(tmp_path, monkeypatch):
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 80, "eval_every": 80,
+             "eval_episodes": 1, "log_every": 40, "video_every": 0, "time_limit": 40}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run_cli("blast.py", tmp_path, flags, ("--track",))
+    runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
 
 
 def test_help_documents_every_hyperparameter_with_its_source(capsys):
