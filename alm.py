@@ -63,6 +63,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -630,10 +631,13 @@ def on_sigterm(signum, frame):
 
 
 def close_envs(*envs):
-    """Close envs; workers that already stopped (Ctrl-C reaches the whole process group) are fine."""
+    """Close vector envs; workers that already stopped (Ctrl-C reaches the whole process group) are fine, and
+    gymnasium's warning about a step still pending (Ctrl-C came during one) is not shown: it is finished here."""
     for env in envs:
         try:
-            env.close()
+            with warnings.catch_warnings():  # (action="ignore" needs Python 3.11)
+                warnings.simplefilter("ignore")
+                env.close()
         except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
             pass
 

@@ -81,7 +81,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import is_dmc, make_vector_env
+from common.envs import encode_video, is_dmc, make_vector_env
 from common.replay import ReplayBuffer
 
 LN_EPS = 1e-3  # Keras LayerNormalization epsilon (DreamerV2 GRU)
@@ -107,7 +107,8 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, log a video of one evaluation episode at every evaluation"""
+    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
+    agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
     save_model: bool = False
     """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
     env_id: str = "walker-walk"
@@ -677,13 +678,14 @@ def set_mode(training, *modules):  # [BLAST code] act with BatchNorm in eval mod
 
 
 def evaluate(wm, actor, envs, episodes, device, capture=False):
-    """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode frames."""
+    """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode as
+    (T, S, W, 3) uint8 video frames (common/envs.py video_frame)."""
     set_mode(False, wm, actor)
     state, (obs, _) = initial_state(wm, actor, envs.num_envs, device), envs.reset()
     is_first, done, returns, frames = np.ones(envs.num_envs, bool), np.zeros(envs.num_envs, bool), [], []
     while len(returns) < episodes:
         if capture and not returns:
-            frames.append(obs[0].transpose(1, 2, 0))
+            frames.append(envs.call("video_frame")[0])
         action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
                                torch.as_tensor(is_first, device=device), explore=False)
         obs, _, term, trunc, infos = envs.step(action.cpu().numpy())
@@ -903,7 +905,7 @@ def main(args: Args) -> dict:
     try:
         envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
         eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                                    split="eval", **env_kwargs)
+                                    split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
     except (ValueError, TypeError) as e:
         fail(e)
     obs_shape, action_dim = envs.single_observation_space.shape, int(np.prod(envs.single_action_space.shape))
@@ -1032,8 +1034,8 @@ def main(args: Args) -> dict:
                 progress.step(global_step, updates, eval_return=eval_return)
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 if frames is not None:
-                    log_video(writer, "eval/video", frames, global_step, fps=30,
-                              path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
+                    encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
+                    log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
 
         if args.save_model:
             path = os.path.join(run_dir, f"{args.exp_name}.pt")

@@ -316,7 +316,8 @@ def test_sigint_stops_cleanly_with_events_written(tmp_path):
     code, out, err = interrupt_cli("mudreamer.py", tmp_path, flags, signal.SIGINT)
     assert code == 130, err
     assert "Traceback" not in err and "Error" not in err, err
-    assert err.strip().splitlines()[-1].startswith("interrupted (SIGINT) at frame")
+    (line,) = err.strip().splitlines()  # exactly one line on stderr
+    assert line.startswith("interrupted (SIGINT) at frame")
     ea = events(glob.glob(os.path.join(tmp_path, "runs", "*"))[0])
     assert "charts/SPS" in ea.Tags()["scalars"]
 
