@@ -27,7 +27,7 @@ Deviations from the paper / the 2023 code (each also tagged `# DEVIATION` where 
     the run instead).
  2. Every replayed batch starts from the learned initial state; the 2023 code carries the last
     posterior of the previous batch into the next, unrelated one.
- 3. Pixel observations only (DMC ids); the MLP encoder/decoder for vector observations is left out.
+ 3. Pixel observations only (DMC and MiniGrid ids); the MLP encoder/decoder for vector observations is left out.
 
 Run:  python dreamerv3.py --env-id walker-walk
 """
@@ -37,7 +37,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import gymnasium as gym
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import make_vector_env
+from common.envs import env_defaults, make_vector_env
 from common.replay import ReplayBuffer
 
 LN_EPS = 1e-3  # LayerNorm epsilon of the DreamerV3 2023 code
@@ -70,7 +70,7 @@ class Args:
     save_model: bool = False
     """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
     env_id: str = "walker-walk"
-    """the environment id (DMC pixel tasks: domain-task)"""
+    """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 1_000_000
     """environment frames (after action repeat) of the run (MuDreamer Table 1: 1M)"""
     num_envs: int = 4
@@ -83,10 +83,11 @@ class Args:
     """log metrics every this many frames"""
 
     # Environment
-    action_repeat: int = 2
-    """frames per agent step, rewards summed (DreamerV3 DMC setting, MuDreamer Sec. 5)"""
-    time_limit: int = 1000
-    """episode length in frames (DMC standard: 1000)"""
+    action_repeat: Optional[int] = None
+    """frames per agent step, rewards summed (None: the env's own; DMC 2, DreamerV3 DMC setting, MuDreamer
+    Sec. 5; MiniGrid 1)"""
+    time_limit: Optional[int] = None
+    """episode length in frames (None: the env's own; DMC standard 1000, MiniGrid 100 as BLAST)"""
     background: str = "plain"
     """DMC background: "plain" or natural videos (common/envs.py)"""
     background_dir: Optional[str] = None
@@ -746,6 +747,10 @@ def check_args(args):
 
 def main(args: Args) -> dict:
     check_args(args)
+    try:  # unset --action-repeat / --time-limit: the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100)
+        args = replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
