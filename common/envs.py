@@ -559,9 +559,10 @@ class MiniGridPixelEnv(gym.Env):
         return self._observe(), {}
 
     def step(self, action):
-        action = int(np.asarray(action).reshape(()))
-        if not 0 <= action < 3:
-            raise ValueError(f"MiniGrid actions are 0 (left), 1 (right), 2 (forward); got {action}")
+        a = np.asarray(action)
+        if a.size != 1 or not np.issubdtype(a.dtype, np.integer) or not 0 <= int(a.reshape(())) < 3:
+            raise ValueError(f"MiniGrid actions are the integers 0 (left), 1 (right), 2 (forward); got {action!r}")
+        action = int(a.reshape(()))
         reward = 0.0
         for _ in range(self.action_repeat):
             _, r, terminated, truncated, _ = self._env.step(action)

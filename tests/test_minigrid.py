@@ -258,8 +258,9 @@ def test_bad_ids_and_options_give_one_line_errors():
         make_env(VIDEO, 0, background_dir="/no/such/folder")
     env = make_env(PLAIN, 0)
     env.reset()
-    with pytest.raises(ValueError, match="0 .left., 1 .right., 2 .forward."):
-        env.step(3)
+    for action in (3, -1, 0.7, np.array([0.2, 0.1])):  # a continuous agent's output is refused, not rounded
+        with pytest.raises(ValueError, match="integers 0 .left., 1 .right., 2 .forward."):
+            env.step(action)
 
 
 def test_bad_minigrid_id_stops_a_script_with_one_line(tmp_path, monkeypatch):
