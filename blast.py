@@ -35,8 +35,12 @@ A.3 (Fig. 5) "latent prediction only": `--no-reward-grad` (no reward gradient in
 
 Tags: `[BLAST Eq. 2.N]` / `[BLAST Sec. N]` point at arXiv:2111.04387. DreamerV2 (arXiv:2010.02193, not in papers/)
 items are tagged by topic or code name (`[DreamerV2 lambda-target]`); BLAST runs that code where it says nothing.
-Decisions where paper and issue are silent: continuous actions only (DMC); evaluation takes the actor's mode
-and samples the latent (DreamerV2 eval mode); pictures use the acting encoder; the ladder overrides the 5 switches.
+MiniGrid (Sec. 3.1.1, Fig. 3): `--preset minigrid` is the A.2 Gym-MiniGrid column (with the official minigrid-repeat
+config where A.2 is silent) on `--env-id minigrid-dynamic-obstacles-6x6[-color-direction|-smaller-agent|-random-frames|
+-video]`; add `--ladder RUNG` for each bar. Discrete actions get DreamerV2's one-hot actor, trained by REINFORCE
+(`--actor-grad auto`: reinforce for discrete, dynamics for continuous actions, DreamerV2's rule).
+Decisions where paper and issue are silent: evaluation takes the actor's mode and samples the latent (DreamerV2
+eval mode); pictures use the acting encoder; the ladder overrides the 5 switches, the preset only defaults.
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
  1. float32 instead of mixed float16; a non-finite loss stops the run at the next log.
@@ -54,8 +58,13 @@ Deviations from the paper / the official code (each also tagged `# DEVIATION` wh
  7. The slow critic starts as a copy of the critic (official: own init, first copied after update 0). The target
     encoder's first update copies the online one (BYOL; official update_targets: xi <- mix xi + (1 - mix) theta with
     mix 1 at update 0, which keeps xi's own random init). Adam's eps is torch's, not Keras' (before bias correction).
+ 8. REINFORCE scores sg(a_t) (as DreamerV3); the official log_prob reads the straight-through imagined sample, whose
+    gradient adds sg(A_t) sum_k ln pi_k grad pi_k. `--preset minigrid`: A.2's 16 x 64 latents with ar_steps 16 (the
+    official sweep grid_exps.yaml ran 8 x 64, ar_steps 8), uniform replay windows (official prioritize_ends True),
+    10 evaluation episodes (official eval_eps 5).
 
 Run:  python blast.py --env-id walker-walk            (full BLAST; --ladder dreamerv2 for the base)
+      python blast.py --preset minigrid --env-id minigrid-dynamic-obstacles-6x6-video   (Fig. 3, one bar)
 """
 
 import copy
@@ -81,13 +90,26 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import encode_video, is_dmc, make_vector_env
+from common.envs import encode_video, env_defaults, is_pixel, make_vector_env
 from common.replay import ReplayBuffer
 
 LN_EPS = 1e-3  # Keras LayerNormalization epsilon (DreamerV2 GRU)
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # Keras BatchNormalization defaults: eps 1e-3, running = 0.99 running + 0.01 batch
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 LADDER = ("dreamerv2", "no_recon", "sg", "ema", "bn", "ar")
+# [BLAST A.2, Gym-MiniGrid column] `--preset minigrid`; where A.2 is silent, the official minigrid-repeat config
+# (keirp/blast dreamerv2/configs.yaml). The BLAST rows of A.2 are the defaults already. ar_steps follows stoch.
+PRESETS = {"minigrid": dict(
+    env_id="minigrid-dynamic-obstacles-6x6",  # [BLAST Sec. 3.1.1] the unmodified rendering
+    total_timesteps=50_000, action_repeat=1, time_limit=100,  # A.2 steps 5e4 (repeat 1: frames); Sec. 3.1.1 horizon 100
+    eval_every=2_500,  # minigrid-repeat eval_every 2500; DEVIATION: 10 episodes (house rule), official eval_eps 5
+    prefill=10_000, train_every=1, pretrain=1,  # A.2 prefill 10,000, train_every 1; DreamerV2 default pretrain 1
+    deter=600, hidden=600, stoch=16, classes=64,  # A.2 rssm.deter 600, hidden 600, stoch 16, discrete 64
+    # DEVIATION: A.2's 16 x 64 latents (ar_steps 16); the official sweep grid_exps.yaml ran 8 x 64 with ar_steps 8
+    kl_scale=0.1, reward_scale=100.0, reward_clamp="tanh",  # A.2 loss_scales.kl 0.1, loss_scales.reward 100, tanh
+    kl_free=0.0, gamma=0.99, actor_grad="reinforce",  # DreamerV2 default kl.free 0; A.2 discount 0.99, reinforce
+    model_lr=4e-4, actor_lr=8e-5, critic_lr=1e-4, actor_entropy=0.1,  # minigrid-repeat model/actor/critic lr, actor_ent
+)}  # DEVIATION: uniform replay windows (minigrid-repeat keeps DreamerV2's replay.prioritize_ends True)
 
 
 @dataclass
@@ -112,7 +134,7 @@ class Args:
     save_model: bool = False
     """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
     env_id: str = "walker-walk"
-    """the environment id (DMC pixel tasks: domain-task)"""
+    """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 2_000_000
     """environment frames (after action repeat) of the run (BLAST A.2 DMC: steps 1e6 agent steps = 2e6 frames)"""
     num_envs: int = 1
@@ -125,10 +147,10 @@ class Args:
     """log metrics every this many frames"""
 
     # Environment
-    action_repeat: int = 2
-    """frames per agent step, rewards summed (DreamerV2 dmc_vision: 2)"""
-    time_limit: int = 1000
-    """episode length in frames (DMC standard: 1000)"""
+    action_repeat: Optional[int] = None
+    """frames per agent step, rewards summed (None: the env's own; DMC 2, DreamerV2 dmc_vision; MiniGrid 1)"""
+    time_limit: Optional[int] = None
+    """episode length in frames (None: the env's own; DMC standard 1000, MiniGrid 100 as BLAST Sec. 3.1.1)"""
     background: str = "plain"
     """DMC background: "plain" or natural videos (common/envs.py)"""
     background_dir: Optional[str] = None
@@ -171,6 +193,8 @@ class Args:
     """KL loss scale beta_KL (BLAST A.2 DMC: loss_scales.kl 1.0)"""
     reward_scale: float = 1.0
     """reward loss scale beta_r (BLAST A.2 DMC: loss_scales.reward 1.0)"""
+    reward_clamp: str = "identity"
+    """identity|tanh of the replayed rewards before the reward loss (BLAST A.2 reward_clamp: DMC none, MiniGrid tanh)"""
     image_scale: float = 1.0
     """image loss scale beta_img of the decoder loss (DreamerV2 loss_scales: image unset, default 1.0)"""
     model_lr: float = 3e-4
@@ -195,6 +219,8 @@ class Args:
     """lambda-return lambda (DreamerV2 discount_lambda 0.95)"""
     actor_entropy: float = 1e-4
     """actor entropy scale eta (DreamerV2 dmc_vision: actor_ent 1e-4)"""
+    actor_grad: str = "auto"
+    """actor gradient: dynamics|reinforce|auto = reinforce for discrete actions (DreamerV2; BLAST A.2: DMC dynamics)"""
     actor_min_std: float = 0.1
     """minimum std of the truncated-normal actor (DreamerV2 actor.min_std 0.1)"""
     actor_lr: float = 8e-5
@@ -229,6 +255,8 @@ class Args:
     """reward gradient into the representation; --no-reward-grad = BLAST A.3 latent prediction only (Fig. 5)"""
     ladder: Optional[str] = None
     """rung of the Figs. 3-4 ablation ladder, setting the five switches above: dreamerv2|no_recon|sg|ema|bn|ar"""
+    preset: Optional[str] = None
+    """minigrid = BLAST A.2's Gym-MiniGrid column (PRESETS), for the values still at their defaults"""
 
 
 # --- Small math helpers ----------------------------------------------------------------------
@@ -309,6 +337,26 @@ class TruncNormal:
     @property
     def mode(self):
         return self.mean.clamp(self.low, self.high)
+
+
+class OneHot:
+    """[DreamerV2 OneHotDist] a categorical over A actions as one-hot vectors; rsample is straight-through."""
+
+    def __init__(self, logits):
+        self.logits, self.logp = logits, F.log_softmax(logits, -1)
+
+    def rsample(self):
+        return sample_onehot(self.logits)
+
+    def log_prob(self, x):  # (..., A) one-hot -> (...)
+        return (x * self.logp).sum(-1)
+
+    def entropy(self):
+        return -(self.logp.exp() * self.logp).sum(-1)
+
+    @property
+    def mode(self):
+        return F.one_hot(self.logits.argmax(-1), self.logits.shape[-1]).to(self.logits.dtype)
 
 
 def init_weights(m):
@@ -483,14 +531,17 @@ def feature(deter, stoch):  # s_t = [h_t, flatten(z_t)]: (..., D), (..., S, K) -
 
 
 class Actor(nn.Module):
-    """[DreamerV2 actor] pi(a_t | s_t) = TruncNormal(tanh(mu), 2 sigmoid(sigma / 2) + min_std) on [-1, 1]."""
+    """[DreamerV2 actor] pi(a_t | s_t) = TruncNormal(tanh(mu), 2 sigmoid(sigma / 2) + min_std) on [-1, 1];
+    discrete actions (actor.dist onehot): OneHot(logits)."""
 
-    def __init__(self, feat_dim, action_dim, units, layers, min_std):
+    def __init__(self, feat_dim, action_dim, units, layers, min_std, discrete=False):
         super().__init__()
-        self.action_dim, self.min_std = action_dim, min_std
-        self.net = mlp(feat_dim, units, layers, 2 * action_dim).apply(init_weights)
+        self.action_dim, self.min_std, self.discrete = action_dim, min_std, discrete
+        self.net = mlp(feat_dim, units, layers, action_dim if discrete else 2 * action_dim).apply(init_weights)
 
-    def forward(self, feat):  # (..., F) -> TruncNormal over (..., A)
+    def forward(self, feat):  # (..., F) -> TruncNormal or OneHot over (..., A)
+        if self.discrete:
+            return OneHot(self.net(feat))
         mean, std = self.net(feat).chunk(2, -1)
         return TruncNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + self.min_std)
 
@@ -506,13 +557,13 @@ class Critic(nn.Module):
         return self.net(feat)[..., 0]
 
 
-def make_agent(args, obs_shape, action_dim, device):
+def make_agent(args, obs_shape, action_dim, device, discrete=False):
     """World model, actor, critic, slow critic and the four optimisers (model, actor, critic, decoder)."""
     # ABLATION(batch_norm) ABLATION(ar_steps) ABLATION(target_encoder): the model's structure
     wm = WorldModel(obs_shape, action_dim, args.deter, args.stoch, args.classes, args.hidden, args.units,
                     args.mlp_layers, args.cnn_depth, args.batch_norm, args.ar_steps, args.target_encoder).to(device)
     feat_dim = args.deter + args.stoch * args.classes
-    actor = Actor(feat_dim, action_dim, args.units, args.mlp_layers, args.actor_min_std).to(device)
+    actor = Actor(feat_dim, action_dim, args.units, args.mlp_layers, args.actor_min_std, discrete).to(device)
     critic = Critic(feat_dim, args.units, args.mlp_layers).to(device)
     # DEVIATION: the slow critic starts as a copy (official: own init, copied after update 0)
     slow_critic = copy.deepcopy(critic).requires_grad_(False)
@@ -567,33 +618,39 @@ def world_model_loss(wm, data, kl_balance, kl_free, kl_scale, reward_scale, imag
 
 def imagine(rssm, actor, deter, stoch, horizon):
     """Roll the free-running prior H steps from N start states with a_t ~ pi(a_t | sg(s_t)) (rsample).
-    Returns feat (H+1, N, F) for s_0..s_H and the actor entropies (H, N) at s_0..s_{H-1}."""
-    feats, ents = [feature(deter, stoch)], []
+    Returns feat (H+1, N, F) for s_0..s_H, the actor entropies and ln pi(sg(a_t) | s_t) (H, N) at s_0..s_{H-1}."""
+    feats, ents, logps = [feature(deter, stoch)], [], []
     for _ in range(horizon):
         dist = actor(feats[-1].detach())  # [DreamerV2] the actor sees sg(s_t)
-        deter, stoch = rssm.img_step(deter, stoch, dist.rsample())
-        feats.append(feature(deter, stoch)), ents.append(dist.entropy())
-    return torch.stack(feats), torch.stack(ents)
+        action = dist.rsample()
+        deter, stoch = rssm.img_step(deter, stoch, action)
+        feats.append(feature(deter, stoch)), ents.append(dist.entropy()), logps.append(dist.log_prob(action.detach()))
+    return torch.stack(feats), torch.stack(ents), torch.stack(logps)
 
 
-def actor_critic_loss(wm, actor, critic, slow_critic, deter, stoch, horizon, gamma, lam, entropy_scale):
-    """[DreamerV2 ActorCritic] dynamics backprop actor and MSE critic on trajectories from N start states.
+def actor_critic_loss(wm, actor, critic, slow_critic, deter, stoch, horizon, gamma, lam, entropy_scale,
+                      reinforce=False):
+    """[DreamerV2 ActorCritic] dynamics backprop (or REINFORCE) actor and MSE critic on trajectories from N starts.
 
         states   s_0  s_1 ... s_H        rewards r_t = reward(s_t), values v_targ(s_t) (slow critic)
         targets  V_0  V_1 ... V_{H-1}    weights w_t = gamma^t (no discount head: d_t = gamma)
         actor    -mean_t w_t (V_{t+1} + eta H[pi(. | s_t)]),  t = 0..H-2 (V_0 does not depend on any action)
+        reinforce: V_{t+1} above -> ln pi(sg(a_t) | s_t) sg(V_{t+1} - v_targ(s_t))
         critic   mean_t w_t -ln N(sg(V_t); v(sg(s_t)), 1),    t = 0..H-1
     deter (N, D), stoch (N, S, K). Returns (actor_loss, critic_loss, metrics).
     """
-    feat, ent = imagine(wm.rssm, actor, deter, stoch, horizon)  # (H+1, N, F), (H, N)
+    feat, ent, logp = imagine(wm.rssm, actor, deter, stoch, horizon)  # (H+1, N, F), (H, N), (H, N)
     reward = wm.reward(feat)[..., 0]  # (H+1, N) r_0..r_H, the mode of the unit Normal
     value = slow_critic(feat)  # (H+1, N); its parameters are frozen but the gradient reaches the actions
     disc = torch.full_like(reward, gamma)  # pred_discount False (BLAST A.2)
     # [DreamerV2 lambda-target] lambda_return(reward[:-1], value[:-1], disc[:-1], bootstrap=value[-1])
     ret = lambda_return(reward[:-1], value[:-1], disc[:-1], value[-1], lam)  # (H, N)
     weight = torch.cumprod(torch.cat([torch.ones_like(disc[:1]), disc[:-1]]), 0).detach()  # (H+1, N)
-    # [DreamerV2 actor loss, actor_grad dynamics] maximise V^lambda by backpropagating through the dynamics
-    actor_loss = -(weight[:-2] * (ret[1:] + entropy_scale * ent[:-1])).mean()
+    if reinforce:  # [DreamerV2 actor_grad reinforce] baseline v_targ(s_t); DEVIATION: the score of sg(a_t), see 8.
+        objective = logp[:-1] * (ret[1:] - value[:-2]).detach()
+    else:  # [DreamerV2 actor loss, actor_grad dynamics] maximise V^lambda by backpropagating through the dynamics
+        objective = ret[1:]
+    actor_loss = -(weight[:-2] * (objective + entropy_scale * ent[:-1])).mean()
     # [DreamerV2 critic loss] the critic regresses sg(V^lambda) on sg(s_t)
     critic_loss = (weight[:-1] * gaussian_nll(critic(feat[:-1].detach()), ret.detach())).mean()
     metrics = {"losses/actor": actor_loss.detach(), "losses/critic": critic_loss.detach(),
@@ -629,6 +686,8 @@ def update(wm, actor, critic, slow_critic, opts, data, args, updates):
     """One training update (world model, target EMA, actor, critic, slow critic). No host syncs. `updates`: the
     number of updates before this one (a Python int scheduling the first EMA copy and the slow critic's copies)."""
     wm_opt, actor_opt, critic_opt, dec_opt = opts
+    if args.reward_clamp == "tanh":  # [DreamerV2 clip_rewards, BLAST A.2 reward_clamp] on the replayed rewards
+        data = dict(data, reward=torch.tanh(data["reward"]))
     # DEVIATION: float32 throughout (the official code uses mixed float16)
     wm_loss, metrics, out = world_model_loss(
         wm, data, args.kl_balance, args.kl_free, args.kl_scale, args.reward_scale, args.image_scale,
@@ -644,7 +703,8 @@ def update(wm, actor, critic, slow_critic, opts, data, args, updates):
     wm.requires_grad_(False)
     actor_loss, critic_loss, ac_metrics = actor_critic_loss(
         wm, actor, critic, slow_critic, out["t_deter"].flatten(0, 1), out["t_stoch"].flatten(0, 1),
-        args.imag_horizon, args.gamma, args.lam, args.actor_entropy)
+        args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
+        args.actor_grad == "reinforce" or (args.actor_grad == "auto" and actor.discrete))
     for p in wm.model_parameters() + list(wm.decoder.parameters()):
         p.requires_grad_(True)  # (the target encoder stays frozen)
     metrics.update(ac_metrics)
@@ -677,6 +737,10 @@ def set_mode(training, *modules):  # [BLAST code] act with BatchNorm in eval mod
         m.train(training)
 
 
+def to_env(action, discrete):  # policy output (N, A) -> what the vector env takes (indices for Discrete spaces)
+    return (action.argmax(-1) if discrete else action).cpu().numpy()
+
+
 def evaluate(wm, actor, envs, episodes, device, capture=False):
     """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode as
     (T, S, W, 3) uint8 video frames (common/envs.py video_frame)."""
@@ -688,7 +752,7 @@ def evaluate(wm, actor, envs, episodes, device, capture=False):
             frames.append(envs.call("video_frame")[0])
         action, state = policy(wm, actor, state, torch.as_tensor(obs, device=device),
                                torch.as_tensor(is_first, device=device), explore=False)
-        obs, _, term, trunc, infos = envs.step(action.cpu().numpy())
+        obs, _, term, trunc, infos = envs.step(to_env(action, actor.discrete))
         is_first, done = done, term | trunc  # NEXT_STEP autoreset: the obs after a done step is the first
         if "episode" in infos:
             returns += [float(r) for r, m in zip(infos["episode"]["r"], infos["_episode"]) if m]
@@ -751,8 +815,31 @@ def apply_ladder(args):
                                target_encoder=rung >= 3, batch_norm=rung >= 4, ar_steps=args.stoch if rung >= 5 else 1)
 
 
+def apply_preset(args):
+    """`--preset NAME` sets PRESETS[NAME] where args still hold Args' defaults (a flag given explicitly wins unless it
+    repeats the default); ar_steps left at its default follows stoch (A.2 "same as rssm.stoch")."""
+    if args.preset is None:
+        return args
+    if args.preset not in PRESETS:
+        raise SystemExit(f"error: --preset must be one of {'|'.join(PRESETS)}, got {args.preset!r}")
+    default = Args()
+    out = dataclasses.replace(args, **{k: v for k, v in PRESETS[args.preset].items()
+                                       if getattr(args, k) == getattr(default, k)})
+    return dataclasses.replace(out, ar_steps=out.stoch) if args.ar_steps == default.ar_steps else out
+
+
 def check_args(args):
-    """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
+    """Every flag checked on its own, before any heavy work; the first bad one is named with its value. Returns
+    args with the env's own --action-repeat / --time-limit where they were left unset."""
+    try:
+        pixels = is_pixel(args.env_id)
+    except ValueError as e:
+        fail(e)
+    if not pixels:  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
+        fail(f"--env-id {args.env_id} is a state task; {os.path.basename(__file__)} learns from 64x64 pixels "
+             "(use a DMC id such as walker-walk)")
+    # unset --action-repeat / --time-limit: the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100)
+    args = dataclasses.replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
     a = args
     for flag, low in (("total_timesteps", 1), ("num_envs", 1), ("eval_episodes", 1), ("eval_every", 1),
                       ("log_every", 1), ("action_repeat", 1), ("batch_size", 2), ("batch_length", 2),
@@ -777,17 +864,14 @@ def check_args(args):
         (0 < a.gamma <= 1, f"--gamma must lie in (0, 1], got {a.gamma}"),
         (a.kl_free >= 0, f"--kl-free must be >= 0, got {a.kl_free}"),
         (0 <= a.weight_decay < 1, f"--weight-decay must lie in [0, 1), got {a.weight_decay}"),
+        (a.reward_clamp in ("identity", "tanh"), f"--reward-clamp must be identity|tanh, got {a.reward_clamp!r}"),
+        (a.actor_grad in ("auto", "dynamics", "reinforce"),
+         f"--actor-grad must be auto|dynamics|reinforce, got {a.actor_grad!r}"),
     ]
     for ok, msg in checks:
         if not ok:
             fail(msg)
-    try:
-        pixels = is_dmc(a.env_id)
-    except ValueError as e:
-        fail(e)
-    if not pixels:  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
-        fail(f"--env-id {a.env_id} is a state task; {os.path.basename(__file__)} learns from 64x64 pixels "
-             "(use a DMC id such as walker-walk)")
+    return args
 
 
 def fmt_time(seconds):
@@ -893,8 +977,8 @@ def close_envs(*envs):
 
 
 def main(args: Args) -> dict:
-    args = apply_ladder(args)
-    check_args(args)
+    args = apply_ladder(apply_preset(args))
+    args = check_args(args)
     progress = Progress(args.total_timesteps)
     progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
                    f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
@@ -908,7 +992,9 @@ def main(args: Args) -> dict:
                                     split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
     except (ValueError, TypeError) as e:
         fail(e)
-    obs_shape, action_dim = envs.single_observation_space.shape, int(np.prod(envs.single_action_space.shape))
+    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
+    discrete = hasattr(act_space, "n")  # gymnasium Discrete (DreamerV2's test)
+    action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
     try:
         replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
     except (MemoryError, ValueError) as e:
@@ -934,7 +1020,7 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Agent: world model (+ target encoder, decoder), actor, critic and its slow copy, optimisers
-    wm, actor, critic, slow_critic, opts = make_agent(args, obs_shape, action_dim, device)
+    wm, actor, critic, slow_critic, opts = make_agent(args, obs_shape, action_dim, device, discrete)
     B, T, N = args.batch_size, args.batch_length, args.num_envs
 
     # TRY NOT TO MODIFY: start the game
@@ -965,11 +1051,12 @@ def main(args: Args) -> dict:
                                        torch.as_tensor(is_first, device=device))
                 set_mode(True, wm, actor)
             else:
-                action = torch.rand(N, action_dim) * 2 - 1
+                action = (F.one_hot(torch.randint(0, action_dim, (N,)), action_dim).float() if discrete
+                          else torch.rand(N, action_dim) * 2 - 1)
             replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
 
             # TRY NOT TO MODIFY: execute the game and log data
-            obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+            obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
             agent_steps = int((~autoreset).sum())
             global_step += args.action_repeat * agent_steps
             # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs

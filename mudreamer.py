@@ -29,7 +29,7 @@ Deviations from the paper / the 2023 code (each also tagged `# DEVIATION` where 
     the run instead).
  2. Every replayed batch starts from the learned initial state; the 2023 code carries the last
     posterior of the previous batch into the next, unrelated one.
- 3. Pixel observations only (DMC ids); the MLP encoder/decoder for vector observations is left out.
+ 3. Pixel observations only (DMC and MiniGrid ids); the MLP encoder/decoder for vector observations is left out.
  4. Eq. 5 across episode boundaries (the paper does not say): where is_first[t+1] the recursion restarts,
     R_t = v'(s_t); the value loss skips those steps and the last one (as the critic skips its bootstrap state).
  5. BatchNorm statistics are per time step over the B sequences inside the sequential posterior loop (each of
@@ -52,7 +52,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import gymnasium as gym
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import encode_video, is_dmc, make_vector_env
+from common.envs import encode_video, env_defaults, is_pixel, make_vector_env
 from common.replay import ReplayBuffer
 
 LN_EPS = 1e-3  # LayerNorm epsilon of the DreamerV3 2023 code
@@ -92,7 +92,7 @@ class Args:
     save_model: bool = False
     """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
     env_id: str = "walker-walk"
-    """the environment id (DMC pixel tasks: domain-task)"""
+    """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 1_000_000
     """environment frames (after action repeat) of the run (MuDreamer Table 1: 1M)"""
     num_envs: int = 4
@@ -105,10 +105,11 @@ class Args:
     """log metrics every this many frames"""
 
     # Environment
-    action_repeat: int = 2
-    """frames per agent step, rewards summed (DreamerV3 DMC setting, MuDreamer Sec. 5)"""
-    time_limit: int = 1000
-    """episode length in frames (DMC standard: 1000)"""
+    action_repeat: Optional[int] = None
+    """frames per agent step, rewards summed (None: the env's own; DMC 2, DreamerV3 DMC setting, MuDreamer
+    Sec. 5; MiniGrid 1)"""
+    time_limit: Optional[int] = None
+    """episode length in frames (None: the env's own; DMC standard 1000, MiniGrid 100 as BLAST)"""
     background: str = "plain"
     """DMC background: "plain" or natural videos (common/envs.py)"""
     background_dir: Optional[str] = None
@@ -839,7 +840,16 @@ def fail(msg):
 
 
 def check_args(args):
-    """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
+    """Every flag checked on its own, before any heavy work; the first bad one is named with its value. Returns
+    args with the env's own --action-repeat / --time-limit where they were left unset."""
+    try:
+        pixels = is_pixel(args.env_id)
+    except ValueError as e:
+        fail(e)
+    if not pixels:  # DEVIATION: pixels only; the 2023 code also has MLP encoders for vectors
+        fail(f"--env-id {args.env_id}: {os.path.basename(__file__)} learns from pixels; use a DMC id such as walker-walk")
+    # unset --action-repeat / --time-limit: the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100)
+    args = replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
     a = args
     for flag in ("total_timesteps", "num_envs", "eval_episodes", "eval_every", "log_every",
                  "train_ratio", "deter", "stoch", "classes", "units", "cnn_depth", "imag_horizon", "action_repeat"):
@@ -878,12 +888,7 @@ def check_args(args):
     for ok, msg in checks:
         if not ok:
             fail(msg)
-    try:
-        pixels = is_dmc(a.env_id)
-    except ValueError as e:
-        fail(e)
-    if not pixels:  # DEVIATION: pixels only; the 2023 code also has MLP encoders for vectors
-        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from pixels; use a DMC id such as walker-walk")
+    return args
 
 
 def fmt_time(seconds):
@@ -988,7 +993,7 @@ def close_envs(*envs):
 
 
 def main(args: Args) -> dict:
-    check_args(args)
+    args = check_args(args)
     progress = Progress(args.total_timesteps)
     progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
                    f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")

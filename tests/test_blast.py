@@ -4,6 +4,7 @@ BatchNorm modes, DreamerV2's truncated-normal actor, lambda-returns and slow cri
 import dataclasses
 import glob
 import io
+import json
 import math
 import os
 import signal
@@ -235,6 +236,27 @@ def test_actor_is_dreamerv2_trunc_normal():
     torch.testing.assert_close(dist.mode, torch.tanh(raw_mean))
 
 
+def test_discrete_actor_is_dreamerv2_onehot():
+    torch.manual_seed(0)
+    actor = b.Actor(feat_dim=5, action_dim=3, units=8, layers=1, min_std=0.1, discrete=True)
+    feat = torch.randn(4000, 5) * 3
+    dist = actor(feat)
+    logits = dist.logits
+    torch.testing.assert_close(logits, actor.net(feat))  # no unimix, no temperature (DreamerV2 OneHotDist)
+    p = F.softmax(logits, -1)
+    idx = torch.randint(0, 3, (4000,))
+    torch.testing.assert_close(dist.log_prob(F.one_hot(idx, 3).float()), torch.log(p[torch.arange(4000), idx]))
+    torch.testing.assert_close(dist.entropy(), -(p * p.log()).sum(-1))
+    torch.testing.assert_close(dist.mode, F.one_hot(logits.argmax(-1), 3).float())
+    sample = dist.rsample()
+    torch.testing.assert_close(sample.detach(), F.one_hot(sample.detach().argmax(-1), 3).float())  # one-hot values
+    assert (sample.detach().mean(0) - p.mean(0).detach()).abs().max() < 0.03  # drawn from pi
+    # Straight-through: d sample / d logits = d softmax / d logits.
+    w = torch.tensor([1.0, -2.0, 0.5])
+    g_sample = torch.autograd.grad((sample * w).sum(), logits, retain_graph=True)[0]
+    torch.testing.assert_close(g_sample, torch.autograd.grad((p * w).sum(), logits)[0])
+
+
 def test_lambda_return_hand_computed_dreamerv2_convention():
     # r_t of state t; V_2 = r_2 + d (0.5 v_3 + 0.5 v_3) with V_3 = bootstrap v_3 = 4, d = 0.9, lam = 0.5:
     # V_2 = 3 + 0.9 * 4 = 6.6;  V_1 = 2 + 0.9 (0.5 * 2 + 0.5 * 6.6) = 5.87;  V_0 = 1 + 0.9 (0.5 * 1 + 0.5 * 5.87) = 4.0915
@@ -267,6 +289,57 @@ def test_actor_critic_losses_hand_computed(one_thread):
     assert actor_loss.item() == pytest.approx(-(V[1] + g * V[2]) / 2, rel=1e-5)
     nll = lambda t: 0.5 * (t - v) ** 2 + 0.5 * math.log(2 * math.pi)  # noqa: E731
     assert critic_loss.item() == pytest.approx(sum(g ** t * nll(V[t]) for t in range(H)) / H, rel=1e-5)
+
+
+def test_reinforce_actor_loss_hand_computed(one_thread, monkeypatch):
+    """Discrete actor, constant reward r and slow critic v', fixed logits, a_t always action 1:
+    actor -mean_t g^t (ln pi(1) sg(V_{t+1} - v') + eta H[pi]) over t = 0..H-2; no gradient through the dynamics."""
+    args = b.apply_ladder(b.Args(**TINY))
+    torch.manual_seed(0)
+    wm, actor, critic, slow, _ = b.make_agent(args, OBS, 3, torch.device("cpu"), discrete=True)
+    r, vs, g, lam, H, eta = 0.3, 1.5, 0.9, 0.5, 3, 0.1
+    bias = torch.tensor([0.2, -0.4, 1.0])
+    for head, c in ((wm.reward, r), (slow.net, vs), (actor.net, bias)):
+        with torch.no_grad():
+            head[-1].weight.zero_()
+            head[-1].bias.copy_(torch.as_tensor(c))
+    monkeypatch.setattr(b.OneHot, "rsample", lambda self: F.one_hot(torch.ones_like(self.logits[..., 0]).long(), 3)
+                        .float() + 0 * self.logits)
+    deter, stoch = torch.randn(5, args.deter), F.one_hot(torch.randint(0, 4, (5, 4)), 4).float()
+    wm.requires_grad_(False)
+    loss = b.actor_critic_loss(wm, actor, critic, slow, deter, stoch, H, g, lam, eta, reinforce=True)[0]
+    V = [0.0] * H
+    nxt = vs
+    for t in reversed(range(H)):
+        V[t] = r + g * ((1 - lam) * vs + lam * nxt)
+        nxt = V[t]
+    logp = F.log_softmax(bias, -1)
+    ent = -(logp.exp() * logp).sum().item()
+    want = -((logp[1].item() * (V[1] - vs) + eta * ent) + g * (logp[1].item() * (V[2] - vs) + eta * ent)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    # Without the score (and the entropy) nothing is left: no gradient reaches the actor through the dynamics.
+    monkeypatch.setattr(b.OneHot, "log_prob", lambda self, x: (x * self.logp).sum(-1).detach())
+    loss = b.actor_critic_loss(wm, actor, critic, slow, deter, stoch, H, g, lam, 0.0, reinforce=True)[0]
+    assert norm(grads(loss, list(actor.parameters()))) == 0
+    # --actor-grad auto: reinforce for a discrete actor, dynamics for a continuous one (DreamerV2), as update chooses.
+    class Stop(Exception):
+        pass
+
+    def record(*a):
+        seen.append(a[-1])
+        raise Stop
+
+    seen = []
+    monkeypatch.setattr(b, "actor_critic_loss", record)
+    for discrete, actor_grad, want_reinforce in ((True, "auto", True), (False, "auto", False),
+                                                 (True, "dynamics", False), (False, "reinforce", True)):
+        data = batch()
+        if discrete:
+            data["action"] = F.one_hot(torch.randint(0, 3, (4, 6)), 3).float()
+        agent = b.make_agent(args, OBS, 3 if discrete else 2, torch.device("cpu"), discrete)
+        with pytest.raises(Stop):
+            b.update(*agent, data, dataclasses.replace(args, actor_grad=actor_grad), 0)
+        assert seen[-1] == want_reinforce
 
 
 def test_actor_gradient_flows_through_the_dynamics(one_thread, monkeypatch):
@@ -363,6 +436,40 @@ def test_ladder_presets_set_the_five_switches():
         assert (a.reconstruction, a.kl_balance, a.target_encoder, a.batch_norm, a.ar_steps) == want, rung
     full = b.Args()
     assert b.apply_ladder(b.Args(ladder="ar")) == dataclasses.replace(full, ladder="ar")  # defaults = full BLAST
+
+
+def test_minigrid_preset_is_the_a2_minigrid_column():
+    a = b.apply_ladder(b.apply_preset(b.Args(preset="minigrid")))
+    a2 = dict(prefill=10_000, train_every=1, total_timesteps=50_000, gamma=0.99, hidden=600, deter=600, stoch=16,
+              classes=64, actor_grad="reinforce", kl_scale=0.1, reward_scale=100.0, reward_clamp="tanh",
+              kl_balance=1.0, batch_norm=True, target_ema=0.99, target_input_p=0.5, ar_steps=16, target_encoder=True)
+    assert {k: getattr(a, k) for k in a2} == a2  # BLAST A.2: the MiniGrid column and the BLAST rows
+    assert (a.env_id, a.action_repeat, a.time_limit) == ("minigrid-dynamic-obstacles-6x6", 1, 100)
+    # Flags given explicitly win; ar_steps follows stoch; the ladder still sets its switches afterwards.
+    a = b.apply_preset(b.Args(preset="minigrid", deter=32, stoch=4, env_id="minigrid-dynamic-obstacles-6x6-video"))
+    assert (a.deter, a.stoch, a.ar_steps, a.hidden, a.env_id) == (32, 4, 4, 600, "minigrid-dynamic-obstacles-6x6-video")
+    assert b.apply_ladder(b.apply_preset(b.Args(preset="minigrid", ladder="bn"))).ar_steps == 1
+    assert b.apply_preset(b.Args()) == b.Args()  # no preset: DMC defaults untouched
+    with pytest.raises(SystemExit, match="^error: --preset must be one of minigrid"):
+        b.apply_preset(b.Args(preset="atari"))
+
+
+def test_reward_clamp_tanh_squashes_the_replayed_rewards(one_thread, monkeypatch):
+    seen = []
+
+    def record(wm, data, *a):
+        seen.append(data["reward"].clone())
+        raise StopIteration
+
+    monkeypatch.setattr(b, "world_model_loss", record)
+    args, *agent = tiny_agent()
+    data = batch()
+    data["reward"] = torch.tensor([[-2.0, -1.0, 0.0, 0.5, 1.0, 3.0]]).repeat(4, 1)
+    for clamp in ("identity", "tanh"):
+        with pytest.raises(StopIteration):
+            b.update(*agent, data, dataclasses.replace(args, reward_clamp=clamp), 0)
+    torch.testing.assert_close(seen[0], data["reward"])
+    torch.testing.assert_close(seen[1], torch.tanh(data["reward"]))
 
 
 @pytest.mark.parametrize("kw", [dict(ladder=r) for r in b.LADDER] + [dict(reward_grad=False), dict(ar_steps=2),
@@ -533,6 +640,21 @@ def test_smoke_cli(tmp_path):
     ckpt = torch.load(os.path.join(run_dir, "blast.pt"), weights_only=False)
     assert {"wm", "actor", "critic", "slow_critic", "opts"} <= set(ckpt)
     assert any(k.startswith("target_encoder.") for k in ckpt["wm"])
+
+
+def test_smoke_cli_minigrid_preset(tmp_path):
+    """--preset minigrid on a MiniGrid rendering with a tiny model: one-hot actions, REINFORCE, one update per step."""
+    flags = {**TINY, "env_id": "minigrid-dynamic-obstacles-6x6-smaller-agent", "num_envs": 1, "total_timesteps": 150,
+             "eval_every": 10**6, "eval_episodes": 1, "log_every": 50, "video_every": 0, "prefill": 30}
+    del flags["time_limit"]  # the preset's (and the env's) 100 steps
+    final, run_dir, ea = run_cli("blast.py", tmp_path, flags, ("--preset", "minigrid"))
+    assert math.isfinite(final["final_eval_return"]) and final["global_step"] == 150
+    assert final["updates"] == TINY["pretrain"] + (150 - 30)  # pretrain (TINY's), then train_every 1 (A.2)
+    assert_finite_scalars(ea, ("losses/kl", "losses/reward", "losses/actor", "losses/critic", "charts/episodic_return"))
+    assert [e.value for e in ea.Scalars("charts/episodic_length")] == [100]
+    args = json.load(open(os.path.join(run_dir, "args.json")))
+    assert (args["actor_grad"], args["reward_clamp"], args["reward_scale"], args["ar_steps"]) == ("reinforce", "tanh",
+                                                                                                  100.0, 4)
 
 
 def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
