@@ -958,7 +958,8 @@ def main(args: Args) -> dict:
     rounds = max((args.total_timesteps - prefill - step_frames) // args.train_every, 0)
     planned = args.pretrain + rounds * args.train_steps if prefill < args.total_timesteps else 0
     per_step = args.train_steps * args.action_repeat / args.train_every
-    acting = "the actor alone" if args.no_mpc else f"MPC ({args.mpc_iterations} x {args.imag_horizon} imagined steps)"
+    acting = ("the actor alone" if args.no_mpc else
+              f"MPC ({args.mpc_iterations} gradient step(s) on {args.imag_horizon} imagined steps)")
     progress.print(f"cost: {B * T} replayed steps per update; {args.pretrain} updates after the prefill, then "
                    f"{args.train_steps} every {args.train_every} frames ({per_step:.3g} per policy step): about "
                    f"{planned} updates in all; acting: {acting} per policy step; prefilling {prefill} frames with "
