@@ -68,11 +68,14 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -80,7 +83,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import make_vector_env
+from common.envs import is_dmc, make_vector_env
 from common.replay import ReplayBuffer
 
 
@@ -94,6 +97,12 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "mbrl-without-reconstruction"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
     capture_video: bool = False
     """if toggled, log a video of one evaluation episode at every evaluation"""
     save_model: bool = False
@@ -705,36 +714,52 @@ def log_video(writer, tag, frames, step, fps, path=None):
 
 
 # --- Main ------------------------------------------------------------------------------------
+def fail(msg):
+    """Bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def check_args(args):
+    """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
+    a = args
+    for flag in ("total_timesteps", "num_envs", "eval_episodes", "eval_every", "log_every", "action_repeat",
+                 "time_limit", "batch_size", "train_every", "stoch", "deter", "hidden", "cnn_depth", "units",
+                 "proj_dim"):
+        if getattr(a, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    for flag in ("prefill", "pretrain", "train_steps", "reward_layers", "value_layers", "actor_layers", "free_nats",
+                 "kl_scale", "expl_noise", "hybrid_alpha", "mpc_lr"):
+        if not getattr(a, flag) >= 0:
+            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
+    for flag in ("min_std", "actor_min_std", "actor_init_std", "actor_mean_scale", "model_lr", "value_lr",
+                 "actor_lr", "sac_lr", "adam_eps", "grad_clip", "sac_init_temperature"):
+        if not getattr(a, flag) > 0:
+            fail(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
     checks = [
-        (min(args.total_timesteps, args.num_envs, args.eval_episodes, args.eval_every, args.log_every) >= 1,
-         "--total-timesteps, --num-envs, --eval-episodes, --eval-every and --log-every must be >= 1"),
-        (args.batch_size >= 1 and args.batch_length >= 2, "--batch-size must be >= 1 and --batch-length >= 2"),
-        (args.buffer_size >= args.batch_size * args.batch_length, "--buffer-size must hold one batch (B*T steps)"),
-        (args.prefill >= 0 and args.pretrain >= 0 and args.train_every >= 1 and args.train_steps >= 0,
-         "need --prefill >= 0, --pretrain >= 0, --train-every >= 1, --train-steps >= 0"),
-        (min(args.stoch, args.deter, args.hidden, args.cnn_depth, args.units, args.proj_dim) >= 1,
-         "model sizes (--stoch --deter --hidden --cnn-depth --units --proj-dim) must be >= 1"),
-        (min(args.reward_layers, args.value_layers, args.actor_layers) >= 0
-         and min(args.min_std, args.actor_min_std, args.actor_init_std, args.actor_mean_scale) > 0,
-         "need --reward-layers --value-layers --actor-layers >= 0; --min-std --actor-min-std --actor-init-std "
-         "--actor-mean-scale > 0"),
-        (args.imag_horizon >= 2, "--imag-horizon must be >= 2 (the losses use s_1..s_{H-1})"),
-        (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must lie in (0, 1] and --lam in [0, 1]"),
-        (min(args.free_nats, args.kl_scale, args.expl_noise, args.hybrid_alpha) >= 0,
-         "--free-nats, --kl-scale, --expl-noise and --hybrid-alpha must be >= 0"),
-        (min(args.model_lr, args.value_lr, args.actor_lr, args.sac_lr, args.adam_eps, args.grad_clip) > 0,
-         "learning rates, --adam-eps and --grad-clip must be > 0"),
-        (0 < args.sac_tau <= 1 and args.sac_init_temperature > 0,
-         "need 0 < --sac-tau <= 1 and --sac-init-temperature > 0"),
-        (args.mpc_iterations >= 1 and args.mpc_lr >= 0,
-         "--mpc-iterations must be >= 1 (use --no-mpc to act without MPC) and --mpc-lr >= 0"),
-        (not (args.generative and args.reward_only),
+        (a.batch_length >= 2, f"--batch-length must be >= 2, got {a.batch_length}"),
+        (a.buffer_size >= a.batch_size * a.batch_length,
+         f"--buffer-size must hold one batch (--batch-size x --batch-length = {a.batch_size * a.batch_length} "
+         f"steps), got {a.buffer_size}"),
+        (a.imag_horizon >= 2, f"--imag-horizon must be >= 2 (the losses use s_1..s_{{H-1}}), got {a.imag_horizon}"),
+        (0 < a.gamma <= 1, f"--gamma must lie in (0, 1], got {a.gamma}"),
+        (0 <= a.lam <= 1, f"--lam must lie in [0, 1], got {a.lam}"),
+        (0 < a.sac_tau <= 1, f"--sac-tau must lie in (0, 1], got {a.sac_tau}"),
+        (a.mpc_iterations >= 1,
+         f"--mpc-iterations must be >= 1 (use --no-mpc to act without MPC), got {a.mpc_iterations}"),
+        (not (a.generative and a.reward_only),
          "--generative and --reward-only are two different Table 2 variants; pass at most one"),
     ]
     for ok, msg in checks:
         if not ok:
-            raise SystemExit(f"error: {msg}")
+            fail(msg)
+    try:
+        pixels = is_dmc(a.env_id)
+    except ValueError as e:
+        fail(e)
+    if not pixels:  # DMC pixel tasks only: their actions are continuous, in [-1, 1]
+        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from pixels with continuous actions; use a "
+             f"DMC id such as walker-walk")
 
 
 def build(args, obs_shape, action_dim, device):
@@ -768,8 +793,118 @@ def accumulate(sums, metrics):
         sums[k] = (s + v, c + 1)
 
 
+def fmt_time(seconds):
+    """12 s, 3.4 min, 5.6 h, or ? when unknown."""
+    return ("?" if not np.isfinite(seconds) else f"{seconds:.0f} s" if seconds < 90
+            else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h")
+
+
+class Progress:
+    """What the run is doing, on the console: a status line at every log step and, from a background thread,
+    at least every `every_s` seconds (also during a long update or an evaluation). On a terminal the status
+    line is rewritten in place; elsewhere (CI, SLURM logs) it is a plain line. The rates and the ETA come
+    from the current phase only (prefill, pretrain: ends after some updates, train), over its last `window_s`
+    seconds, never the run's average. In training that window is whole cycles (`by_cycle`: acting, then a
+    round of updates, which takes most of the time), so the ETA does not swing within a cycle (? before one).
+    """
+
+    def __init__(self, total, every_s=30.0, window_s=120.0, clock=time.monotonic, out=sys.stdout):
+        self.total, self.every_s, self.window_s, self.clock, self.out = total, every_s, window_s, clock, out
+        self.tty = out.isatty()
+        self.frames = self.updates = 0
+        self.recent = self.eval = float("nan")
+        self.phase, self.phase_end, self.by_cycle, self.samples = "setup", 0, False, deque()
+        self.last_print, self.lock, self.stop = clock(), threading.RLock(), threading.Event()
+        self.thread = None
+
+    def set_phase(self, phase, end, by_cycle=False):
+        """Enter `phase`, which lasts until frame (pretrain: update) `end`; its rate is measured afresh."""
+        with self.lock:
+            self.phase, self.phase_end, self.by_cycle = phase, end, by_cycle
+            self.samples = deque([(self.clock(), self.frames, self.updates)])
+
+    def step(self, frames, updates, recent=None, eval_return=None, cycle_end=False):
+        """Record the counters (cheap: call it every env step); a rate sample once a second (by cycle: at its end)."""
+        self.frames, self.updates = frames, updates
+        self.recent = self.recent if recent is None else recent
+        self.eval = self.eval if eval_return is None else eval_return
+        now = self.clock()
+        with self.lock:
+            if cycle_end if self.by_cycle else now - self.samples[-1][0] >= 1.0:
+                self.samples.append((now, frames, updates))
+                while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+                    self.samples.popleft()
+
+    def rates(self):
+        """(frames/s, updates/s) of the current phase over its recent window (by cycle: up to the last cycle end)."""
+        with self.lock:
+            (t0, f0, u0), last = self.samples[0], self.samples[-1]
+        t1, f1, u1 = last if self.by_cycle else (self.clock(), self.frames, self.updates)
+        dt = t1 - t0
+        return ((f1 - f0) / dt, (u1 - u0) / dt) if dt > 0 else (float("nan"), float("nan"))
+
+    def eta(self):
+        """Seconds until the current phase ends, at its recent rate of frames (pretrain: of updates)."""
+        rate, done = (self.rates()[1], self.updates) if self.phase == "pretrain" else (self.rates()[0], self.frames)
+        return (self.phase_end - done) / rate if rate > 0 else float("nan")
+
+    def line(self):
+        fps, ups = self.rates()
+        eta = "ETA" if self.phase in ("train", "eval") else f"{self.phase} ends in"
+        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | "
+                f"{fps:.1f} frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | {eta} {fmt_time(self.eta())}")
+
+    def print(self, text=None, live=False):
+        """Print `text` (default: the status line); `live` lines are rewritten in place on a terminal."""
+        with self.lock:
+            text = self.line() if text is None else text
+            end = "" if live and self.tty else "\n"
+            self.out.write(("\r\033[K" if self.tty else "") + text + end)
+            self.out.flush()
+            self.last_print = self.clock()
+
+    def start(self):
+        """Heartbeat thread: the status line whenever nothing was printed for `every_s` seconds."""
+        def beat():
+            while not self.stop.wait(1.0):
+                if self.clock() - self.last_print >= self.every_s:
+                    self.print(live=True)
+        self.thread = threading.Thread(target=beat, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.tty:
+            self.out.write("\n")
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+
+
+def close_envs(*envs, kill=False):
+    """Close vector envs; workers that already stopped are fine. Ctrl-C or SIGTERM (which the workers ignore) can
+    strike between the messages of a step, and a polite close would then take a stale reply for the workers' answer
+    or wait forever: `kill` ends the workers of an AsyncVectorEnv instead."""
+    for env in envs:
+        if kill and hasattr(env, "processes"):
+            for process in env.processes:
+                process.kill(), process.join()
+            env.closed = True  # nothing left to close, also not at exit
+            continue
+        try:
+            env.close()
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            pass
+
+
 def main(args: Args) -> dict:
     check_args(args)
+    progress = Progress(args.total_timesteps)
+    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
+                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
     # DEVIATION: natural backgrounds are common/envs.py's (DreamerPro protocol), not CVRL's Natural Mujoco
@@ -777,22 +912,22 @@ def main(args: Args) -> dict:
                       background_dir=args.background_dir, background_mask=args.background_mask)
     try:
         envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
+        eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                                    split="eval", **env_kwargs)
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
-    eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                                split="eval", **env_kwargs)
-    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
-    if len(obs_shape) != 3 or not isinstance(act_space, gym.spaces.Box):
-        envs.close(), eval_envs.close()
-        raise SystemExit(f"error: {os.path.basename(__file__)} learns from pixels with continuous actions; --env-id "
-                         f"{args.env_id} has observations of shape {obs_shape} (use a DMC id such as walker-walk)")
-    action_dim = int(np.prod(act_space.shape))
+        fail(e)
+    obs_shape, action_dim = envs.single_observation_space.shape, int(np.prod(envs.single_action_space.shape))
     try:
         replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
     except (MemoryError, ValueError) as e:
-        envs.close(), eval_envs.close()
-        raise SystemExit(f"error: {e}")
+        close_envs(envs, eval_envs)
+        fail(e)
 
+    if args.track:
+        import wandb  # only when asked; syncs the TensorBoard scalars, images and text below
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -817,6 +952,21 @@ def main(args: Args) -> dict:
     global_step, updates, updates_due, start_time = 0, 0, 0, time.time()
     next_log, next_eval = args.log_every, args.eval_every
     sums, last_metrics, recent_returns, eval_return, returns = {}, {}, [], float("nan"), []
+    interrupted, projected, step_frames = None, False, args.action_repeat * N
+    # random actions until --prefill frames and one batch in the replay; the pretrain updates one vector step later
+    prefill = -(-max(args.prefill, B * T * args.action_repeat, T * step_frames) // step_frames) * step_frames
+    rounds = max((args.total_timesteps - prefill - step_frames) // args.train_every, 0)
+    planned = args.pretrain + rounds * args.train_steps if prefill < args.total_timesteps else 0
+    per_step = args.train_steps * args.action_repeat / args.train_every
+    acting = ("the actor alone" if args.no_mpc else
+              f"MPC ({args.mpc_iterations} gradient step(s) on {args.imag_horizon} imagined steps)")
+    progress.print(f"cost: {B * T} replayed steps per update; {args.pretrain} updates after the prefill, then "
+                   f"{args.train_steps} every {args.train_every} frames ({per_step:.3g} per policy step): about "
+                   f"{planned} updates in all; acting: {acting} per policy step; prefilling {prefill} frames with "
+                   f"random actions, wall time projected after the first training cycle")
+    progress.set_phase("prefill", min(prefill, args.total_timesteps))
+    progress.start()
+    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: prefill with uniform random actions, then act with MPC (or the actor)
@@ -843,14 +993,27 @@ def main(args: Args) -> dict:
                         writer.add_scalar("charts/episodic_length", l, global_step)
 
             # ALGO LOGIC: [Dreamer v1 schedule] `pretrain` updates once, then `train_steps` every `train_every` frames
+            cycle_end = ready and next_train is not None and global_step >= next_train
             if ready and next_train is None:
                 updates_due, next_train = args.pretrain, global_step + args.train_every
-            elif ready and global_step >= next_train:
+                progress.set_phase("pretrain", args.pretrain)
+            elif cycle_end:
                 updates_due, next_train = updates_due + args.train_steps, next_train + args.train_every
             while updates_due > 0:
                 data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}  # DEVIATION: 8
                 accumulate(sums, update(agent, opts, data, args))
                 updates, updates_due = updates + 1, updates_due - 1
+                progress.step(global_step, updates)
+            if progress.phase == "pretrain":  # done: cycles of `train_every` frames of acting and a round of updates
+                progress.set_phase("train", args.total_timesteps, by_cycle=True)
+                train_start = time.time()
+            progress.step(global_step, updates, np.mean(recent_returns or [np.nan]), cycle_end=cycle_end)
+            if cycle_end and not projected:  # the first whole cycle after the pretrain updates
+                projected, cycle_s = True, time.time() - train_start
+                rest = (args.total_timesteps - global_step) / args.train_every * cycle_s
+                progress.print(f"measured: {fmt_time(cycle_s)} per training cycle ({args.train_every} frames of "
+                               f"acting and {args.train_steps} updates); projected wall time of the run "
+                               f"{fmt_time(time.time() - start_time + rest)} (evaluations extra)")
 
             if global_step >= next_log:
                 next_log += args.log_every
@@ -867,15 +1030,15 @@ def main(args: Args) -> dict:
                 sps = int(global_step / (time.time() - start_time))
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("charts/updates", updates, global_step)
-                eta = (args.total_timesteps - global_step) / max(sps, 1) / 60
-                recent, model_loss = np.mean(recent_returns or [np.nan]), last_metrics.get("losses/model", np.nan)
-                print(f"frames {global_step}/{args.total_timesteps} | return {recent:.1f} | eval {eval_return:.1f} | "
-                      f"updates {updates} | model {model_loss:.2f} | SPS {sps} | ETA {eta:.1f} min", flush=True)
+                progress.print(progress.line() + f" | model loss {last_metrics.get('losses/model', np.nan):.2f}")
 
             if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
                 next_eval += args.eval_every
+                phase, progress.phase = progress.phase, "eval"
                 returns, frames = evaluate(agent, eval_envs, args.eval_episodes, device, mpc, args.capture_video)
+                progress.phase = phase
                 eval_return = float(np.mean(returns))
+                progress.step(global_step, updates, eval_return=eval_return)
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 if frames is not None:
                     log_video(writer, "eval/video", frames, global_step, fps=30,
@@ -886,10 +1049,19 @@ def main(args: Args) -> dict:
             torch.save({"agent": agent.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()},
                         "args": asdict(args), "global_step": global_step}, path + ".tmp")
             os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+        interrupted = str(e) or "SIGINT"
     finally:
-        envs.close()
-        eval_envs.close()
+        signal.signal(signal.SIGTERM, old_sigterm)
+        progress.close()
+        close_envs(envs, eval_envs, kill=interrupted is not None)
         writer.close()
+        if args.track:
+            wandb.finish()
+    if interrupted:
+        print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
+              f"the events written so far are in {run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}
     print(json.dumps(summary))
@@ -897,4 +1069,8 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:  # before the training loop (which handles its own)
+        print("interrupted while starting; nothing was trained", file=sys.stderr)
+        raise SystemExit(130)

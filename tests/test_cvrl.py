@@ -1,16 +1,18 @@
 """Tests of cvrl.py: the paper's equations on hand-computed examples, gradient paths (Dreamer actor, SAC, MPC),
-every Table 2 switch, a CLI smoke run, determinism, --help and bad input."""
+every Table 2 switch, a CLI smoke run, determinism, --help, bad input, the progress line, Ctrl-C and --track."""
 
 import dataclasses
 import glob
+import io
 import math
 import os
+import signal
 
 import pytest
 import torch
 
 import cvrl as c
-from smoke import assert_finite_scalars, run_cli
+from smoke import assert_cli_error, assert_finite_scalars, events, interrupt_cli, run_cli
 
 TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
             actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
@@ -341,7 +343,7 @@ def test_every_table2_switch_runs(switch, present, absent, one_thread):
     assert (agent.wm.decoder is not None) == bool(switch.get("generative"))
 
 
-# --- Main: CLI, determinism, help, errors ------------------------------------------------------
+# --- Main: CLI, determinism, help, errors, console, signals ------------------------------------
 def test_smoke_cli(tmp_path):
     """The real command line with a tiny model: final JSON line, finite losses, events, video, checkpoint."""
     flags = {**TINY, "env_id": "cartpole-balance", "total_timesteps": 300, "eval_every": 200, "eval_episodes": 2,
@@ -382,19 +384,82 @@ def test_help_documents_every_hyperparameter_with_its_source(capsys):
         assert source in text, source
 
 
-@pytest.mark.parametrize("kwargs, flag", [
-    (dict(env_id="walker-sprint"), "--env-id"),
-    (dict(batch_length=1), "--batch-length"),
-    (dict(generative=True, reward_only=True), "--generative"),
-    (dict(mpc_iterations=0), "--mpc-iterations"),
-    (dict(imag_horizon=1), "--imag-horizon"),
-    (dict(background="natural", background_dir="/nonexistent/videos"), "--background-dir"),
+@pytest.mark.parametrize("argv, needles", [
+    (["--env-id", "walker-sprint"], ["--env-id", "walker-sprint"]),
+    (["--env-id", "Hopper-v5"], ["--env-id Hopper-v5", "learns from pixels"]),
+    (["--total-timesteps", "-5"], ["--total-timesteps", "-5"]),
+    (["--train-every", "0"], ["--train-every", "got 0"]),
+    (["--prefill", "-1"], ["--prefill", "got -1"]),
+    (["--batch-length", "1"], ["--batch-length", "got 1"]),
+    (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
+    (["--gamma", "1.5"], ["--gamma", "1.5"]),
+    (["--mpc-iterations", "0"], ["--mpc-iterations", "--no-mpc", "got 0"]),
+    (["--generative", "--reward-only"], ["--generative", "--reward-only"]),
+    (["--background", "natural", "--background-dir", "/nonexistent/videos"], ["--background-dir"]),
 ])
-def test_bad_input_names_the_flag(kwargs, flag, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=flag):
-        c.main(c.Args(**kwargs))
+def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
+    assert_cli_error("cvrl.py", tmp_path, argv, *needles)
     assert not os.path.exists(tmp_path / "runs")  # before any heavy work
+
+
+def test_progress_eta_follows_the_current_phase_and_whole_training_cycles():
+    """Fake clock: a fast prefill (1000 frames/s), pretrain updates at 2/s, then training cycles of 10 s of acting
+    (100 frames) and 40 s of updates (20): the training ETA is that of whole cycles, also in mid-cycle."""
+    now = [0.0]
+    out = io.StringIO()
+    p = c.Progress(total=10_000, window_s=120.0, clock=lambda: now[0], out=out)
+    p.set_phase("prefill", 2_000)
+    for t in range(1, 3):
+        now[0] = t
+        p.step(1000 * t, 0)
+    assert p.eta() == 0.0 and "prefill ends in 0 s" in p.line()
+    p.set_phase("pretrain", 10)  # ends after 10 updates, at one frame count
+    for u in range(1, 5):
+        now[0] = 2 + u / 2
+        p.step(2000, u)
+    assert p.eta() == pytest.approx(3.0) and "pretrain ends in 3 s" in p.line()  # 6 updates left at 2/s
+    now[0], frames, updates = 5.0, 2000, 10
+    p.set_phase("train", 10_000, by_cycle=True)
+    for k in range(4):
+        for _ in range(10):  # acting: 10 frames/s
+            now[0], frames = now[0] + 1, frames + 10
+            p.step(frames, updates)
+        assert k > 0 or (math.isnan(p.eta()) and "ETA ?" in p.line())  # unknown before the first cycle ends
+        for u in range(20):  # a round of 20 updates, 2 s each, ends the cycle
+            now[0], updates = now[0] + 2, updates + 1
+            p.step(frames, updates, cycle_end=u == 19)
+    for _ in range(5):  # half-way through the acting of the next cycle
+        now[0], frames = now[0] + 1, frames + 10
+        p.step(frames, updates)
+    fps, ups = p.rates()
+    assert fps == pytest.approx(2.0) and ups == pytest.approx(0.4)  # 100 frames and 20 updates per 50 s
+    assert p.eta() == pytest.approx((10_000 - 2_450) / 2.0)  # acting alone (10 frames/s) would say 755 s
+    assert "ETA 62.9 min" in p.line() and "updates 90 (0.40/s)" in p.line()
+    p.print()
+    assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
+
+
+def test_sigint_stops_cleanly_with_events_written(tmp_path):
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
+             "eval_episodes": 1, "log_every": 40}
+    code, out, err = interrupt_cli("cvrl.py", tmp_path, flags, signal.SIGINT)
+    assert code == 130, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted (SIGINT) at frame")
+    ea = events(glob.glob(os.path.join(tmp_path, "runs", "*"))[0])
+    assert "charts/SPS" in ea.Tags()["scalars"]
+
+
+def test_track_writes_an_offline_wandb_run(tmp_path):
+    flags = {**TINY, "env_id": "cartpole-balance", "total_timesteps": 80, "eval_every": 80, "eval_episodes": 1,
+             "log_every": 40, "time_limit": 40, "prefill": 40, "train_every": 40}
+    os.environ["WANDB_MODE"], os.environ["WANDB_DIR"] = "offline", str(tmp_path)
+    try:
+        run_cli("cvrl.py", tmp_path, flags, ("--track",))
+    finally:
+        del os.environ["WANDB_MODE"], os.environ["WANDB_DIR"]
+    runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
 
 
 def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
