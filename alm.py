@@ -630,10 +630,17 @@ def on_sigterm(signum, frame):
     raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
 
 
-def close_envs(*envs):
-    """Close vector envs; workers that already stopped (Ctrl-C reaches the whole process group) are fine, and
-    gymnasium's warning about a step still pending (Ctrl-C came during one) is not shown: it is finished here."""
+def close_envs(*envs, kill=False):
+    """Close vector envs; workers that already stopped are fine. Ctrl-C or SIGTERM (which the workers ignore) can
+    strike between the messages of a step, and a polite close would then take a stale reply for the workers' answer
+    or wait forever: `kill` ends the workers of an AsyncVectorEnv instead. Gymnasium's warning about a step still
+    pending is not shown: it is finished here."""
     for env in envs:
+        if kill and hasattr(env, "processes"):
+            for process in env.processes:
+                process.kill(), process.join()
+            env.closed = True  # nothing left to close, also not at exit
+            continue
         try:
             with warnings.catch_warnings():  # (action="ignore" needs Python 3.11)
                 warnings.simplefilter("ignore")
@@ -779,7 +786,7 @@ def main(args: Args) -> dict:
         signal.signal(signal.SIGTERM, old_sigterm)
         progress.close()
         writer.close()
-        close_envs(envs, eval_env)
+        close_envs(envs, eval_env, kill=interrupted is not None)
         if args.track:
             wandb.finish()
     if interrupted:

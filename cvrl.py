@@ -72,6 +72,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -83,7 +84,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import is_dmc, make_vector_env
+from common.envs import encode_video, is_dmc, make_vector_env
 from common.replay import ReplayBuffer
 
 
@@ -104,7 +105,8 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, log a video of one evaluation episode at every evaluation"""
+    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
+    agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
     save_model: bool = False
     """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
     env_id: str = "walker-walk"
@@ -681,12 +683,13 @@ def initial_state(agent, n, device):
 
 
 def evaluate(agent, envs, episodes, device, mpc, capture=False):
-    """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode frames."""
+    """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode as
+    (T, S, W, 3) uint8 video frames (common/envs.py video_frame)."""
     state, (obs, _) = initial_state(agent, envs.num_envs, device), envs.reset()
     is_first, done, returns, frames = np.ones(envs.num_envs, bool), np.zeros(envs.num_envs, bool), [], []
     while len(returns) < episodes:
         if capture and not returns:
-            frames.append(obs[0].transpose(1, 2, 0))
+            frames.append(envs.call("video_frame")[0])
         action, state, _ = policy(agent, state, torch.as_tensor(obs, device=device),
                                   torch.as_tensor(is_first, device=device), False, mpc)
         obs, _, term, trunc, infos = envs.step(action.cpu().numpy())
@@ -887,7 +890,8 @@ def on_sigterm(signum, frame):
 def close_envs(*envs, kill=False):
     """Close vector envs; workers that already stopped are fine. Ctrl-C or SIGTERM (which the workers ignore) can
     strike between the messages of a step, and a polite close would then take a stale reply for the workers' answer
-    or wait forever: `kill` ends the workers of an AsyncVectorEnv instead."""
+    or wait forever: `kill` ends the workers of an AsyncVectorEnv instead. Gymnasium's warning about a step still
+    pending is not shown: it is finished here."""
     for env in envs:
         if kill and hasattr(env, "processes"):
             for process in env.processes:
@@ -895,7 +899,9 @@ def close_envs(*envs, kill=False):
             env.closed = True  # nothing left to close, also not at exit
             continue
         try:
-            env.close()
+            with warnings.catch_warnings():  # (action="ignore" needs Python 3.11)
+                warnings.simplefilter("ignore")
+                env.close()
         except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
             pass
 
@@ -913,7 +919,7 @@ def main(args: Args) -> dict:
     try:
         envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
         eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                                    split="eval", **env_kwargs)
+                                    split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
     except (ValueError, TypeError) as e:
         fail(e)
     obs_shape, action_dim = envs.single_observation_space.shape, int(np.prod(envs.single_action_space.shape))
@@ -1041,8 +1047,8 @@ def main(args: Args) -> dict:
                 progress.step(global_step, updates, eval_return=eval_return)
                 writer.add_scalar("eval/episodic_return", eval_return, global_step)
                 if frames is not None:
-                    log_video(writer, "eval/video", frames, global_step, fps=30,
-                              path=os.path.join(run_dir, "videos", f"eval_{global_step}.gif"))
+                    encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
+                    log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
 
         if args.save_model:
             path = os.path.join(run_dir, f"{args.exp_name}.pt")

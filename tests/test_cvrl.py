@@ -355,7 +355,7 @@ def test_smoke_cli(tmp_path):
         "losses/infonce", "losses/reward", "losses/kl", "losses/model", "losses/actor", "losses/value",
         "losses/sac_q", "losses/sac_actor", "mpc/value", "eval/episodic_return", "charts/episodic_return",
         "charts/SPS"))
-    assert "eval/video" in ea.Tags()["images"] and glob.glob(os.path.join(run_dir, "videos", "eval_*.gif"))
+    assert "eval/video" in ea.Tags()["images"] and glob.glob(os.path.join(run_dir, "videos", "eval_*.mp4"))
     ckpt = torch.load(os.path.join(run_dir, "cvrl.pt"), weights_only=False)
     assert {"agent", "opts", "args"} <= set(ckpt) and set(ckpt["opts"]) == {"model", "value", "actor", "sac"}
 

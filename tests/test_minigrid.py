@@ -10,7 +10,7 @@ import pytest
 
 from common.envs import (DIRECTION_COLORS, MINIGRID_BASE, MINIGRID_IDS, MINIGRID_TRIANGLE, agent_coverage,
                          env_defaults, is_dmc, is_pixel, make_env, make_vector_env, valid_env_ids)
-from smoke import assert_finite_scalars, run_cli
+from smoke import assert_cli_error, assert_finite_scalars, run_cli
 from test_backgrounds import indexed_clip, write_clip
 
 PLAIN, COLOR, SMALL, RANDOM, VIDEO = MINIGRID_IDS  # in MINIGRID_RENDERINGS order
@@ -263,12 +263,10 @@ def test_bad_ids_and_options_give_one_line_errors():
             env.step(action)
 
 
-def test_bad_minigrid_id_stops_a_script_with_one_line(tmp_path, monkeypatch):
-    import dreamerv3 as d
-
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"^error: --env-id 'minigrid-dynamic-obstacles-6x6-colour' is not"):
-        d.main(d.Args(env_id=f"{MINIGRID_BASE}-colour"))
+def test_bad_minigrid_id_stops_a_script_with_one_line(tmp_path):
+    line = assert_cli_error("dreamerv3.py", tmp_path, ["--env-id", f"{MINIGRID_BASE}-colour"],
+                            "--env-id 'minigrid-dynamic-obstacles-6x6-colour' is not")
+    assert "minigrid-dynamic-obstacles-6x6-color-direction" in line  # the valid ids are listed
     assert not (tmp_path / "runs").exists()  # before any heavy work
 
 
