@@ -18,14 +18,14 @@ def events(run_dir):
     return ea
 
 
-def run_cli(script, cwd, flags, switches=(), timeout=600):
+def run_cli(script, cwd, flags, switches=(), timeout=600, env=None):
     """Run `python ROOT/script --switch ... --flag=value ...` on one thread in `cwd`.
 
     Asserts exit code 0; returns (final JSON line as a dict, run directory, its events). The timeout is a hang
     guard, not a speed test (each smoke run needs about 20 s of CPU; a busy machine stretches the wall time)."""
     cmd = [sys.executable, os.path.join(ROOT, script), *switches]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env or {}))
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
@@ -70,3 +70,26 @@ def interrupt_cli(script, cwd, flags, sig, wait_for="[train]", timeout=300):
         os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)  # Ctrl-C reaches the group
         code = proc.wait(timeout=timeout)
     return code, open(os.path.join(cwd, "out.txt")).read(), open(os.path.join(cwd, "err.txt")).read()
+
+
+def assert_clean_interrupt(script, cwd, flags, sig, scalars=("charts/SPS",)):
+    """`sig` sent to a tiny run: exit code 128 + signal, exactly one stderr line saying where it stopped (no
+    traceback, no warning), the events written so far readable with `scalars`. Returns the run's stdout."""
+    import glob
+
+    code, out, err = interrupt_cli(script, cwd, flags, sig)
+    assert code == 128 + int(sig), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted ({sig.name}) at frame"), err
+    ea = events(glob.glob(os.path.join(cwd, "runs", "*"))[0])
+    assert set(scalars) <= set(ea.Tags()["scalars"]), ea.Tags()["scalars"]
+    return out
+
+
+def assert_tracks_offline(script, cwd, flags):
+    """--track in wandb's offline mode (no account, no network) writes one local wandb run."""
+    import glob
+
+    run_cli(script, cwd, flags, ("--track",), env={"WANDB_MODE": "offline", "WANDB_DIR": str(cwd)})
+    runs = glob.glob(os.path.join(cwd, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import blast as b
-from smoke import assert_cli_error, assert_finite_scalars, events, interrupt_cli, run_cli
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline, events,
+                   run_cli)
 
 TINY = dict(deter=16, hidden=16, stoch=4, classes=4, ar_steps=4, cnn_depth=2, units=16, mlp_layers=1,
             batch_size=4, batch_length=6, imag_horizon=3, prefill=20, pretrain=2, buffer_size=2000, time_limit=60)
@@ -587,27 +588,17 @@ def test_progress_eta_follows_the_current_phase():
     assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_stops_cleanly_with_events_written(tmp_path, sig, code):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_cleanly_with_events_written(tmp_path, sig):
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
              "eval_episodes": 1, "log_every": 40, "video_every": 0}
-    got, out, err = interrupt_cli("blast.py", tmp_path, flags, sig)
-    assert got == code, err
-    lines = err.strip().splitlines()  # one line: no traceback, no warning about the step Ctrl-C cut short
-    assert len(lines) == 1 and lines[0].startswith(f"interrupted ({sig.name}) at frame"), err
-    assert "cost: 24 replayed steps per update" in out
-    ea = events(glob.glob(os.path.join(tmp_path, "runs", "*"))[0])
-    assert "charts/SPS" in ea.Tags()["scalars"]
+    assert "cost: 24 replayed steps per update" in assert_clean_interrupt("blast.py", tmp_path, flags, sig)
 
 
-def test_track_writes_an_offline_wandb_run(tmp_path, monkeypatch):
+def test_track_writes_an_offline_wandb_run(tmp_path):
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 80, "eval_every": 80,
              "eval_episodes": 1, "log_every": 40, "video_every": 0, "time_limit": 40}
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    run_cli("blast.py", tmp_path, flags, ("--track",))
-    runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
-    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+    assert_tracks_offline("blast.py", tmp_path, flags)
 
 
 def test_help_documents_every_hyperparameter_with_its_source(capsys):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import cvrl as c
-from smoke import assert_cli_error, assert_finite_scalars, events, interrupt_cli, run_cli
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline, events,
+                   run_cli)
 
 TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
             actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
@@ -442,24 +443,13 @@ def test_progress_eta_follows_the_current_phase_and_whole_training_cycles():
 def test_sigint_stops_cleanly_with_events_written(tmp_path):
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
              "eval_episodes": 1, "log_every": 40}
-    code, out, err = interrupt_cli("cvrl.py", tmp_path, flags, signal.SIGINT)
-    assert code == 130, err
-    assert "Traceback" not in err and "Error" not in err, err
-    assert err.strip().splitlines()[-1].startswith("interrupted (SIGINT) at frame")
-    ea = events(glob.glob(os.path.join(tmp_path, "runs", "*"))[0])
-    assert "charts/SPS" in ea.Tags()["scalars"]
+    assert_clean_interrupt("cvrl.py", tmp_path, flags, signal.SIGINT)
 
 
 def test_track_writes_an_offline_wandb_run(tmp_path):
     flags = {**TINY, "env_id": "cartpole-balance", "total_timesteps": 80, "eval_every": 80, "eval_episodes": 1,
              "log_every": 40, "time_limit": 40, "prefill": 40, "train_every": 40}
-    os.environ["WANDB_MODE"], os.environ["WANDB_DIR"] = "offline", str(tmp_path)
-    try:
-        run_cli("cvrl.py", tmp_path, flags, ("--track",))
-    finally:
-        del os.environ["WANDB_MODE"], os.environ["WANDB_DIR"]
-    runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
-    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+    assert_tracks_offline("cvrl.py", tmp_path, flags)
 
 
 def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):

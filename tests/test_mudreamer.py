@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 import mudreamer as m
-from smoke import assert_cli_error, assert_finite_scalars, events, interrupt_cli, run_cli
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline, events,
+                   run_cli)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -313,23 +314,13 @@ def test_progress_eta_follows_the_current_phase():
 def test_sigint_stops_cleanly_with_events_written(tmp_path):
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
              "eval_episodes": 1, "log_every": 40, "video_every": 0}
-    code, out, err = interrupt_cli("mudreamer.py", tmp_path, flags, signal.SIGINT)
-    assert code == 130, err
-    assert "Traceback" not in err and "Error" not in err, err
-    (line,) = err.strip().splitlines()  # exactly one line on stderr
-    assert line.startswith("interrupted (SIGINT) at frame")
-    ea = events(glob.glob(os.path.join(tmp_path, "runs", "*"))[0])
-    assert "charts/SPS" in ea.Tags()["scalars"]
+    assert_clean_interrupt("mudreamer.py", tmp_path, flags, signal.SIGINT)
 
 
-def test_track_writes_an_offline_wandb_run(tmp_path, monkeypatch):
+def test_track_writes_an_offline_wandb_run(tmp_path):
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 80, "eval_every": 80,
              "eval_episodes": 1, "log_every": 40, "video_every": 0, "time_limit": 40}
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    run_cli("mudreamer.py", tmp_path, flags, ("--track",))
-    runs = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
-    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+    assert_tracks_offline("mudreamer.py", tmp_path, flags)
 
 
 @pytest.mark.parametrize("flags", [dict(no_value_predictor=True), dict(no_action_predictor=True),
