@@ -821,7 +821,7 @@ def apply_preset(args):
     if args.preset is None:
         return args
     if args.preset not in PRESETS:
-        raise SystemExit(f"error: --preset must be one of {'|'.join(PRESETS)}, got {args.preset!r}")
+        fail(f"--preset must be one of {'|'.join(PRESETS)}, got {args.preset!r}")
     default = Args()
     out = dataclasses.replace(args, **{k: v for k, v in PRESETS[args.preset].items()
                                        if getattr(args, k) == getattr(default, k)})

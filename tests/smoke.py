@@ -93,3 +93,16 @@ def assert_tracks_offline(script, cwd, flags):
     run_cli(script, cwd, flags, ("--track",), env={"WANDB_MODE": "offline", "WANDB_DIR": str(cwd)})
     runs = glob.glob(os.path.join(cwd, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+
+
+# Bad inputs both DreamerV3-family scripts (dreamerv3.py, mudreamer.py) must refuse in one line: (argv, needles).
+DREAMER_BAD_INPUTS = [
+    (["--env-id", "walker-sprint"], ["--env-id", "walker-sprint"]),
+    (["--env-id", "Hopper-v5"], ["--env-id Hopper-v5", "learns from pixels"]),
+    (["--total-timesteps", "-5"], ["--total-timesteps", "-5"]),
+    (["--num-envs", "0"], ["--num-envs", "got 0"]),
+    (["--train-ratio", "0"], ["--train-ratio", "got 0"]),
+    (["--batch-length", "1"], ["--batch-length", "got 1"]),
+    (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
+    (["--gamma", "1.5"], ["--gamma", "1.5"]),
+]

@@ -552,6 +552,7 @@ def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
     (["--batch-size", "1"], ["--batch-size", ">= 2", "got 1"]),
     (["--ar-steps", "3"], ["--ar-steps", "--stoch 8", "got 3"]),
     (["--ladder", "big"], ["--ladder", "dreamerv2|no_recon", "'big'"]),
+    (["--preset", "atari"], ["--preset must be one of minigrid", "'atari'"]),
     (["--target-input-p", "1.5"], ["--target-input-p", "[0, 1]", "1.5"]),
     (["--gamma", "1.5"], ["--gamma", "1.5"]),
     (["--buffer-size", "10"], ["--buffer-size", "got 10"]),

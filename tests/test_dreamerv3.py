@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dreamerv3 as d
-from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline, events,
-                   run_cli)
+from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
+                   assert_tracks_offline, events, run_cli)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -326,16 +326,7 @@ def test_one_update_is_finite_and_trains_every_network(one_thread):
     assert all(p.requires_grad for p in wm.parameters())  # restored after the behaviour update
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["--env-id", "walker-sprint"], ["--env-id", "walker-sprint"]),
-    (["--env-id", "Hopper-v5"], ["--env-id Hopper-v5", "learns from pixels"]),
-    (["--total-timesteps", "-5"], ["--total-timesteps", "-5"]),
-    (["--num-envs", "0"], ["--num-envs", "got 0"]),
-    (["--train-ratio", "0"], ["--train-ratio", "got 0"]),
-    (["--batch-length", "1"], ["--batch-length", "got 1"]),
-    (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
-    (["--gamma", "1.5"], ["--gamma", "1.5"]),
-])
+@pytest.mark.parametrize("argv, needles", DREAMER_BAD_INPUTS)
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
     assert_cli_error("dreamerv3.py", tmp_path, argv, *needles)
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 import mudreamer as m
-from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline, events,
-                   run_cli)
+from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
+                   assert_tracks_offline, events, run_cli)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -270,16 +270,8 @@ def test_collapse_monitor_values():
     assert m.collapse_monitor(wm, data)["mudreamer/embed_std"] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["--env-id", "walker-sprint"], ["--env-id", "walker-sprint"]),
-    (["--env-id", "Hopper-v5"], ["--env-id Hopper-v5", "learns from pixels"]),
-    (["--total-timesteps", "-5"], ["--total-timesteps", "-5"]),
-    (["--num-envs", "0"], ["--num-envs", "got 0"]),
-    (["--train-ratio", "0"], ["--train-ratio", "got 0"]),
+@pytest.mark.parametrize("argv, needles", DREAMER_BAD_INPUTS + [
     (["--batch-size", "1"], ["--batch-size", "BatchNorm", "got 1"]),
-    (["--batch-length", "1"], ["--batch-length", "got 1"]),
-    (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
-    (["--gamma", "1.5"], ["--gamma", "1.5"]),
     (["--bn-momentum", "1.5"], ["--bn-momentum", "1.5"]),
     (["--value-ema-decay", "1.0"], ["--value-ema-decay", "1.0"]),
     (["--kl-rep", "-0.1"], ["--kl-rep", "-0.1"]),
