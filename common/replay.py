@@ -22,9 +22,23 @@ dimension and 6 bytes of reward and flags per step: 12.3 GB for a 6-dim action a
 The arrays are allocated once, lazily by the OS, so a short run touches only what it writes, but the
 constructor refuses a capacity the machine's available memory cannot hold (pass a smaller
 `--buffer-size`).
+
+Checkpoints (`path=`): the arrays are then memory-mapped files in that folder (`np.memmap`, one file per
+field), so the replay survives the process without a second copy in memory and without rewriting it at every
+checkpoint: `flush()` writes the dirty pages back and `state_dict()` is only the write head, the row count and
+the sampling RNG (a few hundred bytes, stored in the agent's checkpoint). The files are created at full size
+(sparse where the file system allows), so the constructor refuses a capacity the disk cannot hold: the same
+12.3 GB for a 1e6-step pixel replay. `resume=True` opens existing files, which must have exactly the shapes
+asked for. After a kill the files may hold rows written after the last checkpoint: before the buffer has
+wrapped they lie beyond the restored count and are overwritten before they can be sampled; once it has
+wrapped they stand in for the oldest rows (real transitions of the lost stretch, one seam without an episode
+start), at most one checkpoint interval of them.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import numpy as np
 
@@ -51,23 +65,43 @@ class ReplayBuffer:
     """
 
     def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, action_dim: int,
-                 obs_dtype=np.uint8, seed: int = 0, check_memory: bool = True):
+                 obs_dtype=np.uint8, seed: int = 0, check_memory: bool = True, path: str | None = None,
+                 resume: bool = False):
         if num_envs < 1 or capacity < num_envs:
             raise ValueError(f"--buffer-size ({capacity}) must be >= --num-envs ({num_envs}) >= 1")
         self.num_envs, self.cap = num_envs, capacity // num_envs
         shape = (num_envs, self.cap)
-        need = int(np.prod(shape)) * (np.dtype(obs_dtype).itemsize * int(np.prod(obs_shape)) + 4 * action_dim + 6)
-        avail = available_memory_bytes()
-        if check_memory and avail is not None and need > avail:
-            raise MemoryError(
-                f"the replay buffer needs {need / 1e9:.1f} GB for --buffer-size {capacity} but only "
-                f"{avail / 1e9:.1f} GB of memory are available; pass a smaller --buffer-size"
-            )
-        self.obs = np.empty(shape + tuple(obs_shape), obs_dtype)
-        self.action = np.empty(shape + (action_dim,), np.float32)
-        self.reward = np.empty(shape, np.float32)
-        self.is_first = np.empty(shape, bool)
-        self.is_terminal = np.empty(shape, bool)
+        fields = {"obs": (shape + tuple(obs_shape), obs_dtype), "action": (shape + (action_dim,), np.float32),
+                  "reward": (shape, np.float32), "is_first": (shape, bool), "is_terminal": (shape, bool)}
+        need = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in fields.values())
+        self.path = path
+        if path is None:
+            avail = available_memory_bytes()
+            if check_memory and avail is not None and need > avail:
+                raise MemoryError(
+                    f"the replay buffer needs {need / 1e9:.1f} GB for --buffer-size {capacity} but only "
+                    f"{avail / 1e9:.1f} GB of memory are available; pass a smaller --buffer-size"
+                )
+            for name, (s, d) in fields.items():
+                setattr(self, name, np.empty(s, d))
+        else:
+            os.makedirs(path, exist_ok=True)
+            files = {name: os.path.join(path, f"{name}.bin") for name in fields}
+            if resume:
+                for name, (s, d) in fields.items():
+                    size = os.path.getsize(files[name]) if os.path.exists(files[name]) else None
+                    if size != int(np.prod(s)) * np.dtype(d).itemsize:
+                        raise ValueError(f"{files[name]}: replay file missing or of the wrong size ({size} bytes) "
+                                         f"for --buffer-size {capacity} and --num-envs {num_envs}")
+            else:
+                free = shutil.disk_usage(path).free
+                if need > free:
+                    raise MemoryError(
+                        f"the replay buffer needs {need / 1e9:.1f} GB of disk in {path} for --buffer-size {capacity} "
+                        f"(checkpoints keep it on disk) but only {free / 1e9:.1f} GB are free; pass a smaller "
+                        f"--buffer-size or --checkpoint-every 0")
+            for name, (s, d) in fields.items():
+                setattr(self, name, np.memmap(files[name], dtype=d, mode="r+" if resume else "w+", shape=s))
         self.head = 0  # next write position in every stream (the oldest row once full)
         self.count = 0  # rows written per stream, capped at self.cap
         self.rng = np.random.default_rng(seed)
@@ -75,6 +109,20 @@ class ReplayBuffer:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.obs, self.action, self.reward, self.is_first, self.is_terminal))
+
+    def flush(self) -> None:
+        """Write a memory-mapped replay's dirty pages to its files (a no-op in memory)."""
+        if self.path is not None:
+            for a in (self.obs, self.action, self.reward, self.is_first, self.is_terminal):
+                a.flush()
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs besides the arrays: write head, rows per stream, sampling RNG."""
+        return {"head": self.head, "count": self.count, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head, self.count = int(state["head"]), int(state["count"])
+        self.rng.bit_generator.state = state["rng"]
 
     def __len__(self) -> int:
         """Steps stored, over all streams."""

@@ -1,10 +1,12 @@
 """Tests of dreamerv3.py: the maths on hand-computed examples, the RSSM resets, a CLI smoke run, determinism."""
 
 import glob
+import json
 import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -361,8 +363,51 @@ def test_smoke_cli(tmp_path):
     with av.open(videos[-1]) as c:  # a 256x256 picture of the evaluation episode that people can watch
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
     assert frames[0].shape == (256, 256, 3) and len(frames) > 10
-    ckpt = torch.load(os.path.join(run_dir, "dreamerv3.pt"), weights_only=False)
-    assert {"wm", "actor", "critic", "slow_critic", "return_norm", "opts"} <= set(ckpt)
+    ckpt = torch.load(os.path.join(run_dir, "dreamerv3.pt"), weights_only=True)
+    assert {"wm", "actor", "critic", "slow_critic", "return_norm"} == set(ckpt["nets"]) and len(ckpt["opts"]) == 3
+    assert ckpt["loop"]["global_step"] == 240 and ckpt["args"]["env_id"] == "cartpole-balance"
+
+
+def test_resume_and_eval_checkpoint_cli(tmp_path):
+    """A finished run continues with a larger --total-timesteps from its end-of-run checkpoint (replay files kept,
+    counters continued, no temporary file left); --eval-checkpoint prints its JSON line; bad checkpoints and
+    changed model flags give one error line."""
+    import subprocess
+    import sys
+
+    from smoke import ROOT
+
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 160, "eval_every": 1000,
+             "eval_episodes": 1, "log_every": 80, "video_every": 0, "time_limit": 40}
+    final, run_dir, _ = run_cli("dreamerv3.py", tmp_path, flags)
+    obs_before = np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.uint8)
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    rows = ck["replay"]["count"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    script = os.path.join(ROOT, "dreamerv3.py")
+    out = subprocess.run([sys.executable, script, "--resume", final["run_dir"], "--total-timesteps", "240"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates" in out.stdout
+    resumed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert resumed["global_step"] == 240 and resumed["updates"] > final["updates"]
+    obs_after = np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.uint8).reshape(1, -1, 3, 64, 64)
+    np.testing.assert_array_equal(obs_after[:, :rows], obs_before.reshape(1, -1, 3, 64, 64)[:, :rows])
+    assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+    out = subprocess.run([sys.executable, script, "--eval-checkpoint", os.path.join(final["run_dir"], "checkpoint.pt"),
+                          "--eval-episodes", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ev = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ev["global_step"] == 240 and len(ev["eval_returns"]) == 1 and math.isfinite(ev["eval_return"])
+    # bad input: a changed model flag, a corrupt file, a missing run dir, a run that is already that long
+    assert_cli_error("dreamerv3.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400",
+                                                "--deter", "32"], "--deter 32", "checkpoint")
+    assert_cli_error("dreamerv3.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
+                     "--total-timesteps 200", "frame 240")
+    assert_cli_error("dreamerv3.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
+    assert_cli_error("dreamerv3.py", tmp_path, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
 
 
 def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):

@@ -126,3 +126,21 @@ def test_a_buffer_the_machine_cannot_hold_fails_clearly():
         ReplayBuffer(10**12, 4, obs_shape=(3, 64, 64), action_dim=6)
     with pytest.raises(ValueError, match="--buffer-size"):
         ReplayBuffer(2, 4, obs_shape=(1,), action_dim=1)
+
+
+def test_memmap_replay_survives_the_process(tmp_path):
+    """path=: the arrays are files; a new buffer opened with resume=True and the saved state_dict samples the
+    same windows with the same values, and a file of the wrong size is refused naming it."""
+    buf = ReplayBuffer(60, num_envs=2, obs_shape=(2,), action_dim=1, obs_dtype=np.int64, seed=3, path=str(tmp_path))
+    fill(buf, 20, episode_len=7)
+    buf.flush()
+    state = buf.state_dict()
+    again = ReplayBuffer(60, num_envs=2, obs_shape=(2,), action_dim=1, obs_dtype=np.int64, path=str(tmp_path),
+                         resume=True)
+    again.load_state_dict(state)
+    a, b = buf.sample(8, 5), again.sample(8, 5)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert len(again) == 40 and again.head == 20
+    with pytest.raises(ValueError, match="obs.bin"):
+        ReplayBuffer(80, num_envs=2, obs_shape=(2,), action_dim=1, obs_dtype=np.int64, path=str(tmp_path), resume=True)
