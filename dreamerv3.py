@@ -970,6 +970,19 @@ def load_checkpoint(path, flag):
     return ck
 
 
+def restore_checkpoint(ck, nets, opts, replay=None):
+    """Put a saved run back: every network and optimiser, the replay's head and sampling RNG, every global RNG
+    (last, so nothing drawn while restoring shifts them). Returns the saved loop counters."""
+    for k, m in nets.items():
+        m.load_state_dict(ck["nets"][k])
+    for o, sd in zip(opts, ck["opts"]):
+        o.load_state_dict(sd)
+    if replay is not None:
+        replay.load_state_dict(ck["replay"])
+    set_rng_state(ck["rng"])
+    return ck["loop"]
+
+
 def checked_against(args, ck, flag):
     """Refuse flags that would change the saved run's model or schedule (each named with both values); an
     evaluation may also pick its own --seed and --num-envs."""
@@ -1125,16 +1138,11 @@ def main(args: Args) -> dict:
     metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
     returns, interrupted, projected, saved_step = [], None, False, None
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
-        for k, m in nets.items():
-            m.load_state_dict(ck["nets"][k])
-        for o, sd in zip(opts, ck["opts"]):
-            o.load_state_dict(sd)
         (global_step, updates, updates_due, next_log, next_eval, next_video, next_checkpoint, metric_sums,
-         n_metrics, last_metrics, recent_returns, eval_return, returns) = ck["loop"].values()
+         n_metrics, last_metrics, recent_returns, eval_return, returns) = restore_checkpoint(ck, nets, opts,
+                                                                                              replay).values()
         next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
         metric_sums = {k: v.to(device) for k, v in metric_sums.items()}
-        replay.load_state_dict(ck["replay"])
-        set_rng_state(ck["rng"])
         saved_step = global_step
         progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
                        f"steps); the episodes in progress when it stopped start afresh")

@@ -95,6 +95,38 @@ def assert_tracks_offline(script, cwd, flags):
     assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
 
 
+def kill_after_first_checkpoint(script, cwd, flags, timeout=600):
+    """Start a tiny run, SIGKILL its process group as soon as `checkpoint.pt` appears in its run dir (a checkpoint
+    only appears whole: it is renamed into place). Returns (run dir, the checkpoint as saved)."""
+    import glob
+    import signal
+    import time
+
+    import torch
+
+    cmd = [sys.executable, os.path.join(ROOT, script)] + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    with open(os.path.join(cwd, "out.txt"), "w") as out, open(os.path.join(cwd, "err.txt"), "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
+        deadline = time.time() + timeout
+        while not glob.glob(os.path.join(cwd, "runs", "*", "checkpoint.pt")):
+            assert proc.poll() is None and time.time() < deadline, open(os.path.join(cwd, "err.txt")).read()[-2000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    path = glob.glob(os.path.join(cwd, "runs", "*", "checkpoint.pt"))[0]
+    return os.path.dirname(path), torch.load(path, weights_only=True)
+
+
+def resume_cli(script, cwd, run_dir, *argv, timeout=600):
+    """`script --resume run_dir argv...` to its end: asserts exit 0; returns {"stdout", "final" (JSON line)}."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--resume", str(run_dir), *argv], cwd=cwd,
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"stdout": out.stdout, "final": json.loads(out.stdout.strip().splitlines()[-1])}
+
+
 # Bad inputs both DreamerV3-family scripts (dreamerv3.py, mudreamer.py) must refuse in one line: (argv, needles).
 DREAMER_BAD_INPUTS = [
     (["--env-id", "walker-sprint"], ["--env-id", "walker-sprint"]),

@@ -12,7 +12,7 @@ import torch
 
 import dreamerv3 as d
 from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
-                   assert_tracks_offline, events, run_cli)
+                   assert_tracks_offline, events, kill_after_first_checkpoint, resume_cli, run_cli)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -408,6 +408,66 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
     assert_cli_error("dreamerv3.py", tmp_path, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
+
+
+def test_update_after_restore_equals_the_uninterrupted_update(tmp_path, one_thread):
+    """Save after two updates, make a third; a fresh agent (other init) restored from the checkpoint, with the
+    replay reopened from its files, draws the same batch and makes exactly the same third update."""
+    from common.replay import ReplayBuffer
+
+    a = d.Args(**{k: v for k, v in TINY.items() if k in d.Args.__dataclass_fields__})
+    B, T, N, shape = a.batch_size, a.batch_length, 2, (3, 64, 64)
+    rng = np.random.default_rng(0)
+
+    def agent(seed):
+        torch.manual_seed(seed)
+        nets, opts = d.build_agent(a, shape, 1, False, torch.device("cpu"))
+        return nets, opts, ReplayBuffer(200, N, shape, 1, seed=a.seed, path=str(tmp_path / "replay"),
+                                        resume=seed != 0)
+
+    def step(nets, opts, replay):
+        data = {k: torch.as_tensor(v) for k, v in replay.sample(B, T).items()}
+        return d.update(*nets.values(), opts, data, a)
+
+    nets, opts, replay = agent(0)
+    for t in range(40):
+        replay.add(rng.integers(0, 256, (N, *shape), dtype=np.uint8), rng.uniform(-1, 1, (N, 1)).astype(np.float32),
+                   rng.normal(size=N).astype(np.float32), np.full(N, t == 0), np.zeros(N, bool))
+    for _ in range(2):
+        step(nets, opts, replay)
+    path = str(tmp_path / "checkpoint.pt")
+    d.save_checkpoint(path, a, nets, opts, {"global_step": 80}, replay)
+    m1 = step(nets, opts, replay)
+    nets2, opts2, replay2 = agent(1)
+    assert not torch.equal(nets2["wm"].encoder.net[0].weight, nets["wm"].encoder.net[0].weight)
+    assert d.restore_checkpoint(d.load_checkpoint(path, "--resume"), nets2, opts2, replay2) == {"global_step": 80}
+    m2 = step(nets2, opts2, replay2)
+    assert {k: v.item() for k, v in m1.items()} == {k: v.item() for k, v in m2.items()}
+    for k in nets:
+        for (n, p), p2 in zip(nets[k].state_dict().items(), nets2[k].state_dict().values()):
+            assert torch.equal(p, p2), (k, n)
+    for o, o2 in zip(opts, opts2):
+        s1, s2 = o.state_dict()["state"], o2.state_dict()["state"]
+        assert all(torch.equal(s1[i][j], s2[i][j]) for i in s1 for j in s1[i])
+
+
+def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
+    """SIGKILL right after the first checkpoint appears; --resume continues from the checkpoint's frame to the
+    final JSON line, with the replay rows written before the checkpoint intact and no temporary file left."""
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 400, "eval_every": 10**6,
+             "eval_episodes": 1, "log_every": 80, "video_every": 0, "time_limit": 40, "checkpoint_every": 120}
+    run_dir, ck = kill_after_first_checkpoint("dreamerv3.py", tmp_path, flags)
+    saved, rows = ck["loop"]["global_step"], ck["replay"]["count"]
+    assert 120 <= saved < 400 and rows > 0
+    before = np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.uint8).reshape(1, -1, 3, 64, 64)[:, :rows]
+    out = resume_cli("dreamerv3.py", tmp_path, run_dir)
+    assert f"at frame {saved} after {ck['loop']['updates']} updates" in out["stdout"]
+    assert out["final"]["global_step"] == 400 and out["final"]["updates"] > ck["loop"]["updates"]
+    after = np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.uint8).reshape(1, -1, 3, 64, 64)[:, :rows]
+    np.testing.assert_array_equal(after, before)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
+    steps = [e.step for e in events(run_dir).Scalars("charts/SPS")]
+    assert steps == sorted(set(steps)), steps  # TensorBoard continues without duplicated points
 
 
 def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
