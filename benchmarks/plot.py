@@ -46,6 +46,8 @@ def find_runs(folders):
     for top in folders:
         for path in sorted(glob.glob(os.path.join(top, "**", "args.json"), recursive=True)):
             run_dir = os.path.dirname(path)
+            if "died" in os.path.relpath(run_dir, top).split(os.sep):  # a dead attempt set aside by run.py
+                continue
             if not glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
                 continue
             with open(path) as f:

@@ -10,13 +10,17 @@ Everything after `--` is passed to every run (the same flags for every agent, so
 Each run gets its own folder `OUT/{agent}/{env_id}/seed{seed}/`: the command (`cmd.txt`), its stdout and
 stderr (`stdout.log`, `stderr.log`) and the script's own run directory under `runs/` (the script runs
 with that folder as its working directory). A run whose stdout already holds the script's final JSON
-line is finished and is skipped when the same command is given again; a run that died is reported with
-the last lines of its stderr and started afresh (resuming needs the checkpoint/resume feature, which
-the scripts do not have yet). SLURM: one job array through submitit (imported only with --slurm), one
+line is finished and is skipped when the same command is given again. A run that died (killed, preempted,
+crashed) is reported with the last lines of its stderr; its logs move to `died/N/` inside its folder, and it
+is resumed in place from its last checkpoint (`--resume runs/{run}`: the script restores every flag and
+refuses a changed model or schedule flag; `--total-timesteps` may grow), or, when it died before its first
+checkpoint, started afresh, its partial run directory moved to `died/N/` too (the plotter skips `died/`).
+SLURM: one job array through submitit (imported only with --slurm), one
 task per run, each writing to the same folders.
 """
 
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -62,6 +66,29 @@ def status(folder):
     if final_result(folder) is not None:
         return "done"
     return "died" if os.path.exists(os.path.join(folder, "stdout.log")) else "new"
+
+
+def checkpointed_run(folder):
+    """The run directory (relative to `folder`) with the newest checkpoint.pt, or None."""
+    found = glob.glob(os.path.join(folder, "runs", "*", "checkpoint.pt"))
+    return os.path.relpath(os.path.dirname(max(found, key=os.path.getmtime)), folder) if found else None
+
+
+def set_aside(folder, resume):
+    """Move a dead attempt's logs (and, when it cannot be resumed, its run directories) to folder/died/N/."""
+    n = 1
+    while os.path.exists(os.path.join(folder, "died", str(n))):
+        n += 1
+    dest = os.path.join(folder, "died", str(n))
+    os.makedirs(dest)
+    moved = [p for p in ("stdout.log", "stderr.log", "cmd.txt") if os.path.exists(os.path.join(folder, p))]
+    if not resume:
+        moved += [os.path.join("runs", r) for r in sorted(os.listdir(os.path.join(folder, "runs")))
+                  if os.path.isdir(os.path.join(folder, "runs", r))] if os.path.isdir(os.path.join(folder, "runs")) else []
+    for p in moved:
+        os.makedirs(os.path.dirname(os.path.join(dest, p)), exist_ok=True)
+        os.replace(os.path.join(folder, p), os.path.join(dest, p))
+    return dest
 
 
 def run_one(cmd, folder, threads):
@@ -115,7 +142,13 @@ def main(argv=None):
             print(f"done     {folder}  final_eval_return {final_result(folder)['final_eval_return']}")
             continue
         if st == "died":
-            print(f"died     {folder}  (restarting); last lines of stderr:\n{tail(os.path.join(folder, 'stderr.log'))}")
+            resume = checkpointed_run(folder)
+            how = f"resuming from its checkpoint in {resume}" if resume else "no checkpoint: restarting"
+            print(f"died     {folder}  ({how}); last lines of stderr:\n{tail(os.path.join(folder, 'stderr.log'))}")
+            if resume:
+                cmd = cmd + ["--resume", resume]
+            if not a.dry_run:
+                set_aside(folder, resume)
         todo.append((cmd, folder))
         print(f"{'would run' if a.dry_run else 'queued':8s} {folder}: {shlex.join(cmd)}")
     if a.dry_run or not todo:

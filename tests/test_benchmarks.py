@@ -107,6 +107,33 @@ def test_runner_runs_skips_finished_and_reports_died(tmp_path, capsys, monkeypat
     assert "died" in out and "Boom: out of memory" in out and "exit 3, no final line" in out
 
 
+def test_runner_resumes_a_died_run_from_its_checkpoint_or_restarts_it(tmp_path, capsys, monkeypatch):
+    """A died run with a checkpoint is rerun with --resume runs/{run}; one without is restarted with its partial
+    run dir set aside in died/N/, which the plotter skips."""
+    folder = tmp_path / "dreamerv3" / "cartpole-balance" / "seed1"
+    code = "import sys, json; print(json.dumps({'final_eval_return': 1.0, 'argv': sys.argv[1:]}))"
+    monkeypatch.setattr(run, "command", lambda agent, env_id, seed, extra: [sys.executable, "-c", code, *extra])
+    argv = ["--agents", "dreamerv3", "--env-ids", "cartpole-balance", "--out", str(tmp_path), "--", "--x", "1"]
+    os.makedirs(folder / "runs" / "old")  # killed after its checkpoint: no final line
+    (folder / "runs" / "old" / "checkpoint.pt").write_bytes(b"ck")
+    (folder / "stdout.log").write_text("[train] frames 100\n")
+    (folder / "stderr.log").write_text("Killed\n")
+    assert run.main(argv) == 0
+    assert "resuming from its checkpoint in " + os.path.join("runs", "old") in capsys.readouterr().out
+    assert run.final_result(str(folder))["argv"] == ["--x", "1", "--resume", os.path.join("runs", "old")]
+    assert (folder / "died" / "1" / "stdout.log").read_text() == "[train] frames 100\n"
+    assert (folder / "runs" / "old" / "checkpoint.pt").exists()  # resumed in place
+    # died before any checkpoint: restarted afresh, the partial run set aside and not plotted
+    other = tmp_path / "dreamerv3" / "cartpole-balance" / "seed2"
+    fake_run(other / "runs" / "partial", "dreamerv3", "cartpole-balance", 2, [(1000, 5.0)])
+    (other / "stdout.log").write_text("[prefill]\n")
+    assert run.main(argv[:6] + ["--seeds", "2"] + argv[6:]) == 0
+    assert "no checkpoint: restarting" in capsys.readouterr().out
+    assert run.final_result(str(other))["argv"] == ["--x", "1"]
+    assert (other / "died" / "1" / "runs" / "partial" / "args.json").exists() and not os.listdir(other / "runs")
+    assert plot.find_runs([str(tmp_path)]) == []
+
+
 def test_runner_bad_agent_names_the_flag(capsys):
     with pytest.raises(SystemExit):
         run.main(["--agents", "dreamerv4", "--env-ids", "x"])
