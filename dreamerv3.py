@@ -43,7 +43,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -70,6 +70,10 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
+    statistics, distributions, KL, two-hot log-softmax and return percentiles stay float32. (Default fp32: see
+    the README's Measured table for the speed on each machine.)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -224,17 +228,17 @@ def twohot(x, bins):
 
 def twohot_loss(logits, x, bins):
     """-log p(x) of the symlog two-hot distribution, for targets x in the original space."""
-    return -(twohot(symlog(x), bins) * F.log_softmax(logits, -1)).sum(-1)
+    return -(twohot(symlog(x), bins) * F.log_softmax(logits.float(), -1)).sum(-1)
 
 
 def twohot_mean(logits, bins):
     """[DreamerV3 two-hot] y = symexp(softmax(logits)^T bins)."""
-    return symexp((F.softmax(logits, -1) * bins).sum(-1))
+    return symexp((F.softmax(logits.float(), -1) * bins).sum(-1))
 
 
 def unimix_logits(logits, unimix):
     """[DreamerV3 unimix] probs = (1 - unimix) softmax(logits) + unimix / K; returns log(probs)."""
-    probs = F.softmax(logits, -1)
+    probs = F.softmax(logits.float(), -1)  # (distributions in float32 under --precision bf16)
     return torch.log((1 - unimix) * probs + unimix / logits.shape[-1])
 
 
@@ -248,7 +252,7 @@ def sample_onehot(logits):
 
 def categorical_kl(logits_p, logits_q):
     """KL[p || q] of S independent categoricals, summed over the S latents: (..., S, K) -> (...)."""
-    logp, logq = F.log_softmax(logits_p, -1), F.log_softmax(logits_q, -1)
+    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
     return (logp.exp() * (logp - logq)).sum((-2, -1))
 
 
@@ -310,7 +314,14 @@ def init_weights(m):
 
 
 # --- Networks --------------------------------------------------------------------------------
-class ChannelNorm(nn.LayerNorm):
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose statistics are computed in float32 (under --precision bf16 its input is bfloat16)."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
+class ChannelNorm(LayerNorm):
     """LayerNorm over the channels of each pixel of a (N, C, H, W) map (DreamerV3 CNN norm)."""
 
     def forward(self, x):
@@ -321,7 +332,7 @@ def mlp(inp, units, layers, out):
     """[MuDreamer Table 10] `layers` x (Linear + LayerNorm + SiLU), then a Linear to `out` (no bias before a norm)."""
     mods = []
     for i in range(layers):
-        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU()]
+        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), LayerNorm(units, eps=LN_EPS), nn.SiLU()]
     return nn.Sequential(*mods, nn.Linear(units if layers else inp, out))
 
 
@@ -376,16 +387,16 @@ class RSSM(nn.Module):
         super().__init__()
         self.deter, self.stoch, self.classes, self.unimix = deter, stoch, classes, unimix
         self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_dim, units, bias=False),
-                                    nn.LayerNorm(units, eps=LN_EPS), nn.SiLU())
+                                    LayerNorm(units, eps=LN_EPS), nn.SiLU())
         # GRU with one fused Linear for the three gates and LayerNorm on them (DreamerV3 2023 code).
         self.gru = nn.Linear(units + deter, 3 * deter, bias=False)
-        self.gru_norm = nn.LayerNorm(3 * deter, eps=LN_EPS)
-        self.img_out = nn.Sequential(nn.Linear(deter, units, bias=False), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU(),
+        self.gru_norm = LayerNorm(3 * deter, eps=LN_EPS)
+        self.img_out = nn.Sequential(nn.Linear(deter, units, bias=False), LayerNorm(units, eps=LN_EPS), nn.SiLU(),
                                      nn.Linear(units, stoch * classes))
         # Representation: Linear([h_t, x_t]) + LN + SiLU, then a Linear to the logits. The x_t part of
         # the first Linear is applied to all T steps at once in `observe` (same maths, faster).
         self.obs_in = nn.Linear(deter + embed_dim, units, bias=False)
-        self.obs_out = nn.Sequential(nn.LayerNorm(units, eps=LN_EPS), nn.SiLU(), nn.Linear(units, stoch * classes))
+        self.obs_out = nn.Sequential(LayerNorm(units, eps=LN_EPS), nn.SiLU(), nn.Linear(units, stoch * classes))
         self.h0 = nn.Parameter(torch.zeros(deter))  # learned initial state, h_0 = tanh(h0)
 
     def initial(self, n):
@@ -499,7 +510,7 @@ class Actor(nn.Module):
 
     def dist(self, feat):
         """Returns (log-prob function, entropy, sampler drawing an action with gradient); draws nothing itself."""
-        out = self.net(feat)
+        out = self.net(feat).float()  # (the distribution in float32 under --precision bf16)
         if self.discrete:
             logits = unimix_logits(out, self.unimix)
             logp = F.log_softmax(logits, -1)
@@ -544,12 +555,12 @@ def world_model_loss(wm, data, loss_scales, free_bits):
     feat = feature(deter, stoch)  # (B, T, F)
     losses = {}
     # [MuDreamer Eq. 3, DreamerV3 decoder] prediction loss: -ln p(o_t | s_t) as MSE summed over pixels
-    recon = wm.heads["decoder"](feat)  # (B, T, C, H, W)
+    recon = wm.heads["decoder"](feat).float()  # (B, T, C, H, W)
     losses["image"] = ((recon - obs.float() / 255.0) ** 2).sum((-3, -2, -1))
     # [MuDreamer Eq. 3] -ln p(r_t | s_t), symlog two-hot
     losses["reward"] = twohot_loss(wm.heads["reward"](feat), data["reward"], wm.bins)
     # [MuDreamer Eq. 3] -ln p(c_t | s_t), Bernoulli with target c_t = 1 - is_terminal
-    cont_logits, cont_target = wm.heads["cont"](feat)[..., 0], 1.0 - data["is_terminal"].float()
+    cont_logits, cont_target = wm.heads["cont"](feat)[..., 0].float(), 1.0 - data["is_terminal"].float()
     losses["cont"] = F.binary_cross_entropy_with_logits(cont_logits, cont_target, reduction="none")
     losses["kl_dyn"], losses["kl_rep"] = kl_terms(post, prior, free_bits)
     assert losses.keys() == loss_scales.keys(), (sorted(losses), sorted(loss_scales))
@@ -587,7 +598,7 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
     feat, action, logps, ent = imagine(wm.rssm, actor, deter, stoch, horizon)  # (H+1, N, ...)
     reward = twohot_mean(wm.heads["reward"](feat[1:]), wm.bins)  # (H, N) r_1..r_H
     # Continue: real flag for the start state, the continue head's mode afterwards (2023 code).
-    cont = (wm.heads["cont"](feat[1:])[..., 0] > 0).to(feat.dtype)  # (H, N) c_1..c_H
+    cont = (wm.heads["cont"](feat[1:])[..., 0] > 0).float()  # (H, N) c_1..c_H
     cont0 = (1.0 - is_terminal.to(feat.dtype))[None]
     # [DreamerV3 2023 code] weight_t = prod_{i<=t} gamma c_i / gamma: discount for states cut off by an end.
     weight = (torch.cumprod(gamma * torch.cat([cont0, cont]), 0) / gamma).detach()  # (H+1, N)
@@ -628,7 +639,9 @@ def update(wm, actor, critic, slow_critic, return_norm, opts, data, args):
     # non-finite steps (here a non-finite loss stops the run at the next log).
     # World model
     loss_scales = {"image": 1.0, "reward": 1.0, "cont": 1.0, "kl_dyn": args.kl_dyn, "kl_rep": args.kl_rep}
-    wm_loss, metrics, (deter, stoch) = world_model_loss(wm, data, loss_scales, args.free_bits)
+    device_type, low = data["obs"].device.type, args.precision == "bf16"  # --precision bf16: autocast the forward
+    with torch.autocast(device_type, torch.bfloat16, enabled=low):
+        wm_loss, metrics, (deter, stoch) = world_model_loss(wm, data, loss_scales, args.free_bits)
     wm_opt.zero_grad(set_to_none=True)
     wm_loss.backward()
     metrics["grad_norm/world_model"] = nn.utils.clip_grad_norm_(wm.parameters(), args.model_clip)
@@ -636,10 +649,11 @@ def update(wm, actor, critic, slow_critic, return_norm, opts, data, args):
 
     # Actor-critic in imagination, from all B*T posterior states (the world model is not trained here)
     wm.requires_grad_(False)
-    actor_loss, critic_loss, ac_metrics = actor_critic_loss(
-        wm, actor, critic, slow_critic, return_norm, deter.flatten(0, 1), stoch.flatten(0, 1),
-        data["is_terminal"].flatten(), args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
-        args.critic_slow_reg)
+    with torch.autocast(device_type, torch.bfloat16, enabled=low):
+        actor_loss, critic_loss, ac_metrics = actor_critic_loss(
+            wm, actor, critic, slow_critic, return_norm, deter.flatten(0, 1), stoch.flatten(0, 1),
+            data["is_terminal"].flatten(), args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
+            args.critic_slow_reg)
     wm.requires_grad_(True)
     metrics.update(ac_metrics)
     actor_opt.zero_grad(), critic_opt.zero_grad()
@@ -910,7 +924,8 @@ def close_envs(*envs, kill=False):
 
 CHECKPOINT = "checkpoint.pt"
 # Flags a resumed run may change: they touch neither the model nor the training schedule.
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track",
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
+             "track",
              "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
              "log_every", "video_every")
 
@@ -1005,7 +1020,10 @@ def saved_defaults(argv):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
                 path = os.path.join(value, name) if name else value
                 try:
-                    saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+                    ck = torch.load(path, map_location="cpu", weights_only=True)
+                    if ck["script"] != os.path.basename(__file__):
+                        return None  # another script's flags: main's load_checkpoint says so in one line
+                    saved = ck["args"]
                     return Args(**{k: v for k, v in saved.items()
                                    if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
                 except Exception:
@@ -1111,8 +1129,9 @@ def main(args: Args) -> dict:
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step)
-    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] if ck else None)
+    # On resume, TensorBoard drops the points the killed process logged after its checkpoint: purge_step drops
+    # steps >= it, and the points at the checkpoint's own frame were written (flushed) before the checkpoint.
+    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
     if ck is None:
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -1146,6 +1165,8 @@ def main(args: Args) -> dict:
         saved_step = global_step
         progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
                        f"steps); the episodes in progress when it stopped start afresh")
+
+    start_step = global_step  # (a resumed run's frames per second count from here)
 
     def loop_state():  # the counters a checkpoint holds, in the order they are restored above
         return {"global_step": global_step, "updates": updates, "updates_due": updates_due, "next_log": next_log,
@@ -1228,7 +1249,7 @@ def main(args: Args) -> dict:
                                                      f"{global_step}")
                         writer.add_scalar(k, v, global_step)
                     metric_sums, n_metrics = {}, 0
-                sps = int(global_step / (time.time() - start_time))
+                sps = int((global_step - start_step) / (time.time() - start_time))  # (this process's frames)
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("charts/updates", updates, global_step)
                 progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
@@ -1248,6 +1269,7 @@ def main(args: Args) -> dict:
             # Checkpoint between steps, never inside an update (and one at the end, below)
             if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
                 next_checkpoint += args.checkpoint_every
+                writer.flush()  # the curves up to the checkpoint are on disk before it is
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
                 saved_step = global_step
 
