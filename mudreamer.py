@@ -48,8 +48,10 @@ writes the same format. --resume RUN_DIR continues such a run in place with that
 --total-timesteps and the logging, evaluation and tracking flags may change; the rest is refused, naming the
 flag). The learner continues exactly (the next update equals the uninterrupted one), the run's trajectory does
 not: the episodes in progress start afresh (the training envs reset with seed --seed + frame, the acting state
-from the learned initial state) and the evaluation envs are rebuilt, so they replay their episode seeds from the
-start. After a kill, TensorBoard drops the points logged after the checkpoint. --eval-checkpoint PATH evaluates
+from the learned initial state; a checkpoint on an episode's last frame also skips the reset step that follows it,
+which yields no frame but counts toward the train ratio, so the updates fall one policy step earlier) and the
+evaluation envs are rebuilt, so they replay their episode seeds from the start. After a kill, TensorBoard drops
+the points logged after the checkpoint. --eval-checkpoint PATH evaluates
 a saved agent and prints one JSON line.
 
 Run:  python mudreamer.py --env-id walker-run
@@ -1155,7 +1157,8 @@ def build_agent(args, obs_shape, action_dim, discrete, device):
     slow_critic.requires_grad_(False)
     return_norm = ReturnNorm(args.return_norm_decay, args.return_norm_low, args.return_norm_high,
                              args.return_norm_limit).to(device)
-    opts = (torch.optim.Adam([p for n, p in wm.named_parameters() if not n.startswith("decoder.")], lr=args.model_lr, eps=args.model_eps),
+    opts = (torch.optim.Adam([p for n, p in wm.named_parameters() if not n.startswith("decoder.")], lr=args.model_lr,
+                             eps=args.model_eps),
             torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
             torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps),
             torch.optim.Adam(wm.decoder.parameters(), lr=args.model_lr, eps=args.model_eps) if args.decoder else None)
@@ -1242,8 +1245,9 @@ def main(args: Args) -> dict:
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step)
-    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] if ck else None)
+    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step: those past
+    # its frame; the ones at its frame were logged before it, in the same step)
+    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
     if ck is None:
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)

