@@ -46,13 +46,13 @@ the loop's counters, the last replayed batch while the next log's collapse monit
 number generator and the args; the replay lives in memory-mapped files in runs/{run}/replay/. --save-model
 writes the same format. --resume RUN_DIR continues such a run in place with that run's flags (a larger
 --total-timesteps and the logging, evaluation and tracking flags may change; the rest is refused, naming the
-flag). The learner continues exactly (the next update equals the uninterrupted one), the run's trajectory does
-not: the episodes in progress start afresh (the training envs reset with seed --seed + frame, the acting state
-from the learned initial state; a checkpoint on an episode's last frame also skips the reset step that follows it,
-which yields no frame but counts toward the train ratio, so the updates fall one policy step earlier) and the
-evaluation envs are rebuilt, so they replay their episode seeds from the start. After a kill, TensorBoard drops
-the points logged after the checkpoint. --eval-checkpoint PATH evaluates
-a saved agent and prints one JSON line.
+flag). The learner's state comes back exactly (an update on the same batch equals the uninterrupted run's),
+the run's trajectory does not: the episodes in progress start afresh (the training envs reset with seed --seed +
+frame, the acting state from the learned initial state), so the replay's new rows and the batches drawn from
+them differ; a checkpoint on an episode's last frame also skips the reset step that follows it, which yields no
+frame but counts toward the train ratio, so the updates fall one policy step earlier; and the evaluation envs
+are rebuilt, so they replay their episode seeds from the start. After a kill, TensorBoard drops the points
+logged after the checkpoint. --eval-checkpoint PATH evaluates a saved agent and prints one JSON line.
 
 Run:  python mudreamer.py --env-id walker-run
       python mudreamer.py --resume runs/walker-run__mudreamer__1__1700000000 [--total-timesteps 2000000]
