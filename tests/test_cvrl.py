@@ -24,7 +24,7 @@ OBS = (3, 64, 64)  # the encoder's valid convolutions need 64x64 frames
 def tiny_build(seed=0, **overrides):
     torch.manual_seed(seed)
     args = c.Args(**{**TINY, **overrides})
-    agent, opts, mpc = c.build(args, OBS, 2, torch.device("cpu"))
+    agent, opts, mpc = c.build_agent(args, OBS, 2, torch.device("cpu"))
     return args, agent, opts, mpc
 
 
@@ -186,7 +186,7 @@ def _action_rewarding_model(direction):
     a reward head r = direction . h, and a zero value net: the imagined reward favours actions along `direction`."""
     torch.manual_seed(0)
     args = c.Args(**{**TINY, "deter": 2, "hidden": 2, "stoch": 1})
-    agent, _, _ = c.build(args, OBS, 2, torch.device("cpu"))
+    agent, _, _ = c.build_agent(args, OBS, 2, torch.device("cpu"))
     rssm = agent.wm.rssm
     with torch.no_grad():
         rssm.img_in[0].weight.copy_(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])), rssm.img_in[0].bias.zero_()
@@ -357,8 +357,13 @@ def test_smoke_cli(tmp_path):
         "losses/sac_q", "losses/sac_actor", "mpc/value", "eval/episodic_return", "charts/episodic_return",
         "charts/SPS"))
     assert "eval/video" in ea.Tags()["images"] and glob.glob(os.path.join(run_dir, "videos", "eval_*.mp4"))
-    ckpt = torch.load(os.path.join(run_dir, "cvrl.pt"), weights_only=False)
-    assert {"agent", "opts", "args"} <= set(ckpt) and set(ckpt["opts"]) == {"model", "value", "actor", "sac"}
+    ckpt = torch.load(os.path.join(run_dir, "cvrl.pt"), weights_only=True)
+    assert ckpt["script"] == "cvrl.py" and set(ckpt["nets"]) == {"wm", "actor", "value", "sac"}
+    assert len(ckpt["opts"]) == 4 and all(o["state"] for o in ckpt["opts"])  # model, value, actor, sac: all stepped
+    assert {"q", "q_target", "log_temperature"} <= {k.split(".")[0] for k in ckpt["nets"]["sac"]}
+    assert ckpt["loop"]["global_step"] == 300 and ckpt["loop"]["updates"] == final["updates"]
+    assert ckpt["loop"]["next_train"] == 302 and ckpt["args"]["env_id"] == "cartpole-balance"
+    assert ckpt["replay"] is None  # --save-model leaves the replay's head out
 
 
 def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
