@@ -1277,10 +1277,12 @@ def main(args: Args) -> dict:
             if (args.checkpoint_every and round_end and global_step >= next_checkpoint
                     and global_step < args.total_timesteps):
                 next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
+                writer.flush()  # the TensorBoard points up to the checkpoint are on disk before it is
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
                 saved_step = global_step
 
         if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
+            writer.flush()
             save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
             saved_step = global_step
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
