@@ -1040,14 +1040,17 @@ def checked_against(args, ck, flag):
 
 def saved_defaults(argv):
     """With --resume RUN_DIR or --eval-checkpoint PATH, the saved run's flags become the defaults of the command
-    line (None without them, or when the checkpoint cannot be read: main then says why)."""
+    line (None without them, or when the checkpoint cannot be read or is another script's: main then says why)."""
     for i, a in enumerate(argv):
         for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
                 path = os.path.join(value, name) if name else value
                 try:
-                    saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+                    ck = torch.load(path, map_location="cpu", weights_only=True)
+                    if ck["script"] != os.path.basename(__file__):  # its flags may not even fit these fields
+                        return None
+                    saved = ck["args"]
                     return Args(**{k: v for k, v in saved.items()
                                    if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
                 except Exception:

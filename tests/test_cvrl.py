@@ -438,9 +438,10 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(open(path, "rb").read()[:1000])
     assert_error_in_process(capsys, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
-    other = tmp_path / "other"  # a whole checkpoint, but another script's
+    other = tmp_path / "other"  # a whole checkpoint, but another script's, whose flags do not fit cvrl.py's
     other.mkdir()
-    torch.save({**torch.load(path, weights_only=True), "script": "dreamerv3.py"}, other / "checkpoint.pt")
+    ck = torch.load(path, weights_only=True)
+    torch.save({**ck, "script": "dreamerv3.py", "args": {**ck["args"], "action_repeat": None}}, other / "checkpoint.pt")
     assert_error_in_process(capsys, ["--resume", str(other), "--total-timesteps", "400"],
                             "checkpoint of dreamerv3.py", "not of cvrl.py")
 
