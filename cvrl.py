@@ -61,6 +61,21 @@ Deviations from the paper / the official code (each also tagged `# DEVIATION` wh
 The paper's encoder channels "32, 65, 128, 256" (App. B) are a typo for 32-64-128-256 (its code, Dreamer v1).
 
 Run:  python cvrl.py --env-id walker-walk --background natural
+      python cvrl.py --resume runs/RUN [--total-timesteps N]     (continue a run from its last checkpoint)
+      python cvrl.py --eval-checkpoint runs/RUN/checkpoint.pt    (evaluate a saved agent; prints a JSON line)
+
+Checkpoints (--checkpoint-every frames, between training cycles; runs/RUN/checkpoint.pt, and with --save-model
+runs/RUN/cvrl.pt, in the same format) hold every network (world model with its contrastive critic or decoder,
+actor, value net, twin Q nets AND their soft targets, the SAC temperature log_temperature), the four Adam states
+(model, value, actor, sac: a fixed list, None for SAC's under --no-sac), the loop counters (frames, updates, the
+frame of the next training round, which is None until the pretrain updates are done, next log / evaluation /
+checkpoint frames, metric sums, recent returns), the Python, NumPy, torch (and CUDA) RNG states, the replay's
+write head, row count and sampling RNG (its rows stay in runs/RUN/replay/), and the args. The MPC planner keeps
+no state between acting steps (its latent noise is drawn per call, from the restored torch RNG). A resumed run
+makes exactly the updates the uninterrupted one would make from the same replay, but it cannot continue the
+environments themselves: the episodes in progress start afresh (the training envs reset with seed + frame, the
+evaluation envs are rebuilt with their original seed, so their episodes repeat those of the run's first
+evaluation), and from there on the two runs differ.
 """
 
 import io
@@ -108,7 +123,20 @@ class Args:
     """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
     agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
+    --eval-checkpoint reads)"""
+    checkpoint_every: int = 25_000
+    """frames between checkpoints (25 training cycles at the defaults): runs/{run_name}/checkpoint.pt, written
+    atomically, plus one at the end. Taken only between cycles: right after a round of updates (the pretrain
+    one or a cycle's), the first at or after each multiple of this, so none during the prefill. The replay then
+    lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none, replay in
+    memory"""
+    resume: Optional[str] = None
+    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
+    run's, and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
+    videos/ beside the file), print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task)"""
     total_timesteps: int = 5_000_000
@@ -740,6 +768,8 @@ def check_args(args):
         if not getattr(a, flag) > 0:
             fail(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
     checks = [
+        (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}"),
+        (not (a.resume and a.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),
         (a.batch_length >= 2, f"--batch-length must be >= 2, got {a.batch_length}"),
         (a.buffer_size >= a.batch_size * a.batch_length,
          f"--buffer-size must hold one batch (--batch-size x --batch-length = {a.batch_size * a.batch_length} "
@@ -765,8 +795,9 @@ def check_args(args):
              f"DMC id such as walker-walk")
 
 
-def build(args, obs_shape, action_dim, device):
-    """The agent, its four optimisers and the acting settings; every Table 2 switch is consumed here."""
+def build_agent(args, obs_shape, action_dim, device):
+    """The agent, its optimisers by name (OPTIMISERS' order; no "sac" under --no-sac) and the acting settings;
+    every Table 2 switch is consumed here."""
     obs_model = "generative" if args.generative else "contrastive"  # ABLATION(generative)
     obs_model = "none" if args.reward_only else obs_model  # ABLATION(reward_only)
     wm = WorldModel(obs_shape, action_dim, args.stoch, args.deter, args.hidden, args.min_std, args.cnn_depth,
@@ -906,13 +937,177 @@ def close_envs(*envs, kill=False):
             pass
 
 
+CHECKPOINT = "checkpoint.pt"
+NETS = ("wm", "actor", "value", "sac")  # the agent's parts in a checkpoint ("sac": None under --no-sac)
+OPTIMISERS = ("model", "value", "actor", "sac")  # list positions in a checkpoint ("sac": None under --no-sac)
+# Flags a resumed run may change: they touch neither the model nor the training schedule.
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track",
+             "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
+             "log_every")
+
+
+def rng_state():
+    """Every random number generator the run draws from (the replay's own is in its state_dict)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                    cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, args, agent, opts, loop, replay=None):
+    """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
+    os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
+    are flushed first; the checkpoint holds only their head, count and sampling RNG. The networks by part (the
+    SAC part holds the twin Q nets, their soft targets and log_temperature), the optimisers as a list in
+    OPTIMISERS' order with None where one is absent (--no-sac)."""
+    if replay is not None:
+        replay.flush()
+    parts = {k: getattr(agent, k) for k in NETS}
+    payload = {"script": os.path.basename(__file__), "args": asdict(args),
+               "nets": {k: m.state_dict() if m is not None else None for k, m in parts.items()},
+               "opts": [opts[k].state_dict() if k in opts else None for k in OPTIMISERS],
+               "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, flag):
+    """The checkpoint at `path` as a dict, or one clear error naming `flag` and the file."""
+    if not os.path.isfile(path):
+        fail(f"{flag}: no checkpoint {path}" + (" (was the run started with --checkpoint-every 0?)"
+                                                 if flag == "--resume" else ""))
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (EOFError, RuntimeError), or not a checkpoint at all (UnpicklingError)
+        fail(f"{flag}: {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    script = os.path.basename(__file__)
+    if not isinstance(ck, dict) or ck.get("script") != script:
+        fail(f"{flag}: {path} is a checkpoint of {ck.get('script') if isinstance(ck, dict) else 'nothing known'}, "
+             f"not of {script}")
+    return ck
+
+
+def load_nets(ck, agent):
+    """The saved networks into the agent's parts (the same --no-sac, so the same parts: checked_against)."""
+    for k in NETS:
+        if getattr(agent, k) is not None:
+            getattr(agent, k).load_state_dict(ck["nets"][k])
+
+
+def restore_checkpoint(ck, agent, opts, replay=None):
+    """Put a saved run back: every network and optimiser, the replay's head and sampling RNG, every global RNG
+    (last, so nothing drawn while restoring shifts them). Returns the saved loop counters."""
+    load_nets(ck, agent)
+    for k, sd in zip(OPTIMISERS, ck["opts"]):
+        if k in opts:
+            opts[k].load_state_dict(sd)
+    if replay is not None:
+        replay.load_state_dict(ck["replay"])
+    set_rng_state(ck["rng"])
+    return ck["loop"]
+
+
+def checked_against(args, ck, flag):
+    """Refuse flags that would change the saved run's model or schedule (each named with both values); an
+    evaluation may also pick its own --seed and --num-envs."""
+    saved, free = ck["args"], RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
+    for name, value in asdict(args).items():
+        if name not in free and name in saved and saved[name] != value:
+            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
+                 f"a saved run keeps its model, environment and schedule")
+    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
+        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
+             f"pass a larger --total-timesteps to continue it")
+
+
+def saved_defaults(argv):
+    """With --resume RUN_DIR or --eval-checkpoint PATH, the saved run's flags become the defaults of the command
+    line (None without them, or when the checkpoint cannot be read or is another script's: main then says why)."""
+    for i, a in enumerate(argv):
+        for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
+            if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
+                value = argv[i + 1] if a == flag else a.split("=", 1)[1]
+                path = os.path.join(value, name) if name else value
+                try:
+                    ck = torch.load(path, map_location="cpu", weights_only=True)
+                    if ck["script"] != os.path.basename(__file__):  # its flags may not even fit these fields
+                        return None
+                    saved = ck["args"]
+                    return Args(**{k: v for k, v in saved.items()
+                                   if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
+                except Exception:
+                    return None
+    return None
+
+
+def evaluate_checkpoint(args):
+    """--eval-checkpoint: the saved agent (acting as the run's evaluation does: MPC unless --no-mpc, no noise) on
+    --eval-episodes fresh evaluation episodes; prints the JSON line."""
+    path = args.eval_checkpoint
+    ck = load_checkpoint(path, "--eval-checkpoint")
+    checked_against(args, ck, "--eval-checkpoint")
+    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                      background_dir=args.background_dir, background_mask=args.background_mask)
+    try:
+        envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                               split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
+    except (ValueError, TypeError) as e:
+        fail(e)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.manual_seed(args.seed)
+    agent, _, mpc = build_agent(args, envs.single_observation_space.shape,
+                                int(np.prod(envs.single_action_space.shape)), device)
+    load_nets(ck, agent)
+    step = ck["loop"]["global_step"]
+    print(f"{os.path.basename(__file__)}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} "
+          f"episodes ...", flush=True)
+    try:
+        returns, frames = evaluate(agent, envs, args.eval_episodes, device, mpc, args.capture_video)
+    finally:
+        close_envs(envs)
+    summary = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step,
+               "checkpoint": path}
+    if frames is not None:
+        summary["video"] = os.path.join(os.path.dirname(path), "videos", f"eval_checkpoint_{step}.mp4")
+        encode_video(summary["video"], frames, fps=30)
+    print(json.dumps(summary))
+    return summary
+
+
 def main(args: Args) -> dict:
     check_args(args)
+    if args.eval_checkpoint:
+        return evaluate_checkpoint(args)
+    ck = None
+    if args.resume:
+        if not os.path.isdir(args.resume):
+            fail(f"--resume {args.resume}: no such run directory")
+        ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
+        checked_against(args, ck, "--resume")
     progress = Progress(args.total_timesteps)
     progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
                    f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
+    run_dir = args.resume or os.path.join("runs", run_name)
+    run_name = os.path.basename(os.path.normpath(run_dir))
     # DEVIATION: natural backgrounds are common/envs.py's (DreamerPro protocol), not CVRL's Natural Mujoco
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
@@ -924,7 +1119,10 @@ def main(args: Args) -> dict:
         fail(e)
     obs_shape, action_dim = envs.single_observation_space.shape, int(np.prod(envs.single_action_space.shape))
     try:
-        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
+        # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed,
+                              path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None,
+                              resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_envs)
         fail(e)
@@ -934,9 +1132,13 @@ def main(args: Args) -> dict:
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step: every
+    # step >= it). The checkpoint's own frame is kept: what was logged there came before the checkpoint, and the
+    # resumed run logs nothing at it again (every later point has a larger frame; a 0-frame autoreset step logs none).
+    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
+    if ck is None:
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=1)
 
@@ -947,18 +1149,34 @@ def main(args: Args) -> dict:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    agent, opts, mpc = build(args, obs_shape, action_dim, device)
+    agent, opts, mpc = build_agent(args, obs_shape, action_dim, device)
     B, T, N = args.batch_size, args.batch_length, args.num_envs
 
     # TRY NOT TO MODIFY: start the game
-    obs, _ = envs.reset(seed=args.seed)
+    # next_train: frame of the next training round, None until the pretrain updates are done (the pretrain flag)
+    global_step, updates, updates_due, next_train, start_time = 0, 0, 0, None, time.time()
+    next_log, next_eval, next_checkpoint = args.log_every, args.eval_every, args.checkpoint_every
+    sums, last_metrics, recent_returns, eval_return, returns = {}, {}, [], float("nan"), []
+    interrupted, projected, train_start, saved_step, step_frames = None, False, None, None, args.action_repeat * N
+    if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
+        (global_step, updates, updates_due, next_train, next_log, next_eval, next_checkpoint, sums, last_metrics,
+         recent_returns, eval_return, returns) = restore_checkpoint(ck, agent, opts, replay).values()
+        next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
+        sums = {k: (torch.as_tensor(v).to(device), n) for k, (v, n) in sums.items()}
+        saved_step = global_step
+        progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
+                       f"steps); the episodes in progress when it stopped start afresh")
+
+    def loop_state():  # the counters a checkpoint holds, in the order they are restored above
+        return {"global_step": global_step, "updates": updates, "updates_due": updates_due, "next_train": next_train,
+                "next_log": next_log, "next_eval": next_eval, "next_checkpoint": next_checkpoint, "sums": sums,
+                "last_metrics": last_metrics, "recent_returns": recent_returns, "eval_return": eval_return,
+                "returns": [float(r) for r in returns]}
+
+    obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
     autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
-    state, next_train = None, None  # acting state once the policy takes over; frame of the next training round
-    global_step, updates, updates_due, start_time = 0, 0, 0, time.time()
-    next_log, next_eval = args.log_every, args.eval_every
-    sums, last_metrics, recent_returns, eval_return, returns = {}, {}, [], float("nan"), []
-    interrupted, projected, step_frames = None, False, args.action_repeat * N
+    state = None  # acting state once the policy takes over (a resumed run starts it afresh, with its episodes)
     # random actions until --prefill frames and one batch in the replay; the pretrain updates one vector step later
     prefill = -(-max(args.prefill, B * T * args.action_repeat, T * step_frames) // step_frames) * step_frames
     rounds = max((args.total_timesteps - prefill - step_frames) // args.train_every, 0)
@@ -970,7 +1188,11 @@ def main(args: Args) -> dict:
                    f"{args.train_steps} every {args.train_every} frames ({per_step:.3g} per policy step): about "
                    f"{planned} updates in all; acting: {acting} per policy step; prefilling {prefill} frames with "
                    f"random actions, wall time projected after the first training cycle")
-    progress.set_phase("prefill", min(prefill, args.total_timesteps))
+    progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
+    if next_train is None:
+        progress.set_phase("prefill", min(prefill, args.total_timesteps))
+    else:  # resumed after the pretrain updates: the projection waits for the first whole cycle from here
+        progress.set_phase("train", args.total_timesteps, by_cycle=True)
     progress.start()
     old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -1000,6 +1222,7 @@ def main(args: Args) -> dict:
 
             # ALGO LOGIC: [Dreamer v1 schedule] `pretrain` updates once, then `train_steps` every `train_every` frames
             cycle_end = ready and next_train is not None and global_step >= next_train
+            round_end = cycle_end or ready and next_train is None  # a round of updates (pretrain or cycle) now
             if ready and next_train is None:
                 updates_due, next_train = args.pretrain, global_step + args.train_every
                 progress.set_phase("pretrain", args.pretrain)
@@ -1014,12 +1237,15 @@ def main(args: Args) -> dict:
                 progress.set_phase("train", args.total_timesteps, by_cycle=True)
                 train_start = time.time()
             progress.step(global_step, updates, np.mean(recent_returns or [np.nan]), cycle_end=cycle_end)
-            if cycle_end and not projected:  # the first whole cycle after the pretrain updates
+            if cycle_end and not projected and train_start is None:  # resumed mid-run: time the next whole cycle
+                train_start = time.time()
+            elif cycle_end and not projected:  # the first whole cycle after the pretrain updates (or the resume)
                 projected, cycle_s = True, time.time() - train_start
                 rest = (args.total_timesteps - global_step) / args.train_every * cycle_s
                 progress.print(f"measured: {fmt_time(cycle_s)} per training cycle ({args.train_every} frames of "
-                               f"acting and {args.train_steps} updates); projected wall time of the run "
-                               f"{fmt_time(time.time() - start_time + rest)} (evaluations extra)")
+                               f"acting and {args.train_steps} updates); projected wall time of the run"
+                               f"{' from here' if ck else ''} {fmt_time(time.time() - start_time + rest)} "
+                               f"(evaluations extra)")
 
             if global_step >= next_log:
                 next_log += args.log_every
@@ -1050,11 +1276,20 @@ def main(args: Args) -> dict:
                     encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
                     log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
 
-        if args.save_model:
-            path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            torch.save({"agent": agent.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()},
-                        "args": asdict(args), "global_step": global_step}, path + ".tmp")
-            os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+            # Checkpoint only between cycles: right after a round of updates, never inside one (and one at the end)
+            if (args.checkpoint_every and round_end and global_step >= next_checkpoint
+                    and global_step < args.total_timesteps):
+                next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
+                writer.flush()  # the TensorBoard points up to the checkpoint are on disk before it is
+                save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
+                saved_step = global_step
+
+        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
+            writer.flush()
+            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
+            saved_step = global_step
+        if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
+            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, agent, opts, loop_state())
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
         interrupted = str(e) or "SIGINT"
     finally:
@@ -1065,8 +1300,10 @@ def main(args: Args) -> dict:
         if args.track:
             wandb.finish()
     if interrupted:
+        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
+                  else "")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}", file=sys.stderr, flush=True)
+              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}
@@ -1076,7 +1313,7 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(tyro.cli(Args, default=saved_defaults(sys.argv[1:])))
     except KeyboardInterrupt:  # before the training loop (which handles its own)
         print("interrupted while starting; nothing was trained", file=sys.stderr)
         raise SystemExit(130)

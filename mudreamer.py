@@ -38,7 +38,25 @@ Deviations from the paper / the 2023 code (each also tagged `# DEVIATION` where 
     (running = 0.9 running + 0.1 batch, torch momentum 0.1), the convention of its "Slow Value Momentum 0.99"
     (Eq. 5: tau 0.01); torch's own convention (momentum 0.9 = weight of the batch) would be the other reading.
 
+Checkpoints and resume (the pattern of dreamerv3.py): every --checkpoint-every frames (and at the end)
+runs/{run}/checkpoint.pt is written atomically with every network and its buffers (the BatchNorm running
+statistics of the representation network, the return normaliser's EMAs), the slow value predictor v' and the
+slow critic, the decoder when there is one, the four optimisers (the decoder's slot None with --no-decoder),
+the loop's counters, the last replayed batch while the next log's collapse monitor still reads it, every random
+number generator and the args; the replay lives in memory-mapped files in runs/{run}/replay/. --save-model
+writes the same format. --resume RUN_DIR continues such a run in place with that run's flags (a larger
+--total-timesteps and the logging, evaluation and tracking flags may change; the rest is refused, naming the
+flag). The learner's state comes back exactly (an update on the same batch equals the uninterrupted run's),
+the run's trajectory does not: the episodes in progress start afresh (the training envs reset with seed --seed +
+frame, the acting state from the learned initial state), so the replay's new rows and the batches drawn from
+them differ; a checkpoint on an episode's last frame also skips the reset step that follows it, which yields no
+frame but counts toward the train ratio, so the updates fall one policy step earlier; and the evaluation envs
+are rebuilt, so they replay their episode seeds from the start. After a kill, TensorBoard drops the points
+logged after the checkpoint. --eval-checkpoint PATH evaluates a saved agent and prints one JSON line.
+
 Run:  python mudreamer.py --env-id walker-run
+      python mudreamer.py --resume runs/walker-run__mudreamer__1__1700000000 [--total-timesteps 2000000]
+      python mudreamer.py --eval-checkpoint runs/walker-run__mudreamer__1__1700000000/checkpoint.pt --eval-episodes 10
 """
 
 import copy
@@ -90,7 +108,18 @@ class Args:
     """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
     agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
+    --eval-checkpoint reads)"""
+    checkpoint_every: int = 25_000
+    """frames between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
+    replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
+    replay in memory"""
+    resume: Optional[str] = None
+    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
+    run's, and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
+    videos/ beside the file), print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 1_000_000
@@ -863,6 +892,8 @@ def check_args(args):
             fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     checks = [
         (a.video_every >= 0, f"--video-every must be >= 0 (0: no video), got {a.video_every}"),
+        (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}"),
+        (not (a.resume and a.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),
         (a.mlp_layers >= 0, f"--mlp-layers must be >= 0, got {a.mlp_layers}"),
         (a.batch_size >= 2, f"--batch-size must be >= 2 (BatchNorm), got {a.batch_size}"),
         (a.batch_length >= 2, f"--batch-length must be >= 2, got {a.batch_length}"),
@@ -999,49 +1030,120 @@ def close_envs(*envs, kill=False):
             pass
 
 
-def main(args: Args) -> dict:
-    args = check_args(args)
-    progress = Progress(args.total_timesteps)
-    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
-                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
-                      background_dir=args.background_dir, background_mask=args.background_mask)
+CHECKPOINT = "checkpoint.pt"
+# Flags a resumed run may change: they touch neither the model nor the training schedule.
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track",
+             "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
+             "log_every", "video_every")
+
+
+def rng_state():
+    """Every random number generator the run draws from (the replay's own is in its state_dict)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                    cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, args, nets, opts, loop, replay=None):
+    """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
+    os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
+    are flushed first; the checkpoint holds only their head, count and sampling RNG. The state_dicts hold the
+    BatchNorm running statistics (buffers); the decoder's optimiser slot is None without a decoder, so the four
+    positions stay stable."""
+    if replay is not None:
+        replay.flush()
+    payload = {"script": os.path.basename(__file__), "args": asdict(args),
+               "nets": {k: m.state_dict() for k, m in nets.items()},
+               "opts": [o.state_dict() if o is not None else None for o in opts],
+               "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
-        eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                                    split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
-    except (ValueError, TypeError) as e:
-        fail(e)
-    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
-    discrete = isinstance(act_space, gym.spaces.Discrete)
-    action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, flag):
+    """The checkpoint at `path` as a dict, or one clear error naming `flag` and the file."""
+    if not os.path.isfile(path):
+        fail(f"{flag}: no checkpoint {path}" + (" (was the run started with --checkpoint-every 0?)"
+                                                 if flag == "--resume" else ""))
     try:
-        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
-    except (MemoryError, ValueError) as e:
-        close_envs(envs, eval_envs)
-        fail(e)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (EOFError, RuntimeError), or not a checkpoint at all (UnpicklingError)
+        fail(f"{flag}: {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    script = os.path.basename(__file__)
+    if not isinstance(ck, dict) or ck.get("script") != script:
+        fail(f"{flag}: {path} is a checkpoint of {ck.get('script') if isinstance(ck, dict) else 'nothing known'}, "
+             f"not of {script}")
+    return ck
 
-    if args.track:
-        import wandb  # only when asked; syncs the TensorBoard scalars, images and text below
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
+def restore_checkpoint(ck, nets, opts, replay=None):
+    """Put a saved run back: every network (BatchNorm statistics included) and optimiser, the replay's head and
+    sampling RNG, every global RNG (last, so nothing drawn while restoring shifts them). Returns the saved loop
+    counters."""
+    for k, m in nets.items():
+        m.load_state_dict(ck["nets"][k])
+    for o, sd in zip(opts, ck["opts"], strict=True):
+        if o is not None:  # (no decoder: None in both; --decoder itself cannot change on resume)
+            o.load_state_dict(sd)
+    if replay is not None:
+        replay.load_state_dict(ck["replay"])
+    set_rng_state(ck["rng"])
+    return ck["loop"]
 
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Agent: world model, actor, critic and its slow EMA copy, return normaliser, optimisers
+def checked_against(args, ck, flag):
+    """Refuse flags that would change the saved run's model or schedule (each named with both values); an
+    evaluation may also pick its own --seed and --num-envs."""
+    saved, free = ck["args"], RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
+    for name, value in asdict(args).items():
+        if name not in free and name in saved and saved[name] != value:
+            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
+                 f"a saved run keeps its model, environment and schedule")
+    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
+        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
+             f"pass a larger --total-timesteps to continue it")
+
+
+def saved_defaults(argv):
+    """With --resume RUN_DIR or --eval-checkpoint PATH, the saved run's flags become the defaults of the command
+    line (None without them, or when the checkpoint cannot be read: main then says why)."""
+    for i, a in enumerate(argv):
+        for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
+            if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
+                value = argv[i + 1] if a == flag else a.split("=", 1)[1]
+                path = os.path.join(value, name) if name else value
+                try:
+                    saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+                    return Args(**{k: v for k, v in saved.items()
+                                   if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
+                except Exception:
+                    return None
+    return None
+
+
+def build_agent(args, obs_shape, action_dim, discrete, device):
+    """World model (with the optional decoder), the slow value predictor v', actor, critic and its slow EMA copy,
+    return normaliser (as a dict by name, in `update`'s argument order), the four optimisers (the decoder's is
+    None with --no-decoder)."""
     wm = WorldModel(obs_shape, action_dim, args.deter, args.stoch, args.classes, args.units, args.mlp_layers,
                     args.cnn_depth, args.unimix, args.reward_bins, discrete, args.actor_min_std, args.actor_max_std,
                     not args.no_batch_norm, args.bn_momentum, args.decoder).to(device)  # ABLATION(no_batch_norm)
@@ -1055,26 +1157,152 @@ def main(args: Args) -> dict:
     slow_critic.requires_grad_(False)
     return_norm = ReturnNorm(args.return_norm_decay, args.return_norm_low, args.return_norm_high,
                              args.return_norm_limit).to(device)
-    opts = (torch.optim.Adam([p for n, p in wm.named_parameters() if not n.startswith("decoder.")], lr=args.model_lr, eps=args.model_eps),
+    opts = (torch.optim.Adam([p for n, p in wm.named_parameters() if not n.startswith("decoder.")], lr=args.model_lr,
+                             eps=args.model_eps),
             torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
             torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps),
             torch.optim.Adam(wm.decoder.parameters(), lr=args.model_lr, eps=args.model_eps) if args.decoder else None)
+    nets = {"wm": wm, "actor": actor, "critic": critic, "slow_critic": slow_critic, "slow_value": slow_value,
+            "return_norm": return_norm}
+    return nets, opts
+
+
+def evaluate_checkpoint(args):
+    """--eval-checkpoint: the saved agent on --eval-episodes fresh evaluation episodes; prints the JSON line."""
+    path = args.eval_checkpoint
+    ck = load_checkpoint(path, "--eval-checkpoint")
+    checked_against(args, ck, "--eval-checkpoint")
+    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                      background_dir=args.background_dir, background_mask=args.background_mask)
+    try:
+        envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                               split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
+    except (ValueError, TypeError) as e:
+        fail(e)
+    space = envs.single_action_space
+    discrete = isinstance(space, gym.spaces.Discrete)
+    action_dim = int(space.n) if discrete else int(np.prod(space.shape))
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.manual_seed(args.seed)
+    nets, _ = build_agent(args, envs.single_observation_space.shape, action_dim, discrete, device)
+    for k, m in nets.items():
+        m.load_state_dict(ck["nets"][k])
+    step = ck["loop"]["global_step"]
+    print(f"{os.path.basename(__file__)}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} "
+          f"episodes ...", flush=True)
+    try:  # (evaluate acts in eval mode: BatchNorm with the saved running statistics)
+        returns, frames = evaluate(nets["wm"], nets["actor"], envs, args.eval_episodes, device, discrete,
+                                   args.capture_video)
+    finally:
+        close_envs(envs)
+    summary = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step,
+               "checkpoint": path}
+    if frames is not None:
+        summary["video"] = os.path.join(os.path.dirname(path), "videos", f"eval_checkpoint_{step}.mp4")
+        encode_video(summary["video"], frames, fps=30)
+    print(json.dumps(summary))
+    return summary
+
+
+def main(args: Args) -> dict:
+    args = check_args(args)
+    if args.eval_checkpoint:
+        return evaluate_checkpoint(args)
+    ck = None
+    if args.resume:
+        if not os.path.isdir(args.resume):
+            fail(f"--resume {args.resume}: no such run directory")
+        ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
+        checked_against(args, ck, "--resume")
+    progress = Progress(args.total_timesteps)
+    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
+                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or os.path.join("runs", run_name)
+    run_name = os.path.basename(os.path.normpath(run_dir))
+    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                      background_dir=args.background_dir, background_mask=args.background_mask)
+    try:
+        envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
+        eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                                    split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
+    except (ValueError, TypeError) as e:
+        fail(e)
+    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
+    discrete = isinstance(act_space, gym.spaces.Discrete)
+    action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
+    try:
+        # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed,
+                              path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None,
+                              resume=ck is not None)
+    except (MemoryError, ValueError) as e:
+        close_envs(envs, eval_envs)
+        fail(e)
+
+    if args.track:
+        import wandb  # only when asked; syncs the TensorBoard scalars, images and text below
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step: those past
+    # its frame; the ones at its frame were logged before it, in the same step)
+    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
+    if ck is None:
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Agent: world model (+ decoder), slow value v', actor, critic and its slow EMA copy, return normaliser, optimisers
+    nets, opts = build_agent(args, obs_shape, action_dim, discrete, device)
+    wm, actor, critic, slow_critic, slow_value, return_norm = nets.values()
     B, T, N = args.batch_size, args.batch_length, args.num_envs
 
     # TRY NOT TO MODIFY: start the game
-    obs, _ = envs.reset(seed=args.seed)
+    global_step, updates, updates_due, start_time = 0, 0, 0.0, time.time()
+    next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
+    next_checkpoint = args.checkpoint_every
+    metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
+    returns, interrupted, projected, saved_step, data = [], None, False, None, None
+    if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
+        (global_step, updates, updates_due, next_log, next_eval, next_video, next_checkpoint, metric_sums,
+         n_metrics, last_metrics, recent_returns, eval_return, returns, data) = restore_checkpoint(ck, nets, opts,
+                                                                                                    replay).values()
+        next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
+        metric_sums = {k: v.to(device) for k, v in metric_sums.items()}
+        data = {k: v.to(device) for k, v in data.items()} if data is not None else None
+        saved_step = global_step
+        progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
+                       f"steps); the episodes in progress when it stopped start afresh")
+    start_step = global_step  # (charts/SPS of a resumed run counts its own frames)
+
+    def loop_state():  # the counters a checkpoint holds, in the order they are restored above
+        # `data`, the last replayed batch, only while the collapse monitor of the next log may still read it (it
+        # draws latent samples, so skipping it would shift every later random draw); 12.6 MB at the defaults
+        return {"global_step": global_step, "updates": updates, "updates_due": updates_due, "next_log": next_log,
+                "next_eval": next_eval, "next_video": next_video, "next_checkpoint": next_checkpoint,
+                "metric_sums": metric_sums, "n_metrics": n_metrics, "last_metrics": last_metrics,
+                "recent_returns": recent_returns, "eval_return": eval_return, "returns": [float(r) for r in returns],
+                "data": data if n_metrics else None}
+
+    obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
     autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
     state = None  # acting state, from the learned initial state once the policy takes over
-    global_step, updates, updates_due, start_time = 0, 0, 0.0, time.time()
-    next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
-    metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
-    returns, interrupted, projected = [], None, False
     prefill = B * T * args.action_repeat  # frames of random actions until the replay holds one batch
     per_frame = args.train_ratio / (B * T * args.action_repeat)  # updates per frame once training
     progress.print(f"cost: {B * T} replayed steps per update, {per_frame * args.action_repeat:.3g} updates per policy "
                    f"step, about {int(max(args.total_timesteps - prefill, 0) * per_frame)} updates in all; "
                    f"prefilling {prefill} frames with random actions, wall time projected after the first updates")
+    progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
     progress.set_phase("prefill", min(prefill, args.total_timesteps))
     progress.start()
     old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
@@ -1109,7 +1337,7 @@ def main(args: Args) -> dict:
             if ready:
                 if progress.phase == "prefill":
                     progress.set_phase("train", args.total_timesteps)
-                    train_start = (time.time(), global_step)
+                    train_start = (time.time(), global_step, updates)
                 updates_due += N * args.train_ratio / (B * T)
             while updates_due >= 1:
                 data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
@@ -1125,8 +1353,9 @@ def main(args: Args) -> dict:
             if ready and not projected and updates >= 10 and time.time() - train_start[0] >= 20:
                 projected, elapsed = True, time.time() - train_start[0]
                 rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
-                progress.print(f"measured: {elapsed / updates:.2f} s per update with acting; projected wall time "
-                               f"of the run {fmt_time(time.time() - start_time + rest)} (evaluations extra)")
+                progress.print(f"measured: {elapsed / (updates - train_start[2]):.2f} s per update with acting; "
+                               f"projected wall time of the run{' from here' if ck else ''} "
+                               f"{fmt_time(time.time() - start_time + rest)} (evaluations extra)")
 
             if global_step >= next_log:
                 next_log += args.log_every
@@ -1141,7 +1370,7 @@ def main(args: Args) -> dict:
                     metric_sums, n_metrics = {}, 0
                     for k, v in collapse_monitor(wm, data).items():
                         writer.add_scalar(k, v, global_step)
-                sps = int(global_step / (time.time() - start_time))
+                sps = int((global_step - start_step) / (time.time() - start_time))
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("charts/updates", updates, global_step)
                 progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
@@ -1158,14 +1387,17 @@ def main(args: Args) -> dict:
                     encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
                     log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
 
-        if args.save_model:
-            path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            torch.save({"wm": wm.state_dict(), "actor": actor.state_dict(), "critic": critic.state_dict(),
-                        "slow_critic": slow_critic.state_dict(), "return_norm": return_norm.state_dict(),
-                        "opts": [o.state_dict() for o in opts if o is not None], "slow_value": slow_value.state_dict(),
-                        "args": asdict(args), "global_step": global_step},
-                       path + ".tmp")
-            os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+            # Checkpoint between steps, never inside an update (and one at the end, below)
+            if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
+                next_checkpoint += args.checkpoint_every
+                save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+                saved_step = global_step
+
+        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
+            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+            saved_step = global_step
+        if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
+            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, loop_state())
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
         interrupted = str(e) or "SIGINT"
     finally:
@@ -1176,8 +1408,10 @@ def main(args: Args) -> dict:
         if args.track:
             wandb.finish()
     if interrupted:
+        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
+                  else "")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}", file=sys.stderr, flush=True)
+              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}
@@ -1187,7 +1421,7 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(tyro.cli(Args, default=saved_defaults(sys.argv[1:])))
     except KeyboardInterrupt:  # before the training loop (which handles its own)
         print("interrupted while starting; nothing was trained", file=sys.stderr)
         raise SystemExit(130)

@@ -6,14 +6,16 @@ import glob
 import io
 import math
 import os
+import json
 import signal
 
+import numpy as np
 import pytest
 import torch
 
 import cvrl as c
 from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline, events,
-                   run_cli)
+                   kill_after_first_checkpoint, resume_cli, run_cli)
 
 TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
             actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
@@ -24,7 +26,7 @@ OBS = (3, 64, 64)  # the encoder's valid convolutions need 64x64 frames
 def tiny_build(seed=0, **overrides):
     torch.manual_seed(seed)
     args = c.Args(**{**TINY, **overrides})
-    agent, opts, mpc = c.build(args, OBS, 2, torch.device("cpu"))
+    agent, opts, mpc = c.build_agent(args, OBS, 2, torch.device("cpu"))
     return args, agent, opts, mpc
 
 
@@ -186,7 +188,7 @@ def _action_rewarding_model(direction):
     a reward head r = direction . h, and a zero value net: the imagined reward favours actions along `direction`."""
     torch.manual_seed(0)
     args = c.Args(**{**TINY, "deter": 2, "hidden": 2, "stoch": 1})
-    agent, _, _ = c.build(args, OBS, 2, torch.device("cpu"))
+    agent, _, _ = c.build_agent(args, OBS, 2, torch.device("cpu"))
     rssm = agent.wm.rssm
     with torch.no_grad():
         rssm.img_in[0].weight.copy_(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])), rssm.img_in[0].bias.zero_()
@@ -357,8 +359,163 @@ def test_smoke_cli(tmp_path):
         "losses/sac_q", "losses/sac_actor", "mpc/value", "eval/episodic_return", "charts/episodic_return",
         "charts/SPS"))
     assert "eval/video" in ea.Tags()["images"] and glob.glob(os.path.join(run_dir, "videos", "eval_*.mp4"))
-    ckpt = torch.load(os.path.join(run_dir, "cvrl.pt"), weights_only=False)
-    assert {"agent", "opts", "args"} <= set(ckpt) and set(ckpt["opts"]) == {"model", "value", "actor", "sac"}
+    ckpt = torch.load(os.path.join(run_dir, "cvrl.pt"), weights_only=True)
+    assert ckpt["script"] == "cvrl.py" and set(ckpt["nets"]) == {"wm", "actor", "value", "sac"}
+    assert len(ckpt["opts"]) == 4 and all(o["state"] for o in ckpt["opts"])  # model, value, actor, sac: all stepped
+    assert {"q", "q_target", "log_temperature"} <= {k.split(".")[0] for k in ckpt["nets"]["sac"]}
+    assert ckpt["loop"]["global_step"] == 300 and ckpt["loop"]["updates"] == final["updates"]
+    assert ckpt["loop"]["next_train"] == 302 and ckpt["args"]["env_id"] == "cartpole-balance"
+    assert ckpt["replay"] is None  # --save-model leaves the replay's head out
+
+
+# --- Checkpoints (issue 13) -----------------------------------------------------------------------
+# Prefill 40 frames, the 3 pretrain updates at frame 40 (the episode ends there: the next step is a 0-frame reset),
+# then 2 updates at the end of every 40-frame cycle: frames 80, 120, 160, ...
+CK = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "time_limit": 40, "prefill": 40, "train_every": 40,
+      "eval_every": 10 ** 6, "eval_episodes": 1, "log_every": 40}
+
+
+def replay_obs(run_dir, rows):
+    """The first `rows` observations of the memory-mapped replay of a one-env run, (rows, 3, 64, 64)."""
+    return np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.uint8).reshape(-1, *OBS)[:rows]
+
+
+def assert_error_in_process(capsys, argv, *needles):
+    """What `python cvrl.py argv` does (its __main__ block), in this process to spare a start-up: exit code 2 and
+    one line `error: ...` naming `needles` (tests/smoke.py's assert_cli_error, without the subprocess)."""
+    import tyro
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        c.main(tyro.cli(c.Args, args=argv, default=c.saved_defaults(argv)))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, lines)
+    assert all(needle in lines[0] for needle in needles), (argv, needles, lines[0])
+
+
+def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
+    """A finished run continues with a larger --total-timesteps from its end-of-run checkpoint (replay files kept,
+    counters and the training schedule continued, no temporary file left); --eval-checkpoint prints its JSON
+    line; bad input (changed flags, a run already that long, a missing dir, a truncated file, another script's
+    checkpoint) gives one error line."""
+    final, run_dir, _ = run_cli("cvrl.py", tmp_path, {**CK, "total_timesteps": 80})
+    assert final["updates"] == 3 + 2  # pretrain at 40, a cycle at 80
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    rows = ck["replay"]["count"]
+    assert ck["loop"]["global_step"] == 80 and ck["loop"]["next_train"] == 120 and rows > 40
+    before = replay_obs(run_dir, rows)
+    out = resume_cli("cvrl.py", tmp_path, final["run_dir"], "--total-timesteps", "160")
+    assert f"resumed {final['run_dir']} at frame 80 after 5 updates (replay {rows} steps)" in out["stdout"]
+    # the schedule continues: no second pretrain, 2 updates at the cycle ends 120 and 160
+    assert out["final"]["global_step"] == 160 and out["final"]["updates"] == 5 + 2 * 2
+    np.testing.assert_array_equal(replay_obs(run_dir, rows), before)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
+    with open(os.path.join(run_dir, "args.json")) as f:
+        assert json.load(f)["total_timesteps"] == 160
+    import subprocess
+    import sys
+
+    from smoke import ROOT
+
+    path = os.path.join(final["run_dir"], "checkpoint.pt")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "cvrl.py"), "--eval-checkpoint", path, "--eval-episodes",
+                          "1"], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ev = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ev["global_step"] == 160 and len(ev["eval_returns"]) == 1 and math.isfinite(ev["eval_return"])
+    assert ev["checkpoint"] == path and 0 < ev["eval_return"] <= 40  # 40 frames of reward <= 1 each
+    # bad input: changed flags through the real command line (the saved flags become its defaults) ...
+    assert_cli_error("cvrl.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--deter", "32"],
+                     "--deter 32", "checkpoint's 16")
+    assert_cli_error("cvrl.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--env-id",
+                                           "walker-walk"], "--env-id walker-walk", "cartpole-balance")
+    # ... and the rest through the same code in this process
+    monkeypatch.chdir(tmp_path)
+    assert_error_in_process(capsys, ["--resume", final["run_dir"], "--total-timesteps", "120"],
+                            "--total-timesteps 120", "frame 160")
+    assert_error_in_process(capsys, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(path, "rb").read()[:1000])
+    assert_error_in_process(capsys, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
+    other = tmp_path / "other"  # a whole checkpoint, but another script's, whose flags do not fit cvrl.py's
+    other.mkdir()
+    ck = torch.load(path, weights_only=True)
+    torch.save({**ck, "script": "dreamerv3.py", "args": {**ck["args"], "action_repeat": None}}, other / "checkpoint.pt")
+    assert_error_in_process(capsys, ["--resume", str(other), "--total-timesteps", "400"],
+                            "checkpoint of dreamerv3.py", "not of cvrl.py")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"no_sac": True}])
+def test_update_after_restore_equals_the_uninterrupted_update(tmp_path, overrides, one_thread):
+    """Save after two updates, make a third; a fresh agent (other init) restored from the checkpoint, with the
+    replay reopened from its files, draws the same batch and makes exactly the same third update: every network
+    (soft Q targets and the SAC temperature included), every optimiser state. Under --no-sac the SAC entries
+    are None and the optimiser list keeps its positions."""
+    from common.replay import ReplayBuffer
+
+    N, rng = 2, np.random.default_rng(0)
+
+    def agent(seed):
+        args, agent, opts, _ = tiny_build(seed, **overrides)
+        return args, agent, opts, ReplayBuffer(200, N, OBS, 2, seed=args.seed, path=str(tmp_path / "replay"),
+                                               resume=seed != 0)
+
+    def step(agent, opts, replay):
+        data = {k: torch.as_tensor(v) for k, v in replay.sample(args.batch_size, args.batch_length).items()}
+        return c.update(agent, opts, data, args)
+
+    args, agent1, opts1, replay1 = agent(0)
+    for t in range(40):
+        replay1.add(rng.integers(0, 256, (N, *OBS), dtype=np.uint8), rng.uniform(-1, 1, (N, 2)).astype(np.float32),
+                    rng.normal(size=N).astype(np.float32), np.full(N, t % 15 == 0), np.zeros(N, bool))
+    for _ in range(2):
+        step(agent1, opts1, replay1)
+    path = str(tmp_path / "checkpoint.pt")
+    c.save_checkpoint(path, args, agent1, opts1, {"global_step": 80, "next_train": 120}, replay1)
+    ck = torch.load(path, weights_only=True)
+    assert [o is None for o in ck["opts"]] == [False, False, False, bool(overrides)]
+    assert (ck["nets"]["sac"] is None) == bool(overrides)
+    m1 = step(agent1, opts1, replay1)
+    _, agent2, opts2, replay2 = agent(1)
+    assert not torch.equal(agent2.wm.encoder.net[0].weight, agent1.wm.encoder.net[0].weight)
+    if agent1.sac is not None:  # a different temperature too, so restoring it is checked
+        with torch.no_grad():
+            agent2.sac.log_temperature.fill_(0.0)
+    assert c.restore_checkpoint(c.load_checkpoint(path, "--resume"), agent2, opts2, replay2) == \
+        {"global_step": 80, "next_train": 120}
+    m2 = step(agent2, opts2, replay2)
+    assert {k: v.item() for k, v in m1.items()} == {k: v.item() for k, v in m2.items()}
+    sd1, sd2 = agent1.state_dict(), agent2.state_dict()
+    assert sd1.keys() == sd2.keys() and ("sac.q_target.0.0.weight" in sd1) != bool(overrides)
+    for n in sd1:
+        assert torch.equal(sd1[n], sd2[n]), n
+    assert opts1.keys() == opts2.keys() == ({"model", "value", "actor"} | (set() if overrides else {"sac"}))
+    for k in opts1:
+        s1, s2 = opts1[k].state_dict()["state"], opts2[k].state_dict()["state"]
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[i][j], s2[i][j]) for i in s1 for j in s1[i]), k
+
+
+def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
+    """SIGKILL right after the first checkpoint appears (a cycle end); --resume continues from the checkpoint's
+    frame to the final JSON line with the uninterrupted run's update count, the replay rows written before the
+    checkpoint intact, no temporary file left, and every TensorBoard log point exactly once."""
+    run_dir, ck = kill_after_first_checkpoint("cvrl.py", tmp_path, {**CK, "total_timesteps": 240,
+                                                                     "checkpoint_every": 80})
+    saved, rows = ck["loop"]["global_step"], ck["replay"]["count"]
+    # between cycles: right after the round of updates at frame 80 (the pretrain round at 40 came before 80)
+    assert saved == 80 and ck["loop"]["updates"] == 3 + 2 and ck["loop"]["next_train"] == 120 and rows > 0
+    before = replay_obs(run_dir, rows)
+    out = resume_cli("cvrl.py", tmp_path, run_dir)
+    assert f"at frame {saved} after {ck['loop']['updates']} updates" in out["stdout"]
+    assert out["final"]["global_step"] == 240 and out["final"]["updates"] == 3 + 2 * 5  # as without the kill
+    np.testing.assert_array_equal(replay_obs(run_dir, rows), before)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
+    ea = events(run_dir)
+    # every log point once: none duplicated by the resumed run, none lost at the checkpoint's own frame
+    assert [e.step for e in ea.Scalars("charts/SPS")] == list(range(40, 241, 40))
+    assert [e.step for e in ea.Scalars("charts/updates")] == list(range(40, 241, 40))
+    assert [e.value for e in ea.Scalars("charts/updates")] == [0, 5, 7, 9, 11, 13]  # (pretrain: after the log at 40)
 
 
 def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
@@ -396,6 +553,8 @@ def test_help_documents_every_hyperparameter_with_its_source(capsys):
     (["--gamma", "1.5"], ["--gamma", "1.5"]),
     (["--mpc-iterations", "0"], ["--mpc-iterations", "--no-mpc", "got 0"]),
     (["--generative", "--reward-only"], ["--generative", "--reward-only"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every", "got -1"]),
+    (["--resume", "runs/x", "--eval-checkpoint", "x.pt"], ["--resume", "--eval-checkpoint"]),
     (["--background", "natural", "--background-dir", "/nonexistent/videos"], ["--background-dir"]),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):

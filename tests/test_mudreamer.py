@@ -2,21 +2,26 @@
 
 Value targets (Eq. 5) by hand, the action predictor's inputs, the decoder's stop-gradient, BatchNorm modes,
 the collapse monitor, every Table 3 ablation in a smoke run, one smoke run through the real command line, and
-the run as a user sees it: one-line errors, the progress ETA, Ctrl-C, --track.
+the run as a user sees it: one-line errors, the progress ETA, Ctrl-C, --track; checkpoints: --resume (after a
+finished run and after SIGKILL), --eval-checkpoint, bad checkpoints, and the update after a restore.
 """
 
 import glob
+import json
 import math
 import os
 import signal
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import mudreamer as m
-from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
-                   assert_tracks_offline, events, run_cli)
+from smoke import (DREAMER_BAD_INPUTS, ROOT, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
+                   assert_tracks_offline, events, kill_after_first_checkpoint, resume_cli, run_cli)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -350,6 +355,152 @@ def test_smoke_cli(tmp_path):
         "eval/episodic_return", "charts/SPS"))
     assert all(e.value > 0 for e in ea.Scalars("mudreamer/embed_std"))
     assert "openloop" in ea.Tags()["images"]
-    ckpt = torch.load(os.path.join(run_dir, "mudreamer.pt"), weights_only=False)
-    assert {"wm", "actor", "critic", "slow_critic", "slow_value", "opts"} <= set(ckpt)
-    assert len(ckpt["opts"]) == 4
+    ckpt = torch.load(os.path.join(run_dir, "mudreamer.pt"), weights_only=True)  # the checkpoint format
+    assert set(ckpt["nets"]) == {"wm", "actor", "critic", "slow_critic", "slow_value", "return_norm"}
+    assert len(ckpt["opts"]) == 4 and all(o is not None for o in ckpt["opts"])  # (the decoder's is the 4th)
+    assert "rssm.obs_out.0.running_mean" in ckpt["nets"]["wm"] and ckpt["replay"] is None
+    assert ckpt["loop"]["global_step"] == 160 and ckpt["args"]["background"] == "natural"
+
+
+def _replay_obs(run_dir, rows):
+    """The first `rows` observations of the single stream of a run's memory-mapped replay (cartpole, 3x64x64)."""
+    return np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.uint8).reshape(1, -1, 3, 64, 64)[:, :rows]
+
+
+def test_resume_and_eval_checkpoint_cli(tmp_path):
+    """A finished run continues with a larger --total-timesteps from its end-of-run checkpoint (replay files kept,
+    counters continued, no temporary file left); --eval-checkpoint prints its JSON line; bad checkpoints, changed
+    model or env flags give one error line."""
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 160, "eval_every": 1000,
+             "eval_episodes": 1, "log_every": 80, "video_every": 0, "time_limit": 40}
+    final, run_dir, _ = run_cli("mudreamer.py", tmp_path, flags)
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    rows = ck["replay"]["count"]
+    assert ck["loop"]["global_step"] == 160 and ck["loop"]["updates"] == final["updates"] and rows > 80
+    before = _replay_obs(run_dir, rows)
+    out = resume_cli("mudreamer.py", tmp_path, final["run_dir"], "--total-timesteps", "240")
+    assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates (replay {rows} steps)" \
+        in out["stdout"]
+    assert out["final"]["global_step"] == 240 and out["final"]["updates"] > final["updates"]
+    assert out["final"]["run_dir"] == final["run_dir"]  # in place
+    np.testing.assert_array_equal(_replay_obs(run_dir, rows), before)
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert ck["loop"]["global_step"] == 240 and ck["loop"]["updates"] == out["final"]["updates"]
+    assert ck["replay"]["count"] > rows and ck["args"]["total_timesteps"] == 240
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
+    steps = [e.step for e in events(run_dir).Scalars("charts/updates")]
+    assert steps == [80, 160, 240], steps  # the resumed run logs on from the saved next_log
+    path = os.path.join(final["run_dir"], "checkpoint.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "mudreamer.py"), "--eval-checkpoint", path,
+                          "--eval-episodes", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ev = json.loads(run.stdout.strip().splitlines()[-1])
+    assert ev["global_step"] == 240 and ev["checkpoint"] == path and len(ev["eval_returns"]) == 1
+    assert 0 < ev["eval_return"] <= 40  # cartpole-balance pays at most 1 per frame over a 40-frame episode
+    # bad input: a changed model flag, a run that is already that long, a missing run dir, a truncated checkpoint,
+    # another script's checkpoint, another environment
+    resume = ["--resume", final["run_dir"], "--total-timesteps", "400"]
+    assert_cli_error("mudreamer.py", tmp_path, resume + ["--no-decoder"], "--decoder False", "checkpoint's True")
+    assert_cli_error("mudreamer.py", tmp_path, resume + ["--env-id", "walker-walk"], "--env-id walker-walk",
+                     "cartpole-balance")
+    assert_cli_error("mudreamer.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
+                     "--total-timesteps 200", "frame 240")
+    assert_cli_error("mudreamer.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "checkpoint.pt").write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
+    assert_cli_error("mudreamer.py", tmp_path, ["--resume", "cut"], "truncated or corrupt",
+                     os.path.join("cut", "checkpoint.pt"))
+    torch.save({"script": "dreamerv3.py", "args": ck["args"], "nets": {}, "opts": [], "loop": ck["loop"]},
+               tmp_path / "other.pt")
+    assert_cli_error("mudreamer.py", tmp_path, ["--eval-checkpoint", "other.pt"], "other.pt",
+                     "a checkpoint of dreamerv3.py, not of mudreamer.py")
+
+
+@pytest.mark.parametrize("decoder", [True, False])
+def test_update_after_restore_equals_the_uninterrupted_update(decoder, tmp_path, one_thread):
+    """Save after two updates, make a third; a fresh agent (other init, fresh BatchNorm statistics) restored from
+    the checkpoint, with the replay reopened from its files, draws the same batch and makes exactly the same third
+    update: every parameter and buffer (BatchNorm running statistics, return normaliser, slow value v', slow
+    critic), every optimiser (the decoder's slot None without a decoder)."""
+    from common.replay import ReplayBuffer
+
+    a = _tiny_args(decoder=decoder)
+    B, T, N, shape = a.batch_size, a.batch_length, 2, (3, 64, 64)
+    rng = np.random.default_rng(0)
+
+    def agent(seed):
+        torch.manual_seed(seed)
+        nets, opts = m.build_agent(a, shape, 1, False, torch.device("cpu"))
+        return nets, opts, ReplayBuffer(200, N, shape, 1, seed=a.seed, path=str(tmp_path / "replay"),
+                                        resume=seed != 0)
+
+    def step(nets, opts, replay):
+        data = {k: torch.as_tensor(v) for k, v in replay.sample(B, T).items()}
+        return m.update(*nets.values(), opts, data, a)
+
+    nets, opts, replay = agent(0)
+    assert (opts[3] is not None) == decoder and len(opts) == 4
+    for t in range(40):
+        replay.add(rng.integers(0, 256, (N, *shape), dtype=np.uint8), rng.uniform(-1, 1, (N, 1)).astype(np.float32),
+                   rng.normal(size=N).astype(np.float32), np.full(N, t == 0), np.zeros(N, bool))
+    for _ in range(2):
+        step(nets, opts, replay)
+    path = str(tmp_path / "checkpoint.pt")
+    m.save_checkpoint(path, a, nets, opts, {"global_step": 80}, replay)
+    m1 = step(nets, opts, replay)
+    nets2, opts2, replay2 = agent(1)
+    assert not torch.equal(nets2["wm"].encoder.net[0].weight, nets["wm"].encoder.net[0].weight)
+    bn, bn2 = nets["wm"].rssm.obs_out[0], nets2["wm"].rssm.obs_out[0]
+    assert bn.num_batches_tracked == 3 * T and bn2.num_batches_tracked == 0
+    assert not torch.equal(bn.running_mean, bn2.running_mean)
+    assert not torch.equal(nets["slow_value"][-1].bias, nets["wm"].heads["value"][-1].bias)  # an EMA, not a copy
+    ck = m.load_checkpoint(path, "--resume")
+    assert (ck["opts"][3] is None) != decoder
+    assert m.restore_checkpoint(ck, nets2, opts2, replay2) == {"global_step": 80}
+    m2 = step(nets2, opts2, replay2)
+    assert ("losses/image" in m1) == decoder
+    assert {k: v.item() for k, v in m1.items()} == {k: v.item() for k, v in m2.items()}
+    for k in nets:
+        sd, sd2 = nets[k].state_dict(), nets2[k].state_dict()
+        assert sd.keys() == sd2.keys(), k
+        for n in sd:
+            assert torch.equal(sd[n], sd2[n]), (k, n)
+    for o, o2 in zip(opts, opts2):
+        assert (o is None) == (o2 is None)
+        if o is not None:
+            s1, s2 = o.state_dict()["state"], o2.state_dict()["state"]
+            assert s1.keys() == s2.keys() and len(s1) > 0
+            assert all(torch.equal(s1[i][j], s2[i][j]) for i in s1 for j in s1[i])
+
+
+def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
+    """SIGKILL right after the first checkpoint appears; --resume continues from the checkpoint's frame to the
+    final JSON line, with the replay rows written before the checkpoint intact and no temporary file left. The
+    checkpoint falls mid-episode, one step before a log with no update in between: the resumed run logs the saved
+    metric sums and runs the collapse monitor on the saved last batch with the saved RNG, so that log equals the
+    uninterrupted run's exactly. (A checkpoint on an episode's last frame, 120 here, would not: the uninterrupted run
+    takes a reset step there, which counts toward the train ratio, and the resumed run does not.)"""
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 240, "eval_every": 10**6,
+             "eval_episodes": 1, "log_every": 62, "video_every": 0, "time_limit": 40, "checkpoint_every": 122}
+    (tmp_path / "killed").mkdir()
+    run_dir, ck = kill_after_first_checkpoint("mudreamer.py", tmp_path / "killed", flags)
+    loop, rows = ck["loop"], ck["replay"]["count"]
+    assert loop["global_step"] == 122 and rows > 0 and loop["next_log"] == 124
+    assert loop["updates_due"] == 0.0 and loop["n_metrics"] > 0 and loop["data"]["obs"].shape == (2, 8, 3, 64, 64)
+    before = _replay_obs(run_dir, rows)
+    out = resume_cli("mudreamer.py", tmp_path / "killed", run_dir)
+    assert f"at frame 122 after {loop['updates']} updates (replay {rows} steps)" in out["stdout"]
+    assert out["final"]["global_step"] == 240 and out["final"]["updates"] > loop["updates"]
+    np.testing.assert_array_equal(_replay_obs(run_dir, rows), before)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
+    ea = events(run_dir)
+    steps = [e.step for e in ea.Scalars("charts/SPS")]
+    assert steps == sorted(set(steps)) and 124 in steps, steps  # TensorBoard continues without duplicated points
+    # The same run uninterrupted up to that log (no checkpoints: the replay in memory, nothing else changes)
+    (tmp_path / "whole").mkdir()
+    _, _, whole = run_cli("mudreamer.py", tmp_path / "whole", {**flags, "total_timesteps": 124, "checkpoint_every": 0})
+    for tag in ("losses/world_model", "losses/value", "losses/action", "losses/image", "losses/actor",
+                "mudreamer/embed_std", "mudreamer/deter_std"):
+        at = lambda acc: [e.value for e in acc.Scalars(tag) if e.step == 124]  # noqa: E731
+        assert at(ea) == at(whole) and len(at(ea)) == 1, (tag, at(ea), at(whole))
