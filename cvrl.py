@@ -1167,6 +1167,8 @@ def main(args: Args) -> dict:
         progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
                        f"steps); the episodes in progress when it stopped start afresh")
 
+    start_step = global_step  # (a resumed run's frames per second count from here)
+
     def loop_state():  # the counters a checkpoint holds, in the order they are restored above
         return {"global_step": global_step, "updates": updates, "updates_due": updates_due, "next_train": next_train,
                 "next_log": next_log, "next_eval": next_eval, "next_checkpoint": next_checkpoint, "sums": sums,
@@ -1259,7 +1261,7 @@ def main(args: Args) -> dict:
                                                      f"{global_step}")
                         writer.add_scalar(k, v, global_step)
                     sums = {}
-                sps = int(global_step / (time.time() - start_time))
+                sps = int((global_step - start_step) / (time.time() - start_time))  # (this process's frames)
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("charts/updates", updates, global_step)
                 progress.print(progress.line() + f" | model loss {last_metrics.get('losses/model', np.nan):.2f}")

@@ -206,6 +206,11 @@ class Args:
 
 
 # --- Small math helpers ----------------------------------------------------------------------
+def f32(x):
+    """Low-precision activations (--precision bf16) to float32; float32 and float64 pass unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def symlog(x):
     # [DreamerV3 symlog] symlog(x) = sign(x) ln(|x| + 1)
     return torch.sign(x) * torch.log1p(x.abs())
@@ -228,17 +233,17 @@ def twohot(x, bins):
 
 def twohot_loss(logits, x, bins):
     """-log p(x) of the symlog two-hot distribution, for targets x in the original space."""
-    return -(twohot(symlog(x), bins) * F.log_softmax(logits.float(), -1)).sum(-1)
+    return -(twohot(symlog(x), bins) * F.log_softmax(f32(logits), -1)).sum(-1)
 
 
 def twohot_mean(logits, bins):
     """[DreamerV3 two-hot] y = symexp(softmax(logits)^T bins)."""
-    return symexp((F.softmax(logits.float(), -1) * bins).sum(-1))
+    return symexp((F.softmax(f32(logits), -1) * bins).sum(-1))
 
 
 def unimix_logits(logits, unimix):
     """[DreamerV3 unimix] probs = (1 - unimix) softmax(logits) + unimix / K; returns log(probs)."""
-    probs = F.softmax(logits.float(), -1)  # (distributions in float32 under --precision bf16)
+    probs = F.softmax(f32(logits), -1)
     return torch.log((1 - unimix) * probs + unimix / logits.shape[-1])
 
 
@@ -252,7 +257,7 @@ def sample_onehot(logits):
 
 def categorical_kl(logits_p, logits_q):
     """KL[p || q] of S independent categoricals, summed over the S latents: (..., S, K) -> (...)."""
-    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    logp, logq = F.log_softmax(f32(logits_p), -1), F.log_softmax(f32(logits_q), -1)
     return (logp.exp() * (logp - logq)).sum((-2, -1))
 
 
@@ -318,7 +323,7 @@ class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm whose statistics are computed in float32 (under --precision bf16 its input is bfloat16)."""
 
     def forward(self, x):
-        return super().forward(x.float())
+        return super().forward(f32(x))
 
 
 class ChannelNorm(LayerNorm):
@@ -510,7 +515,7 @@ class Actor(nn.Module):
 
     def dist(self, feat):
         """Returns (log-prob function, entropy, sampler drawing an action with gradient); draws nothing itself."""
-        out = self.net(feat).float()  # (the distribution in float32 under --precision bf16)
+        out = f32(self.net(feat))
         if self.discrete:
             logits = unimix_logits(out, self.unimix)
             logp = F.log_softmax(logits, -1)
@@ -555,12 +560,12 @@ def world_model_loss(wm, data, loss_scales, free_bits):
     feat = feature(deter, stoch)  # (B, T, F)
     losses = {}
     # [MuDreamer Eq. 3, DreamerV3 decoder] prediction loss: -ln p(o_t | s_t) as MSE summed over pixels
-    recon = wm.heads["decoder"](feat).float()  # (B, T, C, H, W)
+    recon = f32(wm.heads["decoder"](feat))  # (B, T, C, H, W)
     losses["image"] = ((recon - obs.float() / 255.0) ** 2).sum((-3, -2, -1))
     # [MuDreamer Eq. 3] -ln p(r_t | s_t), symlog two-hot
     losses["reward"] = twohot_loss(wm.heads["reward"](feat), data["reward"], wm.bins)
     # [MuDreamer Eq. 3] -ln p(c_t | s_t), Bernoulli with target c_t = 1 - is_terminal
-    cont_logits, cont_target = wm.heads["cont"](feat)[..., 0].float(), 1.0 - data["is_terminal"].float()
+    cont_logits, cont_target = f32(wm.heads["cont"](feat)[..., 0]), 1.0 - data["is_terminal"].float()
     losses["cont"] = F.binary_cross_entropy_with_logits(cont_logits, cont_target, reduction="none")
     losses["kl_dyn"], losses["kl_rep"] = kl_terms(post, prior, free_bits)
     assert losses.keys() == loss_scales.keys(), (sorted(losses), sorted(loss_scales))

@@ -1132,7 +1132,10 @@ def saved_defaults(argv):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
                 path = os.path.join(value, name) if name else value
                 try:
-                    saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+                    ck = torch.load(path, map_location="cpu", weights_only=True)
+                    if ck["script"] != os.path.basename(__file__):
+                        return None  # another script's flags: main's load_checkpoint says so in one line
+                    saved = ck["args"]
                     return Args(**{k: v for k, v in saved.items()
                                    if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
                 except Exception:
@@ -1390,6 +1393,7 @@ def main(args: Args) -> dict:
             # Checkpoint between steps, never inside an update (and one at the end, below)
             if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
                 next_checkpoint += args.checkpoint_every
+                writer.flush()  # the curves up to the checkpoint are on disk before it is
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
                 saved_step = global_step
 
