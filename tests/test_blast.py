@@ -630,9 +630,11 @@ def test_smoke_cli(tmp_path):
         "eval/episodic_return", "charts/episodic_return", "charts/SPS"))
     assert {"openloop", "eval/video"} <= set(ea.Tags()["images"])
     assert sorted(os.listdir(os.path.join(run_dir, "videos"))) == ["eval_160.mp4", "eval_240.mp4"]
-    ckpt = torch.load(os.path.join(run_dir, "blast.pt"), weights_only=False)
-    assert {"wm", "actor", "critic", "slow_critic", "opts"} <= set(ckpt)
-    assert any(k.startswith("target_encoder.") for k in ckpt["wm"])
+    ckpt = torch.load(os.path.join(run_dir, "blast.pt"), weights_only=True)  # the checkpoint format, no replay head
+    assert {"wm", "actor", "critic", "slow_critic"} == set(ckpt["nets"]) and len(ckpt["opts"]) == 4
+    assert any(k.startswith("target_encoder.") for k in ckpt["nets"]["wm"])
+    assert ckpt["script"] == "blast.py" and ckpt["replay"] is None
+    assert (ckpt["loop"]["global_step"], ckpt["loop"]["updates"]) == (240, final["updates"])
 
 
 def test_smoke_cli_minigrid_preset(tmp_path):
