@@ -1213,8 +1213,10 @@ def main(args: Args) -> dict:
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step)
-    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] if ck else None)
+    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step): those
+    # after its frame, as the points at that frame (a log or evaluation there, the end of a finished run) came
+    # before it was saved, and a resumed run's first point comes after its first env step, at a later frame
+    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
     if ck is None:
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
