@@ -52,7 +52,8 @@ checkpoint frames; metric sums; recent returns), the torch, numpy and Python RNG
 resumed run takes them as its defaults and applies neither again). Updates after a resume equal the uninterrupted
 run's, given the same replay. Not restored, so a resumed run is not the uninterrupted one bit for bit: the episodes
 in progress (the training envs are reset with seed + frame, the acting state starts from zeros), the evaluation
-envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since the checkpoint (common/replay.py).
+envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since the checkpoint
+(common/replay.py). Only --total-timesteps and the logging, evaluation and tracking flags may change (RESUMABLE).
 `--save-model` writes the same format without the replay's head to runs/{run}/{exp_name}.pt.
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
