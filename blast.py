@@ -42,6 +42,20 @@ config where A.2 is silent) on `--env-id minigrid-dynamic-obstacles-6x6[-color-d
 Decisions where paper and issue are silent: evaluation takes the actor's mode and samples the latent (DreamerV2
 eval mode); pictures use the acting encoder; the ladder overrides the 5 switches, the preset only defaults.
 
+Checkpoints (`--checkpoint-every` frames, default 25,000, 0 = none; `--resume RUN_DIR`; `--eval-checkpoint PATH`):
+runs/{run}/checkpoint.pt, written atomically, holds every network (world model with the EMA target encoder when
+there is one, BatchNorm running statistics and the AR prior; actor; critic; slow critic), the four Adams (model,
+actor, critic, decoder), every loop counter (frames, updates, which schedule the slow critic's hard copies and the
+target encoder's first copy; the train_every credit; whether the pretrain burst ran; next log, evaluation, video and
+checkpoint frames; metric sums; recent returns), the torch, numpy and Python RNGs, the replay's head and sampling RNG
+(its rows are memory-mapped files in runs/{run}/replay/) and the args as --preset and --ladder resolved them (a
+resumed run takes them as its defaults and applies neither again). Updates after a resume equal the uninterrupted
+run's, given the same replay. Not restored, so a resumed run is not the uninterrupted one bit for bit: the episodes
+in progress (the training envs are reset with seed + frame, the acting state starts from zeros), the evaluation
+envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since the checkpoint
+(common/replay.py). Only --total-timesteps and the logging, evaluation and tracking flags may change (RESUMABLE).
+`--save-model` writes the same format without the replay's head to runs/{run}/{exp_name}.pt.
+
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
  1. float32 instead of mixed float16; a non-finite loss stops the run at the next log.
  2. Every replayed window starts from the zero state and action (official: the previous batch's last posterior
@@ -65,6 +79,8 @@ Deviations from the paper / the official code (each also tagged `# DEVIATION` wh
 
 Run:  python blast.py --env-id walker-walk            (full BLAST; --ladder dreamerv2 for the base)
       python blast.py --preset minigrid --env-id minigrid-dynamic-obstacles-6x6-video   (Fig. 3, one bar)
+      python blast.py --resume runs/RUN --total-timesteps 3000000   (continue a run; its other flags are kept)
+      python blast.py --eval-checkpoint runs/RUN/checkpoint.pt --eval-episodes 10
 """
 
 import copy
@@ -132,7 +148,19 @@ class Args:
     """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
     agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save a checkpoint to runs/{run_name}/ at the end"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
+    --eval-checkpoint reads)"""
+    checkpoint_every: int = 25_000
+    """frames between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
+    replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
+    replay in memory"""
+    resume: Optional[str] = None
+    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
+    run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps (to grow it) and
+    the logging, evaluation and tracking flags may change"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
+    videos/ beside the file), print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 2_000_000
@@ -855,6 +883,8 @@ def check_args(args):
         if not 0 <= getattr(a, flag) <= 1:
             fail(f"--{flag.replace('_', '-')} must lie in [0, 1], got {getattr(a, flag)}")
     checks = [
+        (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}"),
+        (not (a.resume and a.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),
         (0 < a.video_context < a.batch_length,
          f"--video-context must lie in [1, --batch-length {a.batch_length}), got {a.video_context}"),
         (a.buffer_size >= a.batch_size * a.batch_length,
@@ -983,14 +1013,182 @@ def close_envs(*envs, kill=False):
             pass
 
 
+CHECKPOINT = "checkpoint.pt"
+# Flags a resumed run may change: they touch neither the model nor the training schedule (evaluations and videos
+# draw from the torch RNG, so changing their flags changes the later random draws, not what the run is).
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track",
+             "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
+             "log_every", "video_every")
+
+
+def rng_state():
+    """Every random number generator the run draws from (the replay's own is in its state_dict)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                    cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, args, nets, opts, loop, replay=None):
+    """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
+    os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
+    are flushed first; the checkpoint holds only their head, count and sampling RNG. `nets` holds the world model
+    (encoder, target encoder if any, RSSM with the AR prior, reward head, decoder; BatchNorm running statistics
+    are state_dict buffers), actor, critic and slow critic; `opts` the model, actor, critic and decoder Adams in
+    that order (an absent one would be stored as None, keeping the positions)."""
+    if replay is not None:
+        replay.flush()
+    payload = {"script": os.path.basename(__file__), "args": asdict(args),
+               "nets": {k: m.state_dict() for k, m in nets.items()},
+               "opts": [o.state_dict() if o is not None else None for o in opts],
+               "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, flag):
+    """The checkpoint at `path` as a dict, or one clear error naming `flag` and the file."""
+    if not os.path.isfile(path):
+        fail(f"{flag}: no checkpoint {path}" + (" (was the run started with --checkpoint-every 0?)"
+                                                 if flag == "--resume" else ""))
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (EOFError, RuntimeError), or not a checkpoint at all (UnpicklingError)
+        fail(f"{flag}: {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    script = os.path.basename(__file__)
+    if not isinstance(ck, dict) or ck.get("script") != script:
+        fail(f"{flag}: {path} is a checkpoint of {ck.get('script') if isinstance(ck, dict) else 'nothing known'}, "
+             f"not of {script}")
+    return ck
+
+
+def restore_checkpoint(ck, nets, opts, replay=None):
+    """Put a saved run back: every network (with the target encoder, the slow critic and the BatchNorm
+    statistics) and optimiser, the replay's head and sampling RNG, every global RNG (last, so nothing drawn while
+    restoring shifts them). Returns the saved loop counters (with `updates`, which schedules the slow critic's
+    hard copies and the target encoder's first copy: the next update copies exactly when the uninterrupted run's
+    would have)."""
+    for k, m in nets.items():
+        m.load_state_dict(ck["nets"][k])
+    assert len(opts) == len(ck["opts"]), (len(opts), len(ck["opts"]))
+    for o, sd in zip(opts, ck["opts"]):
+        if o is not None:
+            o.load_state_dict(sd)
+    if replay is not None:
+        replay.load_state_dict(ck["replay"])
+    set_rng_state(ck["rng"])
+    return ck["loop"]
+
+
+def checked_against(args, ck, flag):
+    """Refuse flags that would change the saved run's model or schedule (each named with both values); an
+    evaluation may also pick its own --seed and --num-envs. `args` are compared as resolved: the saved args are
+    --preset's and --ladder's results, and a resumed run does not apply them again (main)."""
+    saved, free = ck["args"], RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
+    for name, value in asdict(args).items():
+        if name not in free and name in saved and saved[name] != value:
+            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
+                 f"a saved run keeps its model, environment and schedule")
+    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
+        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
+             f"pass a larger --total-timesteps to continue it")
+
+
+def saved_defaults(argv):
+    """With --resume RUN_DIR or --eval-checkpoint PATH, the saved run's flags become the defaults of the command
+    line (None without them, or when the checkpoint cannot be read: main then says why)."""
+    for i, a in enumerate(argv):
+        for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
+            if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
+                value = argv[i + 1] if a == flag else a.split("=", 1)[1]
+                path = os.path.join(value, name) if name else value
+                try:
+                    saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+                    return Args(**{k: v for k, v in saved.items()
+                                   if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
+                except Exception:
+                    return None
+    return None
+
+
+def build_agent(args, obs_shape, action_dim, discrete, device):
+    """make_agent's networks as a dict by name (what a checkpoint holds) and its four optimisers."""
+    wm, actor, critic, slow_critic, opts = make_agent(args, obs_shape, action_dim, device, discrete)
+    return {"wm": wm, "actor": actor, "critic": critic, "slow_critic": slow_critic}, opts
+
+
+def evaluate_checkpoint(args):
+    """--eval-checkpoint: the saved agent on --eval-episodes fresh evaluation episodes; prints the JSON line."""
+    path = args.eval_checkpoint
+    ck = load_checkpoint(path, "--eval-checkpoint")
+    checked_against(args, ck, "--eval-checkpoint")
+    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                      background_dir=args.background_dir, background_mask=args.background_mask)
+    try:
+        envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
+                               split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
+    except (ValueError, TypeError) as e:
+        fail(e)
+    space = envs.single_action_space
+    discrete = hasattr(space, "n")  # gymnasium Discrete (DreamerV2's test)
+    action_dim = int(space.n) if discrete else int(np.prod(space.shape))
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.manual_seed(args.seed)
+    nets, _ = build_agent(args, envs.single_observation_space.shape, action_dim, discrete, device)
+    for k, m in nets.items():
+        m.load_state_dict(ck["nets"][k])
+    step = ck["loop"]["global_step"]
+    print(f"{os.path.basename(__file__)}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} "
+          f"episodes ...", flush=True)
+    try:
+        returns, frames = evaluate(nets["wm"], nets["actor"], envs, args.eval_episodes, device, args.capture_video)
+    finally:
+        close_envs(envs)
+    summary = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step,
+               "checkpoint": path}
+    if frames is not None:
+        summary["video"] = os.path.join(os.path.dirname(path), "videos", f"eval_checkpoint_{step}.mp4")
+        encode_video(summary["video"], frames, fps=30)
+    print(json.dumps(summary))
+    return summary
+
+
 def main(args: Args) -> dict:
-    args = apply_ladder(apply_preset(args))
+    if not (args.resume or args.eval_checkpoint):  # a saved run's args are resolved already: never applied again
+        args = apply_ladder(apply_preset(args))
     args = check_args(args)
+    if args.eval_checkpoint:
+        return evaluate_checkpoint(args)
+    ck = None
+    if args.resume:
+        if not os.path.isdir(args.resume):
+            fail(f"--resume {args.resume}: no such run directory")
+        ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
+        checked_against(args, ck, "--resume")
     progress = Progress(args.total_timesteps)
     progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
                    f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
+    run_dir = args.resume or os.path.join("runs", run_name)
+    run_name = os.path.basename(os.path.normpath(run_dir))
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
     try:
@@ -1003,7 +1201,10 @@ def main(args: Args) -> dict:
     discrete = hasattr(act_space, "n")  # gymnasium Discrete (DreamerV2's test)
     action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
     try:
-        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed)
+        # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed,
+                              path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None,
+                              resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_envs)
         fail(e)
@@ -1013,9 +1214,13 @@ def main(args: Args) -> dict:
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step): those
+    # after its frame, as the points at that frame (a log or evaluation there, the end of a finished run) came
+    # before it was saved, and a resumed run's first point comes after its first env step, at a later frame
+    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
+    if ck is None:
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=1)
 
@@ -1027,23 +1232,43 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Agent: world model (+ target encoder, decoder), actor, critic and its slow copy, optimisers
-    wm, actor, critic, slow_critic, opts = make_agent(args, obs_shape, action_dim, device, discrete)
+    nets, opts = build_agent(args, obs_shape, action_dim, discrete, device)
+    wm, actor, critic, slow_critic = nets.values()
     B, T, N = args.batch_size, args.batch_length, args.num_envs
 
     # TRY NOT TO MODIFY: start the game
-    obs, _ = envs.reset(seed=args.seed)
+    global_step, updates, train_credit, pretrained, start_time = 0, 0, 0, False, time.time()
+    next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
+    next_checkpoint = args.checkpoint_every
+    metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
+    returns, interrupted, train_start, projected, saved_step = [], None, None, False, None
+    if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
+        (global_step, updates, train_credit, pretrained, next_log, next_eval, next_video, next_checkpoint,
+         metric_sums, n_metrics, last_metrics, recent_returns, eval_return, returns) = restore_checkpoint(
+            ck, nets, opts, replay).values()
+        next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
+        metric_sums = {k: v.to(device) for k, v in metric_sums.items()}
+        saved_step = global_step
+        progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
+                       f"steps); the episodes in progress when it stopped start afresh")
+
+    def loop_state():  # the counters a checkpoint holds, in the order they are restored above
+        return {"global_step": global_step, "updates": updates, "train_credit": train_credit, "pretrained": pretrained,
+                "next_log": next_log, "next_eval": next_eval, "next_video": next_video,
+                "next_checkpoint": next_checkpoint, "metric_sums": metric_sums, "n_metrics": n_metrics,
+                "last_metrics": last_metrics, "recent_returns": recent_returns, "eval_return": eval_return,
+                "returns": [float(r) for r in returns]}
+
+    obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
     autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
     state = None  # acting state, zeros once the policy takes over
-    global_step, updates, train_credit, pretrained, start_time = 0, 0, 0, False, time.time()
-    next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
-    metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
-    interrupted, train_start, projected = None, None, False
     prefill = args.action_repeat * max(args.prefill, N * T, B * T)  # frames of random actions (and a batch in replay)
     total = args.pretrain + (args.total_timesteps - prefill) // (args.action_repeat * args.train_every)  # if trained
     progress.print(f"cost: {B * T} replayed steps per update, {1 / args.train_every:.3g} updates per policy step, about "
                    f"{total if prefill < args.total_timesteps else 0} updates in all ({args.pretrain} when the prefill ends); "
                    f"prefilling {prefill} frames with random actions, wall time projected after the first updates")
+    progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
     progress.set_phase("prefill", min(prefill, args.total_timesteps))
     progress.start()
     old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
@@ -1101,7 +1326,8 @@ def main(args: Args) -> dict:
                 projected, elapsed = True, time.time() - train_start[0]
                 rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
                 progress.print(f"measured: {elapsed / (updates - train_start[2]):.2f} s per update with acting; projected "
-                               f"wall time of the run {fmt_time(time.time() - start_time + rest)} (evaluations extra)")
+                               f"wall time of the run{' from here' if ck else ''} "
+                               f"{fmt_time(time.time() - start_time + rest)} (evaluations extra)")
 
             if global_step >= next_log:
                 next_log += args.log_every
@@ -1131,12 +1357,17 @@ def main(args: Args) -> dict:
                     encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
                     log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
 
-        if args.save_model:
-            path = os.path.join(run_dir, f"{args.exp_name}.pt")
-            torch.save({"wm": wm.state_dict(), "actor": actor.state_dict(), "critic": critic.state_dict(),
-                        "slow_critic": slow_critic.state_dict(), "opts": [o.state_dict() for o in opts],
-                        "args": asdict(args), "global_step": global_step, "updates": updates}, path + ".tmp")
-            os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+            # Checkpoint between steps, never inside an update (and one at the end, below)
+            if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
+                next_checkpoint += args.checkpoint_every
+                save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+                saved_step = global_step
+
+        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
+            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+            saved_step = global_step
+        if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
+            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, loop_state())
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
         interrupted = str(e) or "SIGINT"
     finally:
@@ -1147,8 +1378,10 @@ def main(args: Args) -> dict:
         if args.track:
             wandb.finish()
     if interrupted:
+        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
+                  else "")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}", file=sys.stderr, flush=True)
+              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}
@@ -1158,7 +1391,7 @@ def main(args: Args) -> dict:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(tyro.cli(Args, default=saved_defaults(sys.argv[1:])))
     except KeyboardInterrupt:  # before the training loop (which handles its own)
         print("interrupted while starting; nothing was trained", file=sys.stderr)
         raise SystemExit(130)

@@ -10,13 +10,14 @@ import os
 import signal
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import blast as b
 from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline, events,
-                   run_cli)
+                   kill_after_first_checkpoint, resume_cli, run_cli)
 
 TINY = dict(deter=16, hidden=16, stoch=4, classes=4, ar_steps=4, cnn_depth=2, units=16, mlp_layers=1,
             batch_size=4, batch_length=6, imag_horizon=3, prefill=20, pretrain=2, buffer_size=2000, time_limit=60)
@@ -557,6 +558,7 @@ def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
     (["--target-input-p", "1.5"], ["--target-input-p", "[0, 1]", "1.5"]),
     (["--gamma", "1.5"], ["--gamma", "1.5"]),
     (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every", "got -1"]),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
     assert_cli_error("blast.py", tmp_path, argv, *needles)
@@ -630,9 +632,11 @@ def test_smoke_cli(tmp_path):
         "eval/episodic_return", "charts/episodic_return", "charts/SPS"))
     assert {"openloop", "eval/video"} <= set(ea.Tags()["images"])
     assert sorted(os.listdir(os.path.join(run_dir, "videos"))) == ["eval_160.mp4", "eval_240.mp4"]
-    ckpt = torch.load(os.path.join(run_dir, "blast.pt"), weights_only=False)
-    assert {"wm", "actor", "critic", "slow_critic", "opts"} <= set(ckpt)
-    assert any(k.startswith("target_encoder.") for k in ckpt["wm"])
+    ckpt = torch.load(os.path.join(run_dir, "blast.pt"), weights_only=True)  # the checkpoint format, no replay head
+    assert {"wm", "actor", "critic", "slow_critic"} == set(ckpt["nets"]) and len(ckpt["opts"]) == 4
+    assert any(k.startswith("target_encoder.") for k in ckpt["nets"]["wm"])
+    assert ckpt["script"] == "blast.py" and ckpt["replay"] is None
+    assert (ckpt["loop"]["global_step"], ckpt["loop"]["updates"]) == (240, final["updates"])
 
 
 def test_smoke_cli_minigrid_preset(tmp_path):
@@ -648,6 +652,166 @@ def test_smoke_cli_minigrid_preset(tmp_path):
     args = json.load(open(os.path.join(run_dir, "args.json")))
     assert (args["actor_grad"], args["reward_clamp"], args["reward_scale"], args["ar_steps"]) == ("reinforce", "tanh",
                                                                                                   100.0, 4)
+
+
+# --- Checkpoints and resume ------------------------------------------------------------------------
+def replay_obs(run_dir, rows):
+    """The first `rows` observations of the one-stream replay file of a run (TINY's buffer of 2000 steps)."""
+    return np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.uint8).reshape(1, -1, *OBS)[:, :rows]
+
+
+def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
+    """A finished run continues with a larger --total-timesteps from its end-of-run checkpoint (replay files kept,
+    counters continued: the update count is the uninterrupted run's, so the train_every credit and the pretrain
+    flag came back; no temporary file left); --eval-checkpoint prints its JSON line; bad checkpoints and changed
+    flags give one error line."""
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 176, "eval_every": 1000,
+             "eval_episodes": 1, "log_every": 80, "video_every": 0, "prefill": 30}  # 30 rows hold a batch
+    final, run_dir, _ = run_cli("blast.py", tmp_path, flags)
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    # Training from frame 60: 2 pretrain + (176 - 60) / 2 // 5 updates, 3 agent steps of credit left over
+    assert (final["updates"], ck["loop"]["updates"], ck["loop"]["train_credit"]) == (2 + 11, 13, 3)
+    assert ck["loop"]["pretrained"] and ck["loop"]["global_step"] == 176
+    rows = ck["replay"]["count"]  # 88 agent steps and the envs' reset steps
+    assert rows > 88
+    before = replay_obs(run_dir, rows)
+    out = resume_cli("blast.py", tmp_path, final["run_dir"], "--total-timesteps", "240")
+    assert f"resumed {final['run_dir']} at frame 176 after 13 updates (replay {rows} steps)" in out["stdout"]
+    resumed = out["final"]
+    # the uninterrupted run's count: 2 + (240 - 60) / 2 // 5 = 20 (without the credit 19, without the flag 22)
+    assert resumed["global_step"] == 240 and resumed["updates"] == 20
+    np.testing.assert_array_equal(replay_obs(run_dir, rows), before)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
+    ea = events(run_dir)
+    assert [e.step for e in ea.Scalars("charts/SPS")] == [80, 160, 240]  # next_log continued, nothing twice
+    assert [e.step for e in ea.Scalars("eval/episodic_return")] == [176, 240]
+    assert [e.value for e in ea.Scalars("charts/updates")] == [4, 12, 20]
+    import subprocess
+    import sys
+
+    from smoke import ROOT
+
+    path = os.path.join(final["run_dir"], "checkpoint.pt")
+    ev = subprocess.run([sys.executable, os.path.join(ROOT, "blast.py"), "--eval-checkpoint", path, "--eval-episodes",
+                         "1"], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    ev = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert ev["global_step"] == 240 and len(ev["eval_returns"]) == 1 and math.isfinite(ev["eval_return"])
+    assert ev["checkpoint"] == path and set(ev) == {"eval_return", "eval_returns", "global_step", "checkpoint"}
+    # bad input through the command line: a changed model flag, a truncated checkpoint, another script's checkpoint
+    assert_cli_error("blast.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--deter", "32"],
+                     "--deter 32", "checkpoint's 16")
+    os.makedirs(tmp_path / "cut")
+    (tmp_path / "cut" / "checkpoint.pt").write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
+    assert_cli_error("blast.py", tmp_path, ["--resume", "cut"], "truncated or corrupt", "cut/checkpoint.pt")
+    torch.save({"script": "dreamerv3.py", "args": {"env_id": "walker-walk", "deter": 512}, "nets": {}},
+               str(tmp_path / "other.pt"))
+    assert_cli_error("blast.py", tmp_path, ["--eval-checkpoint", "other.pt"], "other.pt", "checkpoint of dreamerv3.py",
+                     "not of blast.py")
+    # ... and in-process, on the command line's defaults (saved_defaults): a changed environment or ladder rung, a
+    # run that is already that long, a missing run dir
+    monkeypatch.chdir(tmp_path)
+    saved = dataclasses.replace(b.saved_defaults(["--resume", final["run_dir"]]), resume=final["run_dir"])
+    assert saved.total_timesteps == 240 and saved.prefill == 30 and saved.ladder is None
+    for kw, needles in ((dict(env_id="walker-walk"), ("--env-id walker-walk", "checkpoint's cartpole-balance")),
+                        (dict(ladder="dreamerv2"), ("--ladder dreamerv2", "checkpoint's None")),
+                        (dict(reconstruction=True), ("--reconstruction True", "checkpoint's False")),
+                        (dict(total_timesteps=200), ("--total-timesteps 200", "frame 240")),
+                        (dict(total_timesteps=400, resume="no/such/dir"), ("--resume no/such/dir", "no such"))):
+        with pytest.raises(SystemExit) as e:
+            b.main(dataclasses.replace(saved, **{"total_timesteps": 400, **kw}))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+        assert all(n in err[0] for n in needles), (needles, err)
+
+
+@pytest.mark.parametrize("kw, discrete", [({}, False), ({"ladder": "dreamerv2"}, True)])
+def test_update_after_restore_equals_the_uninterrupted_update(tmp_path, one_thread, kw, discrete):
+    """Save after three updates, make two more (the slow critic is copied at update 3, not at 4); a fresh agent
+    (other init) restored from the checkpoint, with the replay reopened from its files, draws the same batches and
+    makes exactly the same two updates: metrics, parameters, target encoder, slow critic, BatchNorm statistics and
+    all four Adams. Full BLAST with continuous actions, and the DreamerV2 rung (no target encoder, reconstruction,
+    no BatchNorm, ar_steps 1) with one-hot actions."""
+    from common.replay import ReplayBuffer
+
+    a = b.apply_ladder(b.Args(**{**TINY, "slow_critic_every": 3, **kw}))
+    B, T, N, A = a.batch_size, a.batch_length, 2, 3
+    rng = np.random.default_rng(0)
+
+    def agent(seed):
+        torch.manual_seed(seed)
+        nets, opts = b.build_agent(a, OBS, A, discrete, torch.device("cpu"))
+        return nets, opts, ReplayBuffer(200, N, OBS, A, seed=a.seed, path=str(tmp_path / "replay"), resume=seed != 0)
+
+    def step(nets, opts, replay, updates):
+        data = {k: torch.as_tensor(v) for k, v in replay.sample(B, T).items()}
+        return {k: v.item() for k, v in b.update(*nets.values(), opts, data, a, updates).items()}
+
+    def same_copies(nets):
+        return all(torch.equal(p, q) for p, q in zip(nets["slow_critic"].parameters(), nets["critic"].parameters()))
+
+    nets, opts, replay = agent(0)
+    for t in range(40):
+        act = (np.eye(A, dtype=np.float32)[rng.integers(0, A, N)] if discrete
+               else rng.uniform(-1, 1, (N, A)).astype(np.float32))
+        replay.add(rng.integers(0, 256, (N, *OBS), dtype=np.uint8), act, rng.normal(size=N).astype(np.float32),
+                   np.full(N, t % 15 == 0), np.zeros(N, bool))
+    for u in range(3):
+        step(nets, opts, replay, u)
+    path = str(tmp_path / "checkpoint.pt")
+    b.save_checkpoint(path, a, nets, opts, {"global_step": 80, "updates": 3}, replay)
+    m3 = step(nets, opts, replay, 3)
+    assert same_copies(nets)  # update 3 copied the critic
+    m4 = step(nets, opts, replay, 4)
+    assert not same_copies(nets)  # update 4 did not
+
+    nets2, opts2, replay2 = agent(1)
+    assert not torch.equal(nets2["wm"].encoder.net[0].weight, nets["wm"].encoder.net[0].weight)
+    loop = b.restore_checkpoint(b.load_checkpoint(path, "--resume"), nets2, opts2, replay2)
+    assert loop == {"global_step": 80, "updates": 3}
+    assert (nets2["wm"].target_encoder is None) == (kw.get("ladder") == "dreamerv2")
+    assert step(nets2, opts2, replay2, loop["updates"]) == m3 and same_copies(nets2)
+    assert step(nets2, opts2, replay2, loop["updates"] + 1) == m4 and not same_copies(nets2)
+    for k in nets:
+        sd, sd2 = nets[k].state_dict(), nets2[k].state_dict()
+        assert list(sd) == list(sd2)
+        for n in sd:  # parameters and buffers: target encoder, BatchNorm running statistics and counts included
+            assert torch.equal(sd[n], sd2[n]), (k, n)
+    if a.batch_norm:
+        assert any("running_mean" in n for n in nets2["wm"].state_dict())
+    assert len(opts2) == 4
+    for o, o2 in zip(opts, opts2):
+        s1, s2 = o.state_dict()["state"], o2.state_dict()["state"]
+        assert s1 and list(s1) == list(s2)
+        assert all(torch.equal(s1[i][j], s2[i][j]) for i in s1 for j in s1[i])
+
+
+def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
+    """--preset minigrid --ladder bn (one-hot actions, REINFORCE): SIGKILL right after the first checkpoint
+    appears; --resume continues from the checkpoint's frame to the final JSON line with the uninterrupted run's
+    update count, the replay rows written before the checkpoint intact, no temporary file left, no duplicated
+    TensorBoard points, and the saved (resolved) flags: the preset is not applied again, so --eval-every 10000
+    (Args' default, which the preset would turn into 2500) stays."""
+    flags = {**TINY, "env_id": "minigrid-dynamic-obstacles-6x6-smaller-agent", "num_envs": 1, "total_timesteps": 150,
+             "eval_every": 10**6, "eval_episodes": 1, "log_every": 50, "video_every": 0, "prefill": 30,
+             "checkpoint_every": 60, "preset": "minigrid", "ladder": "bn"}
+    del flags["time_limit"]  # the preset's (and the env's) 100 steps
+    run_dir, ck = kill_after_first_checkpoint("blast.py", tmp_path, flags)
+    saved, rows = ck["loop"]["global_step"], ck["replay"]["count"]
+    assert saved == 60 and rows >= 60 and ck["loop"]["updates"] == 2 + (60 - 30)
+    assert (ck["args"]["ar_steps"], ck["args"]["batch_norm"], ck["args"]["actor_grad"]) == (1, True, "reinforce")
+    before = replay_obs(run_dir, rows)
+    out = resume_cli("blast.py", tmp_path, run_dir, "--eval-every", "10000")
+    assert f"at frame {saved} after {ck['loop']['updates']} updates" in out["stdout"]
+    assert out["final"]["global_step"] == 150 and out["final"]["updates"] == 2 + (150 - 30)
+    np.testing.assert_array_equal(replay_obs(run_dir, rows), before)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
+    ea = events(run_dir)
+    assert [e.step for e in ea.Scalars("charts/SPS")] == [50, 100, 150]  # TensorBoard continues, no duplicates
+    args = json.load(open(os.path.join(run_dir, "args.json")))
+    assert args.pop("eval_every") == 10000 and args.pop("resume") == run_dir
+    assert args == {k: v for k, v in ck["args"].items() if k not in ("eval_every", "resume")}
 
 
 def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
