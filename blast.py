@@ -1121,7 +1121,10 @@ def saved_defaults(argv):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
                 path = os.path.join(value, name) if name else value
                 try:
-                    saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+                    ck = torch.load(path, map_location="cpu", weights_only=True)
+                    if ck["script"] != os.path.basename(__file__):
+                        return None  # another script's flags: main's load_checkpoint says so in one line
+                    saved = ck["args"]
                     return Args(**{k: v for k, v in saved.items()
                                    if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
                 except Exception:
@@ -1252,6 +1255,8 @@ def main(args: Args) -> dict:
         progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
                        f"steps); the episodes in progress when it stopped start afresh")
 
+    start_step = global_step  # (a resumed run's frames per second count from here)
+
     def loop_state():  # the counters a checkpoint holds, in the order they are restored above
         return {"global_step": global_step, "updates": updates, "train_credit": train_credit, "pretrained": pretrained,
                 "next_log": next_log, "next_eval": next_eval, "next_video": next_video,
@@ -1340,7 +1345,7 @@ def main(args: Args) -> dict:
                                                      f"{global_step}")
                         writer.add_scalar(k, v, global_step)
                     metric_sums, n_metrics = {}, 0
-                sps = int(global_step / (time.time() - start_time))
+                sps = int((global_step - start_step) / (time.time() - start_time))  # (this process's frames)
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("charts/updates", updates, global_step)
                 progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
@@ -1360,6 +1365,7 @@ def main(args: Args) -> dict:
             # Checkpoint between steps, never inside an update (and one at the end, below)
             if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
                 next_checkpoint += args.checkpoint_every
+                writer.flush()  # the curves up to the checkpoint are on disk before it is
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
                 saved_step = global_step
 
