@@ -802,7 +802,10 @@ def saved_defaults(argv):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
                 path = os.path.join(value, name) if name else value
                 try:
-                    saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+                    ck = torch.load(path, map_location="cpu", weights_only=True)
+                    if ck["script"] != os.path.basename(__file__):
+                        return None  # another script's flags are no defaults here (load_checkpoint says so)
+                    saved = ck["args"]
                     return Args(**{k: v for k, v in saved.items()
                                    if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
                 except Exception:
@@ -1007,6 +1010,7 @@ def main(args: Args) -> dict:
             # Checkpoint between steps, never inside an update (and one at the end, below)
             if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
                 next_checkpoint += args.checkpoint_every
+                writer.flush()  # the points up to the checkpoint are on disk before it is (a kill keeps them)
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, optims, loop_state(), replay)
                 saved_step = global_step
 
@@ -1015,6 +1019,7 @@ def main(args: Args) -> dict:
         if global_step >= next_eval:  # the final evaluation is also the one due at this step (a resumed run
             next_eval += args.eval_every  # continues the schedule of the uninterrupted one)
         if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
+            writer.flush()
             save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, optims, loop_state(), replay)
             saved_step = global_step
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
