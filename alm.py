@@ -865,6 +865,9 @@ def main(args: Args) -> dict:
         fail(e)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high
+    made, d = [], os.path.join(run_dir, "replay")  # the folders the replay's makedirs will create, deepest first
+    while d and not os.path.exists(d):
+        made, d = made + [d], os.path.dirname(d)
     try:
         # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
         replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), action_dim, obs_dtype=np.float32,
@@ -872,6 +875,11 @@ def main(args: Args) -> dict:
                               else None, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_env)
+        for d in made:  # a refused replay leaves no run dir behind (the folders it made are empty)
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
         fail(e)
 
     if args.track:
