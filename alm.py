@@ -735,7 +735,8 @@ def save_checkpoint(path, args, nets, opts, loop, replay=None):
     if replay is not None:
         replay.flush()
     payload = {"script": os.path.basename(__file__), "args": asdict(args),
-               "nets": {k: m.state_dict() for k, m in nets.items()}, "opts": {k: o.state_dict() for k, o in opts.items()},
+               "nets": {k: m.state_dict() for k, m in nets.items()},
+               "opts": {k: o.state_dict() for k, o in opts.items()},  # by group name: model, reward, critic, actor
                "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:

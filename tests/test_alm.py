@@ -599,8 +599,8 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     assert "video" not in ev
     # bad input: a changed model flag, another env, a run that is already that long, a missing run dir, a
     # truncated file, a checkpoint of another script
-    assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--latent-dim", "4"],
-                     "--latent-dim 4", "checkpoint's 8")
+    assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--latent-dim",
+                                          "4"], "--latent-dim 4", "checkpoint's 8")
     assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--env-id",
                                           "Hopper-v5"], "--env-id Hopper-v5", "InvertedPendulum-v5")
     assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
@@ -611,7 +611,8 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     assert_cli_error("alm.py", tmp_path, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
     other = tmp_path / "other.pt"
     torch.save({"script": "dreamerv3.py", "args": {"env_id": "walker-walk"}, "loop": {"global_step": 5}}, other)
-    assert_cli_error("alm.py", tmp_path, ["--eval-checkpoint", str(other)], "other.pt", "of dreamerv3.py", "not of alm.py")
+    assert_cli_error("alm.py", tmp_path, ["--eval-checkpoint", str(other)], "other.pt", "of dreamerv3.py",
+                     "not of alm.py")
 
 
 def test_update_after_restore_equals_the_uninterrupted_update(tmp_path, one_thread):
