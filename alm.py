@@ -53,7 +53,32 @@ Deviations from the paper (each tagged `# DEVIATION` where it happens):
 15. Replayed windows never cross an episode boundary (within_episode=True): the official sample_seq only
     checks terminals, so its windows can span a time-limit reset (a fix of the official code).
 
+Checkpoints and resume: with --checkpoint-every N (default 10_000 env steps; 0: none) runs/{run}/checkpoint.pt
+is written atomically (temporary file, fsync, rename) every N env steps and at the end, and the replay lives in
+memory-mapped files in runs/{run}/replay/ (disk: the replay's full size, 10 MB for HalfCheetah's 1e5 steps, 1.5 GB
+for Humanoid's 1e6). The checkpoint holds every network with its buffers (encoder, model, actor with the action
+box, reward, classifier, twin critic, target encoder, target critic), the four Adams by group name, every counter
+(the env step, which is also the position of the exploration-std schedule and of the warm-up; updates; the next
+log, eval and checkpoint steps; the last update's metrics and the non-finite record; recent returns; the last
+evaluation), every RNG (python, numpy, torch, cuda, the warm-up actions' generator, the evaluation env's generator,
+the replay's sampling generator), the replay's head and the args. 10_000 steps: a kill loses at most 2% of the
+default 500_000-step run (minutes of GPU time at UTD 1) for a checkpoint of about 40 MB at the default sizes.
+    --resume RUN_DIR      continue that run in place from its checkpoint (its flags become the defaults; only
+                          --total-timesteps, to grow it, and the logging, evaluation and tracking flags may change)
+    --eval-checkpoint P   --eval-episodes episodes of the saved agent's mean action; one JSON line (eval_return,
+                          eval_returns, global_step, checkpoint); no video (alm.py refuses --capture-video)
+    --save-model          the same format, without the replay's head, in runs/{run}/{exp_name}.pt at the end
+What a resume restores exactly: the learner (every parameter, buffer, optimiser moment and step, RNG, counter,
+the replay's rows, head and sampling RNG) and the evaluation episodes (the eval env's generator): the next update
+after a restore is the uninterrupted run's next update, bit for bit (tests/test_alm.py). What it does not: the
+MuJoCo states of the training episodes in progress are not saved, so those episodes start afresh (the envs are
+reset with --seed + the env step) and the env steps that follow differ from the uninterrupted run's; after a kill,
+the rows written after the checkpoint stay in the replay files as common/replay.py describes. SPS and the projected
+wall time count from the resume.
+
 Run:  python alm.py --env-id HalfCheetah-v5
+      python alm.py --resume runs/HalfCheetah-v5__alm__1__1700000000 --total-timesteps 1000000
+      python alm.py --eval-checkpoint runs/HalfCheetah-v5__alm__1__1700000000/checkpoint.pt
 """
 
 import json
@@ -100,7 +125,18 @@ class Args:
     capture_video: bool = False
     """not supported by alm.py (gymnasium state tasks are built without a render mode)"""
     save_model: bool = False
-    """save all networks and optimizers to runs/{run_name}/alm.pt at the end"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
+    --eval-checkpoint reads)"""
+    checkpoint_every: int = 10_000
+    """env steps between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
+    replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
+    replay in memory"""
+    resume: Optional[str] = None
+    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
+    run's, and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (no video: alm.py refuses
+    --capture-video), print the JSON line, and stop"""
     env_id: str = "HalfCheetah-v5"
     """a gymnasium MuJoCo id (HalfCheetah-v5, Hopper-v5, Walker2d-v5, Ant-v5, Humanoid-v5,
     AntTruncatedObs-v5, HumanoidTruncatedObs-v5, InvertedPendulum-v5, ...)"""
@@ -182,6 +218,10 @@ def check_args(args: Args) -> None:
     for flag in ("learning_starts", "classifier_coef", "expl_clip", "expl_start", "expl_end"):
         if not getattr(a, flag) >= 0:
             fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
+    if a.checkpoint_every < 0:
+        fail(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}")
+    if a.resume and a.eval_checkpoint:
+        fail("--resume and --eval-checkpoint exclude each other")
     if a.capture_video:
         fail("--capture-video is not supported by alm.py: common.envs.make_env builds gymnasium "
              "state tasks without a render mode")
@@ -484,6 +524,14 @@ def update(agent: Agent, optims: dict, groups: dict, seq: dict, batch: dict, std
     return {k: v.detach() for k, v in metrics.items()}
 
 
+def build_agent(args: Args, obs_dim: int, action_dim: int, low, high, device: torch.device):
+    """Every network, the two target copies inside the Agent (as a dict by name), the four Adams (a dict by
+    group name, make_optimizers) and their parameter groups."""
+    agent = Agent(obs_dim, action_dim, args.latent_dim, args.hidden_dim, args.model_hidden_dim, low, high).to(device)
+    optims, groups = make_optimizers(agent, args.learning_rate)
+    return {"agent": agent}, optims, groups
+
+
 def make_optimizers(agent: Agent, lr: float):
     """Four Adams as in the official code: encoder+model, reward+classifier, critic, actor (lr Table 3)."""
     groups = dict(model=[*agent.encoder.parameters(), *agent.model.parameters()],
@@ -523,8 +571,8 @@ def act(agent: Agent, obs: torch.Tensor, std: float, deterministic: bool) -> tor
     return torch.max(torch.min(mean, agent.actor.high), agent.actor.low) if deterministic else a
 
 
-def evaluate(agent: Agent, env, episodes: int, device: torch.device) -> float:
-    """Mean return of `episodes` episodes with the actor's mean on the evaluation env."""
+def evaluate(agent: Agent, env, episodes: int, device: torch.device) -> list:
+    """Returns of `episodes` episodes with the actor's mean on the evaluation env."""
     returns = []
     for _ in range(episodes):
         obs, _ = env.reset()
@@ -532,9 +580,9 @@ def evaluate(agent: Agent, env, episodes: int, device: torch.device) -> float:
             a = act(agent, torch.as_tensor(obs, dtype=torch.float32, device=device)[None], 0.0, True)
             obs, _, term, trunc, info = env.step(a[0].cpu().numpy())
             if term or trunc:
-                returns.append(info["episode"]["r"])
+                returns.append(float(info["episode"]["r"]))
                 break
-    return float(np.mean(returns))
+    return returns
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -649,13 +697,168 @@ def close_envs(*envs, kill=False):
             pass
 
 
+CHECKPOINT = "checkpoint.pt"
+# Flags a resumed run may change: they touch neither the model nor the training schedule.
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track",
+             "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
+             "log_every")
+
+
+def rng_state():
+    """Every global random number generator the run draws from (the replay's, the warm-up actions' and the
+    evaluation env's own generators are saved beside it)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                                                    cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def env_rng(env):
+    """The generator a gymnasium env draws its initial states from on reset() without a seed (None for an env
+    without one): the evaluation env is reset that way, so its generator is part of a checkpoint."""
+    return getattr(getattr(env, "unwrapped", env), "np_random", None)
+
+
+def save_checkpoint(path, args, nets, opts, loop, replay=None):
+    """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
+    os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
+    are flushed first; the checkpoint holds only their head, count and sampling RNG."""
+    if replay is not None:
+        replay.flush()
+    payload = {"script": os.path.basename(__file__), "args": asdict(args),
+               "nets": {k: m.state_dict() for k, m in nets.items()},
+               "opts": {k: o.state_dict() for k, o in opts.items()},  # by group name: model, reward, critic, actor
+               "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, flag):
+    """The checkpoint at `path` as a dict, or one clear error naming `flag` and the file."""
+    if not os.path.isfile(path):
+        fail(f"{flag}: no checkpoint {path}" + (" (was the run started with --checkpoint-every 0?)"
+                                                 if flag == "--resume" else ""))
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (EOFError, RuntimeError), or not a checkpoint at all (UnpicklingError)
+        fail(f"{flag}: {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    script = os.path.basename(__file__)
+    if not isinstance(ck, dict) or ck.get("script") != script:
+        fail(f"{flag}: {path} is a checkpoint of {ck.get('script') if isinstance(ck, dict) else 'nothing known'}, "
+             f"not of {script}")
+    return ck
+
+
+def restore_checkpoint(ck, nets, opts, replay=None):
+    """Put a saved run back: every network (targets included), every optimiser by its group name, the replay's
+    head and sampling RNG, every global RNG (last, so nothing drawn while restoring shifts them). Returns the
+    saved loop counters."""
+    for k, m in nets.items():
+        m.load_state_dict(ck["nets"][k])
+    for k, o in opts.items():
+        o.load_state_dict(ck["opts"][k])
+    if replay is not None:
+        replay.load_state_dict(ck["replay"])
+    set_rng_state(ck["rng"])
+    return ck["loop"]
+
+
+def checked_against(args, ck, flag):
+    """Refuse flags that would change the saved run's model or schedule (each named with both values); an
+    evaluation may also pick its own --seed and --num-envs."""
+    saved, free = ck["args"], RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
+    for name, value in asdict(args).items():
+        if name not in free and name in saved and saved[name] != value:
+            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
+                 f"a saved run keeps its model, environment and schedule")
+    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
+        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
+             f"pass a larger --total-timesteps to continue it")
+
+
+def saved_defaults(argv):
+    """With --resume RUN_DIR or --eval-checkpoint PATH, the saved run's flags become the defaults of the command
+    line (None without them, or when the checkpoint cannot be read: main then says why)."""
+    for i, a in enumerate(argv):
+        for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
+            if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
+                value = argv[i + 1] if a == flag else a.split("=", 1)[1]
+                path = os.path.join(value, name) if name else value
+                try:
+                    ck = torch.load(path, map_location="cpu", weights_only=True)
+                    if ck["script"] != os.path.basename(__file__):
+                        return None  # another script's flags are no defaults here (load_checkpoint says so)
+                    saved = ck["args"]
+                    return Args(**{k: v for k, v in saved.items()
+                                   if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
+                except Exception:
+                    return None
+    return None
+
+
+def evaluate_checkpoint(args):
+    """--eval-checkpoint: the saved agent on --eval-episodes fresh evaluation episodes; prints the JSON line.
+    No video: gymnasium state tasks are built without a render mode (see --capture-video)."""
+    path = args.eval_checkpoint
+    ck = load_checkpoint(path, "--eval-checkpoint")
+    checked_against(args, ck, "--eval-checkpoint")
+    try:
+        env = make_env(args.env_id, args.seed + 10_000)
+    except (ValueError, TypeError) as e:
+        fail(e)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.manual_seed(args.seed)
+    nets, _, _ = build_agent(args, env.observation_space.shape[0], env.action_space.shape[0], env.action_space.low,
+                             env.action_space.high, device)
+    for k, m in nets.items():
+        m.load_state_dict(ck["nets"][k])
+    step = ck["loop"]["global_step"]
+    print(f"{os.path.basename(__file__)}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} "
+          f"episodes ...", flush=True)
+    try:
+        returns = evaluate(nets["agent"], env, args.eval_episodes, device)
+    finally:
+        close_envs(env)
+    summary = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step,
+               "checkpoint": path}
+    print(json.dumps(summary))
+    return summary
+
+
 def main(args: Args) -> dict:
     check_args(args)
+    if args.eval_checkpoint:
+        return evaluate_checkpoint(args)
+    ck = None
+    if args.resume:
+        if not os.path.isdir(args.resume):
+            fail(f"--resume {args.resume}: no such run directory")
+        ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
+        checked_against(args, ck, "--resume")
     progress = Progress(args.total_timesteps)
     progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} env steps; building "
                    f"{args.num_envs} + 1 envs (training + evaluation) ...")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
+    run_dir = args.resume or os.path.join("runs", run_name)
+    run_name = os.path.basename(os.path.normpath(run_dir))
     try:
         envs = make_vector_env(args.env_id, args.num_envs, args.seed)
         eval_env = make_env(args.env_id, args.seed + 10_000)
@@ -663,11 +866,21 @@ def main(args: Args) -> dict:
         fail(e)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high
+    made, d = [], os.path.join(run_dir, "replay")  # the folders the replay's makedirs will create, deepest first
+    while d and not os.path.exists(d):
+        made, d = made + [d], os.path.dirname(d)
     try:
+        # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
         replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), action_dim, obs_dtype=np.float32,
-                              seed=args.seed)
+                              seed=args.seed, path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck
+                              else None, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_env)
+        for d in made:  # a refused replay leaves no run dir behind (the folders it made are empty)
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
         fail(e)
 
     if args.track:
@@ -675,8 +888,13 @@ def main(args: Args) -> dict:
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step). Every
+    # point logged after a checkpoint at step S has a step > S (an env step that logs also counts >= 1 step), and
+    # the checkpoint is the last thing an iteration does, so the points at S itself are kept: S + 1
+    writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
+    if ck is None:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=1)
     random.seed(args.seed)
@@ -685,10 +903,11 @@ def main(args: Args) -> dict:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    agent = Agent(obs_dim, action_dim, args.latent_dim, args.hidden_dim, args.model_hidden_dim, low, high).to(device)
-    optims, groups = make_optimizers(agent, args.learning_rate)
+    # Agent: encoder, model, actor, reward, classifier, twin critic, target encoder and target critic; four Adams
+    nets, optims, groups = build_agent(args, obs_dim, action_dim, low, high, device)
+    agent = nets["agent"]
     K = args.horizon  # ABLATION(horizon): ALM(K), Fig. 5 center; sets the replayed window and rollout length
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed)  # the warm-up's uniform actions
 
     def tensors(b: dict) -> dict:
         return {k: torch.as_tensor(v, device=device) for k, v in b.items()}
@@ -696,21 +915,44 @@ def main(args: Args) -> dict:
     def run_eval() -> float:
         phase, progress.phase = progress.phase, "eval"
         try:
-            return evaluate(agent, eval_env, args.eval_episodes, device)
+            return float(np.mean(evaluate(agent, eval_env, args.eval_episodes, device)))
         finally:
             progress.phase = phase
 
     N = args.num_envs
-    obs, _ = envs.reset(seed=args.seed)
-    reward, is_first, is_terminal, done = np.zeros(N), np.ones(N, bool), np.zeros(N, bool), np.zeros(N, bool)
     global_step, updates, next_log, next_eval = 0, 0, args.log_every, args.eval_every
+    next_checkpoint, saved_step = args.checkpoint_every, None
     metrics, recent, last_eval, start, first_bad = {}, [], float("nan"), time.time(), None
+    if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
+        (global_step, updates, next_log, next_eval, next_checkpoint, metrics, first_bad, recent, last_eval,
+         rng_warmup, rng_eval) = restore_checkpoint(ck, nets, optims, replay).values()
+        next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
+        metrics = {k: v.to(device) for k, v in metrics.items()}
+        first_bad = first_bad.to(device) if first_bad is not None else None
+        rng.bit_generator.state = rng_warmup
+        if rng_eval is not None and env_rng(eval_env) is not None:
+            env_rng(eval_env).bit_generator.state = rng_eval  # the evaluation episodes continue as they would have
+        saved_step = global_step
+        progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
+                       f"steps); the episodes in progress when it stopped start afresh")
+    start_step = global_step  # (SPS of this process)
+
+    def loop_state():  # the counters a checkpoint holds, in the order they are restored above
+        eval_rng = env_rng(eval_env)
+        return {"global_step": global_step, "updates": updates, "next_log": next_log, "next_eval": next_eval,
+                "next_checkpoint": next_checkpoint, "metrics": metrics, "first_bad": first_bad,
+                "recent_returns": recent, "last_eval": last_eval, "rng_warmup": rng.bit_generator.state,
+                "rng_eval": eval_rng.bit_generator.state if eval_rng is not None else None}
+
+    obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the step: a resumed run meets new episodes)
+    reward, is_first, is_terminal, done = np.zeros(N), np.ones(N, bool), np.zeros(N, bool), np.zeros(N, bool)
     interrupted, projected, B = None, False, args.batch_size
     warmup = min(args.learning_starts, args.total_timesteps)  # env steps of random actions and no updates
     progress.print(f"cost: {B * (K + 1)} + {B * 2} replayed steps per update ({B} windows of --horizon + 1 = {K + 1} "
-                   f"steps, {B} transitions), 1 update per env step (UTD 1), about {args.total_timesteps - warmup} "
-                   f"updates in all; warm-up of {warmup} env steps with random actions, wall time projected after "
-                   f"the first updates")
+                   f"steps, {B} transitions), 1 update per env step (UTD 1), about "
+                   f"{args.total_timesteps - max(warmup, global_step)} updates {'from here' if ck else 'in all'}; "
+                   f"warm-up of {warmup} env steps with random actions, wall time projected after the first updates")
+    progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
     progress.set_phase("warmup", warmup)
     progress.start()
     old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
@@ -737,7 +979,7 @@ def main(args: Args) -> dict:
             if global_step >= args.learning_starts and replay.count > K:
                 if progress.phase == "warmup":
                     progress.set_phase("train", args.total_timesteps)
-                    train_start = (time.time(), global_step)
+                    train_start = (time.time(), global_step, updates)
                 for _ in range(frames):  # UTD 1: one update (both phases) per environment step
                     # DEVIATION: windows never cross an episode start (the official sample_seq checks terminals only)
                     seq = tensors(replay.sample(args.batch_size, K + 1, within_episode=True))
@@ -748,12 +990,13 @@ def main(args: Args) -> dict:
                     # host sync); we record on device where each metric first went non-finite, raise at log time
                     first_bad = track_non_finite(metrics, first_bad, updates, global_step)
             progress.step(global_step, updates, np.mean(recent) if recent else float("nan"))
-            if updates >= 10 and not projected and time.time() - train_start[0] >= 20:
+            if progress.phase == "train" and not projected and updates - train_start[2] >= 10 \
+                    and time.time() - train_start[0] >= 20:
                 projected, elapsed = True, time.time() - train_start[0]
                 rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
-                progress.print(f"measured: {elapsed / updates:.2f} s per update with acting; "
-                               f"projected wall time of the run {fmt_time(time.time() - start + rest)} "
-                               f"(evaluations extra)")
+                progress.print(f"measured: {elapsed / (updates - train_start[2]):.2f} s per update with acting; "
+                               f"projected wall time of the run{' from here' if ck else ''} "
+                               f"{fmt_time(time.time() - start + rest)} (evaluations extra)")
 
             if global_step >= next_log:
                 next_log += args.log_every
@@ -763,23 +1006,33 @@ def main(args: Args) -> dict:
                 values = {k: float(v) for k, v in metrics.items()}
                 for k, v in values.items():
                     writer.add_scalar(k, v, global_step)
-                sps = global_step / (time.time() - start)
+                sps = (global_step - start_step) / (time.time() - start)
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("stats/expl_std", std, global_step)
                 progress.print(progress.line() + f" | actor loss {values.get('losses/actor', float('nan')):.3f}")
-            if global_step >= next_eval:
+            if global_step >= next_eval and global_step < args.total_timesteps:  # (the last step: the final one)
                 next_eval += args.eval_every
                 last_eval = run_eval()
                 progress.step(global_step, updates, eval_return=last_eval)
                 writer.add_scalar("eval/episodic_return", last_eval, global_step)
 
-        final = run_eval()
+            # Checkpoint between steps, never inside an update (and one at the end, below)
+            if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
+                next_checkpoint += args.checkpoint_every
+                writer.flush()  # the points up to the checkpoint are on disk before it is (a kill keeps them)
+                save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, optims, loop_state(), replay)
+                saved_step = global_step
+
+        final = last_eval = run_eval()
         writer.add_scalar("eval/episodic_return", final, global_step)
-        if args.save_model:
-            path = os.path.join(run_dir, "alm.pt")
-            torch.save({"agent": agent.state_dict(), "optims": {k: o.state_dict() for k, o in optims.items()},
-                        "args": asdict(args), "global_step": global_step}, path + ".tmp")
-            os.replace(path + ".tmp", path)  # never a half-written checkpoint
+        if global_step >= next_eval:  # the final evaluation is also the one due at this step (a resumed run
+            next_eval += args.eval_every  # continues the schedule of the uninterrupted one)
+        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
+            writer.flush()
+            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, optims, loop_state(), replay)
+            saved_step = global_step
+        if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
+            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, optims, loop_state())
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
         interrupted = str(e) or "SIGINT"
     finally:
@@ -790,18 +1043,20 @@ def main(args: Args) -> dict:
         if args.track:
             wandb.finish()
     if interrupted:
+        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
+                  else "")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}", file=sys.stderr, flush=True)
+              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
     summary = {"final_eval_return": final, "global_step": global_step, "updates": updates, "run_dir": run_dir,
-               "sps": global_step / (time.time() - start)}
+               "sps": (global_step - start_step) / (time.time() - start)}
     print(json.dumps(summary), flush=True)
     return summary
 
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(tyro.cli(Args, default=saved_defaults(sys.argv[1:])))
     except KeyboardInterrupt:  # before the training loop (which handles its own)
         print("interrupted while starting; nothing was trained", file=sys.stderr)
         raise SystemExit(130)

@@ -21,7 +21,8 @@ from alm import (Agent, Args, check_args, critic_loss, main, gaussian_kl, lambda
                  reward_classifier_loss, soft_update, split_transitions, update)
 from alm import act as alm_act
 from common.replay import ReplayBuffer
-from smoke import assert_clean_interrupt, assert_cli_error, assert_tracks_offline, events
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_tracks_offline, events,
+                   kill_after_first_checkpoint, resume_cli)
 from smoke import run_cli as smoke_run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -319,9 +320,13 @@ def test_smoke_cli(tmp_path, extra):
     assert "eval/episodic_return" in scalars and "charts/episodic_return" in scalars
     assert ("stats/classifier_reward" in scalars) == ("--no-classifier-reward" not in extra)
     assert json.load(open(run_dir / "args.json"))["horizon"] == (1 if "--horizon" in extra else 3)
-    if "--save-model" in extra:
-        ckpt = torch.load(run_dir / "alm.pt", weights_only=False)
-        assert ckpt["global_step"] == 240 and "encoder_target.net.0.weight" in ckpt["agent"]
+    if "--save-model" in extra:  # the checkpoint format, without the replay's head
+        ckpt = torch.load(run_dir / "alm.pt", weights_only=True)
+        assert ckpt["script"] == "alm.py" and ckpt["loop"]["global_step"] == 240 and ckpt["replay"] is None
+        assert "encoder_target.net.0.weight" in ckpt["nets"]["agent"] and "critic_target.q2.0.weight" in \
+            ckpt["nets"]["agent"]
+        assert set(ckpt["opts"]) == {"model", "reward", "critic", "actor"} and ckpt["args"]["latent_dim"] == 8
+        assert all(s["step"] == summary["updates"] for o in ckpt["opts"].values() for s in o["state"].values())
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -337,6 +342,8 @@ def test_smoke_cli(tmp_path, extra):
     (["--buffer-size", "40", "--num-envs", "16", "--batch-size", "8"], ["--buffer-size", "--num-envs 16", "got 40"]),
     (["--buffer-size", str(10**12)], ["--buffer-size 1000000000000", "GB"]),  # a MemoryError from the replay
     (["--capture-video"], ["--capture-video"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every", "got -1"]),
+    (["--resume", "runs/x", "--eval-checkpoint", "x.pt"], ["--resume", "--eval-checkpoint", "exclude"]),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
     assert_cli_error("alm.py", tmp_path, ["--env-id", "InvertedPendulum-v5", *argv], *needles)
@@ -547,3 +554,151 @@ def test_actions_live_in_the_env_box_with_straight_through_clamp():
     assert all(torch.allclose(x, y) for x, y in zip(ga, gm))
     obs = torch.randn(500, 3)  # the evaluation mean is clamped into the box
     assert (alm_act(agent, obs, 0.0, True).abs() <= 0.4).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints, --resume and --eval-checkpoint (issue 13)
+
+
+def obs_rows(run_dir, rows, obs_dim=4):
+    """The first `rows` replay rows of stream 0 of a run's memory-mapped observations (InvertedPendulum: 4 dims)."""
+    return np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.float32).reshape(1, -1, obs_dim)[:, :rows]
+
+
+def test_resume_and_eval_checkpoint_cli(tmp_path):
+    """A finished run continues with a larger --total-timesteps from its end-of-run checkpoint (replay rows kept,
+    counters continued: one update per env step, the log schedule without a gap or a repeat, no temporary file);
+    --eval-checkpoint prints its JSON line; bad input gives one error line naming the flag or the file."""
+    flags = {**CLI_TINY, "total_timesteps": 160, "eval_every": 80, "log_every": 40}
+    final, run_dir, _ = smoke_run_cli("alm.py", tmp_path, flags)
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    rows = ck["replay"]["count"]
+    assert ck["loop"]["global_step"] == 160 and ck["loop"]["updates"] == final["updates"] == 160 - 80 + 1
+    assert (ck["loop"]["next_log"], ck["loop"]["next_eval"]) == (200, 240) and rows > 160
+    before = obs_rows(run_dir, rows)
+    out = resume_cli("alm.py", tmp_path, final["run_dir"], "--total-timesteps", "240")
+    assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates (replay {rows} steps)" \
+        in out["stdout"]
+    assert out["final"]["global_step"] == 240 and out["final"]["updates"] == final["updates"] + 80  # UTD 1
+    np.testing.assert_array_equal(obs_rows(run_dir, rows), before)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
+    ea = events(run_dir)
+    assert [e.step for e in ea.Scalars("charts/SPS")] == [40, 80, 120, 160, 200, 240]
+    assert [e.step for e in ea.Scalars("eval/episodic_return")] == [80, 160, 240]  # one point per step
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert ck["loop"]["global_step"] == 240 and ck["loop"]["updates"] == final["updates"] + 80
+    assert ck["args"]["total_timesteps"] == 240 and ck["args"]["latent_dim"] == 8  # the saved flags were the defaults
+    path = os.path.join(final["run_dir"], "checkpoint.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "alm.py"), "--eval-checkpoint", path, "--eval-episodes",
+                          "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ev = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ev["global_step"] == 240 and ev["checkpoint"] == path and len(ev["eval_returns"]) == 2
+    assert ev["eval_return"] == pytest.approx(np.mean(ev["eval_returns"])) and min(ev["eval_returns"]) >= 1
+    assert "video" not in ev
+    # bad input: a changed model flag, another env, a run that is already that long, a missing run dir, a
+    # truncated file, a checkpoint of another script
+    assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--latent-dim",
+                                          "4"], "--latent-dim 4", "checkpoint's 8")
+    assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--env-id",
+                                          "Hopper-v5"], "--env-id Hopper-v5", "InvertedPendulum-v5")
+    assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
+                     "--total-timesteps 200", "frame 240")
+    assert_cli_error("alm.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
+    assert_cli_error("alm.py", tmp_path, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"script": "dreamerv3.py", "args": {"env_id": "walker-walk"}, "loop": {"global_step": 5}}, other)
+    assert_cli_error("alm.py", tmp_path, ["--eval-checkpoint", str(other)], "other.pt", "of dreamerv3.py",
+                     "not of alm.py")
+
+
+def test_update_after_restore_equals_the_uninterrupted_update(tmp_path, one_thread):
+    """Save after two updates, make a third; a fresh agent (other init) restored from the checkpoint, with the
+    replay reopened from its files, draws the same batches and makes exactly the same third update: metrics,
+    every parameter and buffer (target encoder and target critic included) and every Adam state."""
+    import alm
+
+    a = Args(**TINY)
+    N, S, A, K, std = 2, 3, 2, a.horizon, 0.5
+    rng = np.random.default_rng(0)
+
+    def agent(seed):
+        torch.manual_seed(seed)
+        nets, optims, groups = alm.build_agent(a, S, A, -np.ones(A, np.float32), np.ones(A, np.float32),
+                                               torch.device("cpu"))
+        return nets, optims, groups, ReplayBuffer(200, N, (S,), A, obs_dtype=np.float32, seed=a.seed,
+                                                  path=str(tmp_path / "replay"), resume=seed != 0)
+
+    def step(nets, optims, groups, replay):
+        seq = {k: torch.as_tensor(v) for k, v in replay.sample(a.batch_size, K + 1, within_episode=True).items()}
+        batch = {k: torch.as_tensor(v) for k, v in replay.sample(a.batch_size, 2, within_episode=True).items()}
+        return update(nets["agent"], optims, groups, seq, batch, std, a)
+
+    nets, optims, groups, replay = agent(0)
+    for t in range(40):
+        replay.add(rng.normal(size=(N, S)).astype(np.float32), rng.uniform(-1, 1, (N, A)).astype(np.float32),
+                   rng.normal(size=N).astype(np.float32), np.full(N, t in (0, 17)), np.full(N, t == 16))
+    for _ in range(2):
+        step(nets, optims, groups, replay)
+    path = str(tmp_path / "checkpoint.pt")
+    alm.save_checkpoint(path, a, nets, optims, {"global_step": 80}, replay)
+    m1 = step(nets, optims, groups, replay)
+    nets2, optims2, groups2, replay2 = agent(1)
+    assert not torch.equal(nets2["agent"].encoder.net[0].weight, nets["agent"].encoder.net[0].weight)
+    assert alm.restore_checkpoint(alm.load_checkpoint(path, "--resume"), nets2, optims2, replay2) == {"global_step": 80}
+    m2 = step(nets2, optims2, groups2, replay2)
+    assert {k: v.item() for k, v in m1.items()} == {k: v.item() for k, v in m2.items()}
+    sd1, sd2 = nets["agent"].state_dict(), nets2["agent"].state_dict()
+    assert sd1.keys() == sd2.keys() and any(k.startswith("encoder_target.") for k in sd1)
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+    assert not torch.equal(sd1["encoder_target.net.0.weight"], sd1["encoder.net.0.weight"])  # the targets moved
+    for k in optims:
+        s1, s2 = optims[k].state_dict()["state"], optims2[k].state_dict()["state"]
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[i][j], s2[i][j]) for i in s1 for j in s1[i]), k
+        assert all(int(s["step"]) == 3 for s in s1.values())
+    # the restored optimisers still drive the restored parameters (not copies of them)
+    assert all(p is q for p, q in zip(groups2["actor"], nets2["agent"].actor.parameters()))
+    assert optims2["actor"].param_groups[0]["params"][0] is groups2["actor"][0]
+
+
+def test_eval_env_generator_continues_the_evaluation_episodes():
+    """The evaluation env is reset without a seed, so its generator is part of a checkpoint: a new env whose
+    generator is set to the saved state starts the same episodes as the old one would have."""
+    import alm
+    from common.envs import make_env
+
+    env = make_env("InvertedPendulum-v5", 11)
+    env.reset()
+    state = alm.env_rng(env).bit_generator.state
+    expected = [env.reset()[0] for _ in range(3)]
+    fresh = make_env("InvertedPendulum-v5", 11)
+    assert not np.array_equal(fresh.reset()[0], expected[0])
+    alm.env_rng(fresh).bit_generator.state = state
+    np.testing.assert_array_equal(np.stack([fresh.reset()[0] for _ in range(3)]), np.stack(expected))
+    env.close(), fresh.close()
+
+
+def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
+    """SIGKILL right after the first checkpoint appears; --resume continues from the checkpoint's step to the final
+    JSON line, with the replay rows written before the checkpoint intact, no temporary file left, and every
+    TensorBoard series on its schedule without a gap or a repeated step."""
+    flags = {**CLI_TINY, "total_timesteps": 280, "eval_every": 10**6, "log_every": 40, "checkpoint_every": 120}
+    run_dir, ck = kill_after_first_checkpoint("alm.py", tmp_path, flags)
+    saved, rows, updates = ck["loop"]["global_step"], ck["replay"]["count"], ck["loop"]["updates"]
+    assert saved == 120 and rows > 0 and updates == 120 - 80 + 1
+    before = obs_rows(run_dir, rows)
+    out = resume_cli("alm.py", tmp_path, run_dir)
+    assert f"at frame {saved} after {updates} updates" in out["stdout"]
+    assert out["final"]["global_step"] == 280 and out["final"]["updates"] == updates + 280 - saved
+    np.testing.assert_array_equal(obs_rows(run_dir, rows), before)
+    assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
+    ea = events(run_dir)
+    assert [e.step for e in ea.Scalars("charts/SPS")] == list(range(40, 281, 40))  # the points at 120 kept
+    for tag in ea.Tags()["scalars"]:
+        steps = [e.step for e in ea.Scalars(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)  # TensorBoard continues without duplicated points
+    assert [e.step for e in ea.Scalars("eval/episodic_return")] == [280]
