@@ -71,7 +71,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -98,6 +98,10 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
+    statistics (LayerNorm and BatchNorm), distributions, KL, two-hot log-softmax and return percentiles stay
+    float32. (Default fp32: see the README's Measured table for the speed on each machine.)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -248,6 +252,11 @@ class Args:
 
 
 # --- Small math helpers ----------------------------------------------------------------------
+def f32(x):
+    """Low-precision activations (--precision bf16) to float32; float32 and float64 pass unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def symlog(x):
     # [DreamerV3 symlog] symlog(x) = sign(x) ln(|x| + 1)
     return torch.sign(x) * torch.log1p(x.abs())
@@ -270,17 +279,17 @@ def twohot(x, bins):
 
 def twohot_loss(logits, x, bins):
     """-log p(x) of the symlog two-hot distribution, for targets x in the original space."""
-    return -(twohot(symlog(x), bins) * F.log_softmax(logits, -1)).sum(-1)
+    return -(twohot(symlog(x), bins) * F.log_softmax(f32(logits), -1)).sum(-1)
 
 
 def twohot_mean(logits, bins):
     """[DreamerV3 two-hot] y = symexp(softmax(logits)^T bins)."""
-    return symexp((F.softmax(logits, -1) * bins).sum(-1))
+    return symexp((F.softmax(f32(logits), -1) * bins).sum(-1))
 
 
 def unimix_logits(logits, unimix):
     """[DreamerV3 unimix] probs = (1 - unimix) softmax(logits) + unimix / K; returns log(probs)."""
-    probs = F.softmax(logits, -1)
+    probs = F.softmax(f32(logits), -1)
     return torch.log((1 - unimix) * probs + unimix / logits.shape[-1])
 
 
@@ -294,7 +303,7 @@ def sample_onehot(logits):
 
 def categorical_kl(logits_p, logits_q):
     """KL[p || q] of S independent categoricals, summed over the S latents: (..., S, K) -> (...)."""
-    logp, logq = F.log_softmax(logits_p, -1), F.log_softmax(logits_q, -1)
+    logp, logq = F.log_softmax(f32(logits_p), -1), F.log_softmax(f32(logits_q), -1)
     return (logp.exp() * (logp - logq)).sum((-2, -1))
 
 
@@ -371,7 +380,21 @@ def init_weights(m):
 
 
 # --- Networks --------------------------------------------------------------------------------
-class ChannelNorm(nn.LayerNorm):
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose statistics are computed in float32 (under --precision bf16 its input is bfloat16)."""
+
+    def forward(self, x):
+        return super().forward(f32(x))
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d with float32 batch and running statistics (under --precision bf16 its input is bfloat16)."""
+
+    def forward(self, x):
+        return super().forward(f32(x))
+
+
+class ChannelNorm(LayerNorm):
     """LayerNorm over the channels of each pixel of a (N, C, H, W) map (DreamerV3 CNN norm)."""
 
     def forward(self, x):
@@ -382,7 +405,7 @@ def mlp(inp, units, layers, out):
     """[MuDreamer Table 10] `layers` x (Linear + LayerNorm + SiLU), then a Linear to `out` (no bias before a norm)."""
     mods = []
     for i in range(layers):
-        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU()]
+        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), LayerNorm(units, eps=LN_EPS), nn.SiLU()]
     return nn.Sequential(*mods, nn.Linear(units if layers else inp, out))
 
 
@@ -437,15 +460,15 @@ class RSSM(nn.Module):
         super().__init__()
         self.deter, self.stoch, self.classes, self.unimix = deter, stoch, classes, unimix
         self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_dim, units, bias=False),
-                                    nn.LayerNorm(units, eps=LN_EPS), nn.SiLU())
+                                    LayerNorm(units, eps=LN_EPS), nn.SiLU())
         # GRU with one fused Linear for the three gates and LayerNorm on them (DreamerV3 2023 code).
         self.gru = nn.Linear(units + deter, 3 * deter, bias=False)
-        self.gru_norm = nn.LayerNorm(3 * deter, eps=LN_EPS)
-        self.img_out = nn.Sequential(nn.Linear(deter, units, bias=False), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU(),
+        self.gru_norm = LayerNorm(3 * deter, eps=LN_EPS)
+        self.img_out = nn.Sequential(nn.Linear(deter, units, bias=False), LayerNorm(units, eps=LN_EPS), nn.SiLU(),
                                      nn.Linear(units, stoch * classes))
         # [MuDreamer Table 8] Representation: Linear([h_t, x_t]) + BatchNorm + SiLU, then a Linear to the logits.
         # The x_t part of the first Linear is applied to all T steps at once in `observe` (same maths, faster).
-        norm = nn.BatchNorm1d(units, momentum=1 - bn_momentum) if batch_norm else nn.LayerNorm(units, eps=LN_EPS)
+        norm = BatchNorm1d(units, momentum=1 - bn_momentum) if batch_norm else LayerNorm(units, eps=LN_EPS)
         # (torch momentum = weight of the new batch = 1 - the paper's 0.9, deviation 6; DEVIATION 5: per step of observe)
         self.obs_in = nn.Linear(deter + embed_dim, units, bias=False)
         self.obs_out = nn.Sequential(norm, nn.SiLU(), nn.Linear(units, stoch * classes))
@@ -572,7 +595,7 @@ class Actor(nn.Module):
 
     def dist(self, feat):
         """Returns (log-prob function, entropy, sampler drawing an action with gradient); draws nothing itself."""
-        out = self.net(feat)
+        out = f32(self.net(feat))
         if self.discrete:
             logits = unimix_logits(out, self.unimix)
             logp = F.log_softmax(logits, -1)
@@ -619,7 +642,7 @@ def world_model_loss(wm, slow_value, data, loss_scales, free_bits, gamma, lam):
     # [MuDreamer Eq. 3] -ln p(r_t | s_t), symlog two-hot
     losses["reward"] = twohot_loss(wm.heads["reward"](feat), data["reward"], wm.bins)
     # [MuDreamer Eq. 3] -ln p(c_t | s_t), Bernoulli with target c_t = 1 - is_terminal
-    cont_logits, cont_target = wm.heads["cont"](feat)[..., 0], 1.0 - data["is_terminal"].float()
+    cont_logits, cont_target = f32(wm.heads["cont"](feat)[..., 0]), 1.0 - data["is_terminal"].float()
     losses["cont"] = F.binary_cross_entropy_with_logits(cont_logits, cont_target, reduction="none")
     if "value" in loss_scales:
         # [MuDreamer Eq. 3, target Eq. 5] -ln p(sg(R_t) | s_t), symlog two-hot, toward lambda-returns of the real
@@ -673,7 +696,7 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
     feat, action, logps, ent = imagine(wm.rssm, actor, deter, stoch, horizon)  # (H+1, N, ...)
     reward = twohot_mean(wm.heads["reward"](feat[1:]), wm.bins)  # (H, N) r_1..r_H
     # Continue: real flag for the start state, the continue head's mode afterwards (2023 code).
-    cont = (wm.heads["cont"](feat[1:])[..., 0] > 0).to(feat.dtype)  # (H, N) c_1..c_H
+    cont = (wm.heads["cont"](feat[1:])[..., 0] > 0).float()  # (H, N) c_1..c_H
     cont0 = (1.0 - is_terminal.to(feat.dtype))[None]
     # [DreamerV3 2023 code] weight_t = prod_{i<=t} gamma c_i / gamma: discount for states cut off by an end.
     weight = (torch.cumprod(gamma * torch.cat([cont0, cont]), 0) / gamma).detach()  # (H+1, N)
@@ -719,8 +742,10 @@ def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, 
         loss_scales["value"] = args.pred_scale
     if not args.no_action_predictor:  # ABLATION(no_action_predictor)
         loss_scales["action"] = args.pred_scale
-    wm_loss, metrics, (deter, stoch) = world_model_loss(wm, slow_value, data, loss_scales, args.free_bits,
-                                                        args.gamma, args.lam)
+    device_type, low = data["obs"].device.type, args.precision == "bf16"  # --precision bf16: autocast the forward
+    with torch.autocast(device_type, torch.bfloat16, enabled=low):
+        wm_loss, metrics, (deter, stoch) = world_model_loss(wm, slow_value, data, loss_scales, args.free_bits,
+                                                            args.gamma, args.lam)
     wm_opt.zero_grad(set_to_none=True)
     wm_loss.backward()
     metrics["grad_norm/world_model"] = nn.utils.clip_grad_norm_(wm_opt.param_groups[0]["params"], args.model_clip)
@@ -731,7 +756,8 @@ def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, 
             p_slow.lerp_(p, 1.0 - args.value_ema_decay)
     if wm.decoder is not None:
         # [MuDreamer Sec. 4.1] auxiliary decoder -ln p(o_t | sg(s_t)), MSE summed over pixels, own optimiser and clip
-        recon = wm.decoder(feature(deter, stoch))  # (B, T, C, H, W) from the detached posterior states
+        with torch.autocast(device_type, torch.bfloat16, enabled=low):
+            recon = f32(wm.decoder(feature(deter, stoch)))  # (B, T, C, H, W) from the detached posterior states
         image_loss = ((recon - data["obs"].float() / 255.0) ** 2).sum((-3, -2, -1)).mean()
         decoder_opt.zero_grad(set_to_none=True)
         image_loss.backward()
@@ -741,10 +767,11 @@ def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, 
 
     # Actor-critic in imagination, from all B*T posterior states (the world model is not trained here)
     wm.requires_grad_(False)
-    actor_loss, critic_loss, ac_metrics = actor_critic_loss(
-        wm, actor, critic, slow_critic, return_norm, deter.flatten(0, 1), stoch.flatten(0, 1),
-        data["is_terminal"].flatten(), args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
-        args.critic_slow_reg)
+    with torch.autocast(device_type, torch.bfloat16, enabled=low):
+        actor_loss, critic_loss, ac_metrics = actor_critic_loss(
+            wm, actor, critic, slow_critic, return_norm, deter.flatten(0, 1), stoch.flatten(0, 1),
+            data["is_terminal"].flatten(), args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
+            args.critic_slow_reg)
     wm.requires_grad_(True)
     metrics.update(ac_metrics)
     actor_opt.zero_grad(), critic_opt.zero_grad()
@@ -1032,7 +1059,7 @@ def close_envs(*envs, kill=False):
 
 CHECKPOINT = "checkpoint.pt"
 # Flags a resumed run may change: they touch neither the model nor the training schedule.
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track",
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision", "track",
              "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
              "log_every", "video_every")
 

@@ -2,7 +2,8 @@
 
 MuDreamer Table 5 ("DreamerV3 Small": deter 512, 32x32 latents, units 512, cnn depth 32), B x T = 16 x 64
 images 3x64x64, 6-dim continuous actions (walker), imagination horizon 15 from all B*T posterior states.
-`setup(device, decoder=False)` times the run without the auxiliary decoder (`--no-decoder`).
+`setup(device, decoder=False)` times the run without the auxiliary decoder (`--no-decoder`); `precision="bf16"`
+`--precision bf16`; `size="small"` the learning checks' model.
 Run with `python benchmarks/update_speed.py --agents mudreamer dreamerv3 --device cpu`.
 """
 
@@ -14,8 +15,13 @@ from synthetic import pixel_batch
 import mudreamer as m
 
 
-def setup(device, decoder=True):
-    args = m.Args(decoder=decoder)  # paper defaults (Table 5)
+PRECISIONS = ("fp32", "bf16")
+SMALL = dict(deter=128, units=128, stoch=16, classes=16, cnn_depth=8, batch_size=16, batch_length=32)
+
+
+def setup(device, decoder=True, precision="fp32", size="S"):
+    # paper defaults (Table 5), or the learning checks' small model (README Results)
+    args = m.Args(decoder=decoder, precision=precision, **(SMALL if size == "small" else {}))
     torch.manual_seed(0)
     A, B, T, obs_shape = 6, args.batch_size, args.batch_length, (3, 64, 64)
     wm = m.WorldModel(obs_shape, A, args.deter, args.stoch, args.classes, args.units, args.mlp_layers,
@@ -39,5 +45,6 @@ def setup(device, decoder=True):
     def step():
         m.update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args)
 
-    return step, (f"mudreamer.py 'S' (deter 512, 32x32, units 512, cnn 32), B x T = {B} x {T}, H = 15, A = {A}, "
-                  f"decoder {'on' if decoder else 'off'}")
+    return step, (f"mudreamer.py {size} (deter {args.deter}, {args.stoch}x{args.classes}, units {args.units}, cnn "
+                  f"{args.cnn_depth}), B x T = {B} x {T}, H = {args.imag_horizon}, A = {A}, decoder "
+                  f"{'on' if decoder else 'off'}, {precision}")

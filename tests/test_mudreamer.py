@@ -275,6 +275,24 @@ def test_collapse_monitor_values():
     assert m.collapse_monitor(wm, data)["mudreamer/embed_std"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_bf16_update_stays_close_to_float32(one_thread):
+    """--precision bf16: the same update (decoder and BatchNorm on) from the same state and RNG gives losses within
+    2% of float32, and every metric, parameter and BatchNorm statistic stays float32."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        a = _tiny_args(precision=precision)
+        wm, slow_value, actor, critic, slow_critic, norm, opts = _agent(a)
+        torch.manual_seed(0)
+        out[precision] = m.update(wm, actor, critic, slow_critic, slow_value, norm, opts, _batch(), a)
+        assert all(t.dtype == torch.float32 for net in (wm, actor, critic) for t in net.state_dict().values()
+                   if t.is_floating_point())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out["bf16"].values())
+    for k in ("losses/world_model", "losses/reward", "losses/value", "losses/action", "losses/image", "stats/kl",
+              "stats/imagined_return"):
+        assert out["bf16"][k].item() == pytest.approx(out["fp32"][k].item(), rel=2e-2, abs=1e-3), k
+    assert out["bf16"]["losses/image"].item() != out["fp32"]["losses/image"].item()  # bf16 did run
+
+
 @pytest.mark.parametrize("argv, needles", DREAMER_BAD_INPUTS + [
     (["--batch-size", "1"], ["--batch-size", "BatchNorm", "got 1"]),
     (["--bn-momentum", "1.5"], ["--bn-momentum", "1.5"]),
@@ -378,7 +396,8 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     rows = ck["replay"]["count"]
     assert ck["loop"]["global_step"] == 160 and ck["loop"]["updates"] == final["updates"] and rows > 80
     before = _replay_obs(run_dir, rows)
-    out = resume_cli("mudreamer.py", tmp_path, final["run_dir"], "--total-timesteps", "240")
+    # (the CLI with --precision bf16: a flag a resumed run may change)
+    out = resume_cli("mudreamer.py", tmp_path, final["run_dir"], "--total-timesteps", "240", "--precision", "bf16")
     assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates (replay {rows} steps)" \
         in out["stdout"]
     assert out["final"]["global_step"] == 240 and out["final"]["updates"] > final["updates"]
