@@ -23,8 +23,9 @@ Tags: `[MuDreamer Eq. N]` points at arXiv:2405.15083v1 Sec. 4, which restates Dr
 DreamerV3 paper is not in papers/, so DreamerV3-only items are tagged by topic, e.g. `[DreamerV3 two-hot]`).
 
 Deviations from the paper / the 2023 code (each also tagged `# DEVIATION` where it happens):
- 1. float32 instead of float16 with loss scaling (no non-finite step skipping; a non-finite loss stops
-    the run instead).
+ 1. float32 by default instead of float16 with loss scaling; `--precision bf16` autocasts the update's matrix
+    products and convolutions to bfloat16 (no loss scaling needed; norms, distributions and KL stay float32).
+    Neither skips non-finite steps: a non-finite loss stops the run instead.
  2. Every replayed batch starts from the learned initial state; the 2023 code carries the last
     posterior of the previous batch into the next, unrelated one.
  3. Pixel observations only (DMC and MiniGrid ids); the MLP encoder/decoder for vector observations is left out.
@@ -640,8 +641,8 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
 def update(wm, actor, critic, slow_critic, return_norm, opts, data, args):
     """One training update: world model, then actor and critic from its posterior states. No host syncs."""
     wm_opt, actor_opt, critic_opt = opts
-    # DEVIATION: float32 throughout; the 2023 code trains in float16 with loss scaling and skips
-    # non-finite steps (here a non-finite loss stops the run at the next log).
+    # DEVIATION: float32 (or --precision bf16 autocast); the 2023 code trains in float16 with loss scaling and
+    # skips non-finite steps (here a non-finite loss stops the run at the next log).
     # World model
     loss_scales = {"image": 1.0, "reward": 1.0, "cont": 1.0, "kl_dyn": args.kl_dyn, "kl_rep": args.kl_rep}
     device_type, low = data["obs"].device.type, args.precision == "bf16"  # --precision bf16: autocast the forward

@@ -33,7 +33,7 @@ A, OBS = 6, (3, 64, 64)
 def setup(device):
     args = c.Args()  # paper defaults: stoch 30, deter 200, units 400, cnn 32, batch 50 x 50, H 15
     torch.manual_seed(0)
-    agent, opts, _ = c.build(args, OBS, A, device)
+    agent, opts, _ = c.build_agent(args, OBS, A, device)
     data = pixel_batch(args.batch_size, args.batch_length, OBS, A, device)
 
     def step():
@@ -46,7 +46,7 @@ def setup(device):
 def setup_act(device, mpc=True, num_envs=1):
     args = c.Args(no_mpc=not mpc)
     torch.manual_seed(0)
-    agent, _, act_cfg = c.build(args, OBS, A, device)
+    agent, _, act_cfg = c.build_agent(args, OBS, A, device)
     obs = torch.randint(0, 256, (num_envs, *OBS), dtype=torch.uint8, device=device)
     is_first = torch.zeros(num_envs, dtype=torch.bool, device=device)
     state = [c.initial_state(agent, num_envs, device)]

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -125,6 +127,33 @@ def resume_cli(script, cwd, run_dir, *argv, timeout=600):
                          env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return {"stdout": out.stdout, "final": json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def eval_checkpoint_cli(script, cwd, path, *argv, timeout=600):
+    """`script --eval-checkpoint path argv...` to its end: asserts exit 0; returns its final JSON line as a dict."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--eval-checkpoint", str(path), *argv],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def truncated_copy(src, dst, n=1000):
+    """The first `n` bytes of checkpoint `src` written to `dst` (what a non-atomic write cut short leaves)."""
+    with open(src, "rb") as f:
+        head = f.read(n)
+    with open(dst, "wb") as f:
+        f.write(head)
+    return dst
+
+
+def fill_pixel_replay(replay, steps, rng):
+    """`steps` rows of random uint8 frames, actions in [-1, 1] and Normal rewards in every stream, one episode
+    starting at row 0 and no terminal (for the restore-equals-uninterrupted tests)."""
+    n, shape, a = replay.num_envs, replay.obs.shape[2:], replay.action.shape[-1]
+    for t in range(steps):
+        replay.add(rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.uniform(-1, 1, (n, a)).astype(np.float32),
+                   rng.normal(size=n).astype(np.float32), np.full(n, t == 0), np.zeros(n, bool))
 
 
 # Bad inputs both DreamerV3-family scripts (dreamerv3.py, mudreamer.py) must refuse in one line: (argv, needles).

@@ -21,8 +21,8 @@ from alm import (Agent, Args, check_args, critic_loss, main, gaussian_kl, lambda
                  reward_classifier_loss, soft_update, split_transitions, update)
 from alm import act as alm_act
 from common.replay import ReplayBuffer
-from smoke import (assert_clean_interrupt, assert_cli_error, assert_tracks_offline, events,
-                   kill_after_first_checkpoint, resume_cli)
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_tracks_offline, eval_checkpoint_cli, events,
+                   kill_after_first_checkpoint, resume_cli, truncated_copy)
 from smoke import run_cli as smoke_run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -589,11 +589,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     assert ck["loop"]["global_step"] == 240 and ck["loop"]["updates"] == final["updates"] + 80
     assert ck["args"]["total_timesteps"] == 240 and ck["args"]["latent_dim"] == 8  # the saved flags were the defaults
     path = os.path.join(final["run_dir"], "checkpoint.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "alm.py"), "--eval-checkpoint", path, "--eval-episodes",
-                          "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    ev = json.loads(out.stdout.strip().splitlines()[-1])
+    ev = eval_checkpoint_cli("alm.py", tmp_path, path, "--eval-episodes", "2")
     assert ev["global_step"] == 240 and ev["checkpoint"] == path and len(ev["eval_returns"]) == 2
     assert ev["eval_return"] == pytest.approx(np.mean(ev["eval_returns"])) and min(ev["eval_returns"]) >= 1
     assert "video" not in ev
@@ -606,8 +602,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
                      "--total-timesteps 200", "frame 240")
     assert_cli_error("alm.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
+    bad = truncated_copy(os.path.join(run_dir, "checkpoint.pt"), tmp_path / "bad.pt")
     assert_cli_error("alm.py", tmp_path, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
     other = tmp_path / "other.pt"
     torch.save({"script": "dreamerv3.py", "args": {"env_id": "walker-walk"}, "loop": {"global_step": 5}}, other)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import blast as b
-from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline, events,
-                   kill_after_first_checkpoint, resume_cli, run_cli)
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline,
+                   eval_checkpoint_cli, events, kill_after_first_checkpoint, resume_cli, run_cli, truncated_copy)
 
 TINY = dict(deter=16, hidden=16, stoch=4, classes=4, ar_steps=4, cnn_depth=2, units=16, mlp_layers=1,
             batch_size=4, batch_length=6, imag_horizon=3, prefill=20, pretrain=2, buffer_size=2000, time_limit=60)
@@ -686,24 +686,15 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     assert [e.step for e in ea.Scalars("charts/SPS")] == [80, 160, 240]  # next_log continued, nothing twice
     assert [e.step for e in ea.Scalars("eval/episodic_return")] == [176, 240]
     assert [e.value for e in ea.Scalars("charts/updates")] == [4, 12, 20]
-    import subprocess
-    import sys
-
-    from smoke import ROOT
-
     path = os.path.join(final["run_dir"], "checkpoint.pt")
-    ev = subprocess.run([sys.executable, os.path.join(ROOT, "blast.py"), "--eval-checkpoint", path, "--eval-episodes",
-                         "1"], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
-                        capture_output=True, text=True, timeout=600)
-    assert ev.returncode == 0, ev.stderr[-2000:]
-    ev = json.loads(ev.stdout.strip().splitlines()[-1])
+    ev = eval_checkpoint_cli("blast.py", tmp_path, path, "--eval-episodes", "1")
     assert ev["global_step"] == 240 and len(ev["eval_returns"]) == 1 and math.isfinite(ev["eval_return"])
     assert ev["checkpoint"] == path and set(ev) == {"eval_return", "eval_returns", "global_step", "checkpoint"}
     # bad input through the command line: a changed model flag, a truncated checkpoint, another script's checkpoint
     assert_cli_error("blast.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--deter", "32"],
                      "--deter 32", "checkpoint's 16")
     os.makedirs(tmp_path / "cut")
-    (tmp_path / "cut" / "checkpoint.pt").write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
+    truncated_copy(os.path.join(run_dir, "checkpoint.pt"), tmp_path / "cut" / "checkpoint.pt")
     assert_cli_error("blast.py", tmp_path, ["--resume", "cut"], "truncated or corrupt", "cut/checkpoint.pt")
     torch.save({"script": "dreamerv3.py", "args": {"env_id": "walker-walk", "deter": 512}, "nets": {}},
                str(tmp_path / "other.pt"))

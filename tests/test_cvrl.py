@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import cvrl as c
-from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline, events,
-                   kill_after_first_checkpoint, resume_cli, run_cli)
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline,
+                   eval_checkpoint_cli, events, kill_after_first_checkpoint, resume_cli, run_cli, truncated_copy)
 
 TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
             actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
@@ -412,17 +412,8 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
     with open(os.path.join(run_dir, "args.json")) as f:
         assert json.load(f)["total_timesteps"] == 160
-    import subprocess
-    import sys
-
-    from smoke import ROOT
-
     path = os.path.join(final["run_dir"], "checkpoint.pt")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "cvrl.py"), "--eval-checkpoint", path, "--eval-episodes",
-                          "1"], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    ev = json.loads(out.stdout.strip().splitlines()[-1])
+    ev = eval_checkpoint_cli("cvrl.py", tmp_path, path, "--eval-episodes", "1")
     assert ev["global_step"] == 160 and len(ev["eval_returns"]) == 1 and math.isfinite(ev["eval_return"])
     assert ev["checkpoint"] == path and 0 < ev["eval_return"] <= 40  # 40 frames of reward <= 1 each
     # bad input: changed flags through the real command line (the saved flags become its defaults) ...
@@ -435,8 +426,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     assert_error_in_process(capsys, ["--resume", final["run_dir"], "--total-timesteps", "120"],
                             "--total-timesteps 120", "frame 160")
     assert_error_in_process(capsys, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(open(path, "rb").read()[:1000])
+    bad = truncated_copy(path, tmp_path / "bad.pt")
     assert_error_in_process(capsys, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
     other = tmp_path / "other"  # a whole checkpoint, but another script's, whose flags do not fit cvrl.py's
     other.mkdir()

@@ -13,7 +13,8 @@ import torch
 
 import dreamerv3 as d
 from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
-                   assert_tracks_offline, events, kill_after_first_checkpoint, resume_cli, run_cli)
+                   assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay, kill_after_first_checkpoint,
+                   resume_cli, run_cli, truncated_copy)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -421,10 +422,8 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     obs_after = np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.uint8).reshape(1, -1, 3, 64, 64)
     np.testing.assert_array_equal(obs_after[:, :rows], obs_before.reshape(1, -1, 3, 64, 64)[:, :rows])
     assert not glob.glob(os.path.join(run_dir, "*.tmp"))
-    out = subprocess.run([sys.executable, script, "--eval-checkpoint", os.path.join(final["run_dir"], "checkpoint.pt"),
-                          "--eval-episodes", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    ev = json.loads(out.stdout.strip().splitlines()[-1])
+    ev = eval_checkpoint_cli("dreamerv3.py", tmp_path, os.path.join(final["run_dir"], "checkpoint.pt"),
+                             "--eval-episodes", "1")
     assert ev["global_step"] == 240 and len(ev["eval_returns"]) == 1 and math.isfinite(ev["eval_return"])
     # bad input: a changed model flag, a corrupt file, a missing run dir, a run that is already that long
     assert_cli_error("dreamerv3.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400",
@@ -432,8 +431,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     assert_cli_error("dreamerv3.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
                      "--total-timesteps 200", "frame 240")
     assert_cli_error("dreamerv3.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
+    bad = truncated_copy(os.path.join(run_dir, "checkpoint.pt"), tmp_path / "bad.pt")
     assert_cli_error("dreamerv3.py", tmp_path, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
 
 
@@ -457,9 +455,7 @@ def test_update_after_restore_equals_the_uninterrupted_update(tmp_path, one_thre
         return d.update(*nets.values(), opts, data, a)
 
     nets, opts, replay = agent(0)
-    for t in range(40):
-        replay.add(rng.integers(0, 256, (N, *shape), dtype=np.uint8), rng.uniform(-1, 1, (N, 1)).astype(np.float32),
-                   rng.normal(size=N).astype(np.float32), np.full(N, t == 0), np.zeros(N, bool))
+    fill_pixel_replay(replay, 40, rng)
     for _ in range(2):
         step(nets, opts, replay)
     path = str(tmp_path / "checkpoint.pt")

@@ -7,12 +7,9 @@ finished run and after SIGKILL), --eval-checkpoint, bad checkpoints, and the upd
 """
 
 import glob
-import json
 import math
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,8 +17,9 @@ import torch
 import torch.nn as nn
 
 import mudreamer as m
-from smoke import (DREAMER_BAD_INPUTS, ROOT, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
-                   assert_tracks_offline, events, kill_after_first_checkpoint, resume_cli, run_cli)
+from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
+                   assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay, kill_after_first_checkpoint,
+                   resume_cli, run_cli, truncated_copy)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -410,11 +408,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     steps = [e.step for e in events(run_dir).Scalars("charts/updates")]
     assert steps == [80, 160, 240], steps  # the resumed run logs on from the saved next_log
     path = os.path.join(final["run_dir"], "checkpoint.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "mudreamer.py"), "--eval-checkpoint", path,
-                          "--eval-episodes", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    ev = json.loads(run.stdout.strip().splitlines()[-1])
+    ev = eval_checkpoint_cli("mudreamer.py", tmp_path, path, "--eval-episodes", "1")
     assert ev["global_step"] == 240 and ev["checkpoint"] == path and len(ev["eval_returns"]) == 1
     assert 0 < ev["eval_return"] <= 40  # cartpole-balance pays at most 1 per frame over a 40-frame episode
     # bad input: a changed model flag, a run that is already that long, a missing run dir, a truncated checkpoint,
@@ -427,7 +421,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
                      "--total-timesteps 200", "frame 240")
     assert_cli_error("mudreamer.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
     (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / "checkpoint.pt").write_bytes(open(os.path.join(run_dir, "checkpoint.pt"), "rb").read()[:1000])
+    truncated_copy(os.path.join(run_dir, "checkpoint.pt"), tmp_path / "cut" / "checkpoint.pt")
     assert_cli_error("mudreamer.py", tmp_path, ["--resume", "cut"], "truncated or corrupt",
                      os.path.join("cut", "checkpoint.pt"))
     torch.save({"script": "dreamerv3.py", "args": ck["args"], "nets": {}, "opts": [], "loop": ck["loop"]},
@@ -460,9 +454,7 @@ def test_update_after_restore_equals_the_uninterrupted_update(decoder, tmp_path,
 
     nets, opts, replay = agent(0)
     assert (opts[3] is not None) == decoder and len(opts) == 4
-    for t in range(40):
-        replay.add(rng.integers(0, 256, (N, *shape), dtype=np.uint8), rng.uniform(-1, 1, (N, 1)).astype(np.float32),
-                   rng.normal(size=N).astype(np.float32), np.full(N, t == 0), np.zeros(N, bool))
+    fill_pixel_replay(replay, 40, rng)
     for _ in range(2):
         step(nets, opts, replay)
     path = str(tmp_path / "checkpoint.pt")
