@@ -144,7 +144,7 @@ class Args:
     """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
     statistics (LayerNorm and BatchNorm), distributions (one-hot, truncated normal), KL, entropies, the unit-Normal
     losses, the lambda-returns and the decoder's output stay float32; acting and evaluation stay float32. (Default
-    fp32: see the README's Measured table for the speed on each machine.)"""
+    fp32; time both with benchmarks/update_speed.py --agents blast --precisions fp32 bf16.)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
