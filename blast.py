@@ -53,11 +53,13 @@ resumed run takes them as its defaults and applies neither again). Updates after
 run's, given the same replay. Not restored, so a resumed run is not the uninterrupted one bit for bit: the episodes
 in progress (the training envs are reset with seed + frame, the acting state starts from zeros), the evaluation
 envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since the checkpoint
-(common/replay.py). Only --total-timesteps and the logging, evaluation and tracking flags may change (RESUMABLE).
+(common/replay.py). Only --total-timesteps, --precision and the logging, evaluation and tracking flags may change
+(RESUMABLE).
 `--save-model` writes the same format without the replay's head to runs/{run}/{exp_name}.pt.
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
- 1. float32 instead of mixed float16; a non-finite loss stops the run at the next log.
+ 1. float32 instead of mixed float16 (--precision bf16: the update's forward under bfloat16 autocast, the norms,
+    distributions and losses in float32); a non-finite loss stops the run at the next log.
  2. Every replayed window starts from the zero state and action (official: the previous batch's last posterior
     carried over) and may cross episode starts (reset at is_first); DreamerV2 samples chunks within episodes.
  3. The decoder has its own Adam (same settings) and clip; the official code's model optimiser also holds it, so
@@ -97,7 +99,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -138,6 +140,11 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
+    statistics (LayerNorm and BatchNorm), distributions (one-hot, truncated normal), KL, entropies, the unit-Normal
+    losses, the lambda-returns and the decoder's output stay float32; acting and evaluation stay float32. (Default
+    fp32; time both with benchmarks/update_speed.py --agents blast --precisions fp32 bf16.)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -156,8 +163,8 @@ class Args:
     replay in memory"""
     resume: Optional[str] = None
     """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
-    run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps (to grow it) and
-    the logging, evaluation and tracking flags may change"""
+    run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps (to grow it),
+    --precision and the logging, evaluation and tracking flags may change"""
     eval_checkpoint: Optional[str] = None
     """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
     videos/ beside the file), print the JSON line, and stop"""
@@ -288,13 +295,19 @@ class Args:
 
 
 # --- Small math helpers ----------------------------------------------------------------------
+def f32(x):
+    """Low-precision activations (--precision bf16) to float32; float32 and float64 pass unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def gaussian_nll(pred, target):
     """[DreamerV2 'mse' dist] -ln N(target; pred, 1) = 0.5 (target - pred)^2 + 0.5 ln 2 pi, elementwise."""
-    return 0.5 * (target - pred) ** 2 + HALF_LOG_2PI
+    return 0.5 * (target - f32(pred)) ** 2 + HALF_LOG_2PI
 
 
 def sample_onehot(logits):
     """[DreamerV2 OneHotDist] one-hot sample with straight-through gradients: sample + probs - sg(probs)."""
+    logits = f32(logits)
     probs = F.softmax(logits, -1)
     gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(1e-20, 1.0)))  # Gumbel-max: no host sync
     sample = torch.zeros_like(probs).scatter_(-1, (logits + gumbel).argmax(-1, keepdim=True), 1.0)
@@ -302,12 +315,13 @@ def sample_onehot(logits):
 
 
 def categorical_entropy(logits):  # (..., S, K) -> mean over (...) of the entropy summed over the S latents
+    logits = f32(logits)
     return -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum((-2, -1)).mean().detach()
 
 
 def categorical_kl(logits_p, logits_q):
     """KL[p || q] of S independent categoricals, summed over the S latents: (..., S, K) -> (...)."""
-    logp, logq = F.log_softmax(logits_p, -1), F.log_softmax(logits_q, -1)
+    logp, logq = F.log_softmax(f32(logits_p), -1), F.log_softmax(f32(logits_q), -1)
     return (logp.exp() * (logp - logq)).sum((-2, -1))
 
 
@@ -339,6 +353,7 @@ class TruncNormal:
     (differentiable in mean and std), then DreamerV2's straight-through clip into [low + 1e-6, high - 1e-6]."""
 
     def __init__(self, mean, std, low=-1.0, high=1.0):
+        mean, std = f32(mean), f32(std)  # (the distribution in float32 under --precision bf16)
         self.mean, self.std, self.low, self.high = mean, std, low, high
         self.a, self.b = (low - mean) / std, (high - mean) / std
         self.cdf_a, self.cdf_b = torch.special.ndtr(self.a), torch.special.ndtr(self.b)
@@ -371,6 +386,7 @@ class OneHot:
     """[DreamerV2 OneHotDist] a categorical over A actions as one-hot vectors; rsample is straight-through."""
 
     def __init__(self, logits):
+        logits = f32(logits)  # (the distribution in float32 under --precision bf16)
         self.logits, self.logp = logits, F.log_softmax(logits, -1)
 
     def rsample(self):
@@ -396,6 +412,27 @@ def init_weights(m):
 
 
 # --- Networks --------------------------------------------------------------------------------
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose statistics are computed in float32 (under --precision bf16 its input is bfloat16)."""
+
+    def forward(self, x):
+        return super().forward(f32(x))
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d with float32 batch and running statistics (under --precision bf16 its input is bfloat16)."""
+
+    def forward(self, x):
+        return super().forward(f32(x))
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d with float32 batch and running statistics (under --precision bf16 its input is bfloat16)."""
+
+    def forward(self, x):
+        return super().forward(f32(x))
+
+
 def mlp(inp, units, layers, out):
     """[DreamerV2 common.MLP] `layers` x (Linear + ELU), no norm, then a Linear to `out`."""
     sizes = [inp] + [units] * layers
@@ -410,7 +447,7 @@ class Encoder(nn.Module):
         super().__init__()
         layers, c_in = [], channels
         for c_out in (depth, 2 * depth, 4 * depth, 8 * depth):
-            norm = [nn.BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)] if batch_norm else []
+            norm = [BatchNorm2d(c_out, eps=BN_EPS, momentum=BN_MOMENTUM)] if batch_norm else []
             layers, c_in = layers + [nn.Conv2d(c_in, c_out, 4, 2), *norm, nn.ELU()], c_out
         self.net, self.out_dim = nn.Sequential(*layers), c_in * 2 * 2
 
@@ -440,7 +477,7 @@ class GRUCell(nn.Module):
 
     def __init__(self, inp, size):
         super().__init__()
-        self.linear, self.norm = nn.Linear(inp + size, 3 * size), nn.LayerNorm(3 * size, eps=LN_EPS)
+        self.linear, self.norm = nn.Linear(inp + size, 3 * size), LayerNorm(3 * size, eps=LN_EPS)
 
     def forward(self, x, state):  # (..., inp), (..., size) -> (..., size)
         reset, cand, update = self.norm(self.linear(torch.cat([x, state], -1))).chunk(3, -1)
@@ -462,7 +499,7 @@ class RSSM(nn.Module):
         self.chunk = stoch // ar_steps  # C latents per AR step
         self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_dim, hidden), nn.ELU())
         self.gru = GRUCell(hidden, deter)
-        norm = [nn.BatchNorm1d(hidden, eps=BN_EPS, momentum=BN_MOMENTUM)] if batch_norm else []
+        norm = [BatchNorm1d(hidden, eps=BN_EPS, momentum=BN_MOMENTUM)] if batch_norm else []
         self.obs_out = nn.Sequential(nn.Linear(deter + embed_dim, hidden), *norm, nn.ELU())
         self.obs_dist = nn.Linear(hidden, stoch * classes)
         self.img_out = nn.Sequential(nn.Linear(deter if ar_steps == 1 else hidden, hidden), nn.ELU())
@@ -570,7 +607,7 @@ class Actor(nn.Module):
     def forward(self, feat):  # (..., F) -> TruncNormal or OneHot over (..., A)
         if self.discrete:
             return OneHot(self.net(feat))
-        mean, std = self.net(feat).chunk(2, -1)
+        mean, std = f32(self.net(feat)).chunk(2, -1)  # (the distribution in float32 under --precision bf16)
         return TruncNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + self.min_std)
 
 
@@ -631,10 +668,10 @@ def world_model_loss(wm, data, kl_balance, kl_free, kl_scale, reward_scale, imag
     kl, kl_value = kl_loss(kl_post, prior, kl_balance, kl_free)
     feat = feature(deter, stoch)  # (B, T, F)
     # [BLAST Eq. 2.4] -ln p(r_t | s_t), unit Normal; A.3: no reward gradient into s_t. ABLATION(reward_grad)
-    reward = gaussian_nll(wm.reward(feat if reward_grad else feat.detach())[..., 0], data["reward"]).mean()
+    reward = gaussian_nll(f32(wm.reward(feat if reward_grad else feat.detach())[..., 0]), data["reward"]).mean()
     # [BLAST Eq. 2.3] -ln p(o_t | s_t), unit Normal summed over pixels; -recon: the decoder sees sg(s_t)
     recon_in = feat if reconstruction else feat.detach()  # ABLATION(reconstruction)
-    image = gaussian_nll(wm.decoder(recon_in), obs.float() / 255.0 - 0.5).sum((-3, -2, -1)).mean()
+    image = gaussian_nll(f32(wm.decoder(recon_in)), obs.float() / 255.0 - 0.5).sum((-3, -2, -1)).mean()
     # As in the official code the decoder term is always in the loss; with sg(s_t) it reaches only the decoder.
     loss = kl_scale * kl + reward_scale * reward + image_scale * image
     metrics = {"losses/kl": kl.detach(), "losses/reward": reward.detach(), "losses/image": image.detach(),
@@ -668,8 +705,8 @@ def actor_critic_loss(wm, actor, critic, slow_critic, deter, stoch, horizon, gam
     deter (N, D), stoch (N, S, K). Returns (actor_loss, critic_loss, metrics).
     """
     feat, ent, logp = imagine(wm.rssm, actor, deter, stoch, horizon)  # (H+1, N, F), (H, N), (H, N)
-    reward = wm.reward(feat)[..., 0]  # (H+1, N) r_0..r_H, the mode of the unit Normal
-    value = slow_critic(feat)  # (H+1, N); its parameters are frozen but the gradient reaches the actions
+    reward = f32(wm.reward(feat)[..., 0])  # (H+1, N) r_0..r_H, the mode of the unit Normal (lambda-returns in float32)
+    value = f32(slow_critic(feat))  # (H+1, N); its parameters are frozen but the gradient reaches the actions
     disc = torch.full_like(reward, gamma)  # pred_discount False (BLAST A.2)
     # [DreamerV2 lambda-target] lambda_return(reward[:-1], value[:-1], disc[:-1], bootstrap=value[-1])
     ret = lambda_return(reward[:-1], value[:-1], disc[:-1], value[-1], lam)  # (H, N)
@@ -680,7 +717,7 @@ def actor_critic_loss(wm, actor, critic, slow_critic, deter, stoch, horizon, gam
         objective = ret[1:]
     actor_loss = -(weight[:-2] * (objective + entropy_scale * ent[:-1])).mean()
     # [DreamerV2 critic loss] the critic regresses sg(V^lambda) on sg(s_t)
-    critic_loss = (weight[:-1] * gaussian_nll(critic(feat[:-1].detach()), ret.detach())).mean()
+    critic_loss = (weight[:-1] * gaussian_nll(f32(critic(feat[:-1].detach())), ret.detach())).mean()
     metrics = {"losses/actor": actor_loss.detach(), "losses/critic": critic_loss.detach(),
                "stats/actor_entropy": ent.mean().detach(), "stats/imagined_return": ret.mean().detach(),
                "stats/imagined_reward": reward.mean().detach()}
@@ -716,10 +753,13 @@ def update(wm, actor, critic, slow_critic, opts, data, args, updates):
     wm_opt, actor_opt, critic_opt, dec_opt = opts
     if args.reward_clamp == "tanh":  # [DreamerV2 clip_rewards, BLAST A.2 reward_clamp] on the replayed rewards
         data = dict(data, reward=torch.tanh(data["reward"]))
-    # DEVIATION: float32 throughout (the official code uses mixed float16)
-    wm_loss, metrics, out = world_model_loss(
-        wm, data, args.kl_balance, args.kl_free, args.kl_scale, args.reward_scale, args.image_scale,
-        args.target_input_p, args.reconstruction, args.reward_grad)
+    # DEVIATION: float32 by default (the official code uses mixed float16); --precision bf16: autocast the forward
+    # passes (backward, optimiser steps, the target EMA and the slow critic copy stay outside, parameters float32)
+    device_type, low = data["obs"].device.type, args.precision == "bf16"
+    with torch.autocast(device_type, torch.bfloat16, enabled=low):
+        wm_loss, metrics, out = world_model_loss(
+            wm, data, args.kl_balance, args.kl_free, args.kl_scale, args.reward_scale, args.image_scale,
+            args.target_input_p, args.reconstruction, args.reward_grad)
     wm_opt.zero_grad(set_to_none=True), dec_opt.zero_grad(set_to_none=True)
     wm_loss.backward()
     metrics["grad_norm/world_model"] = opt_step(wm_opt, wm.model_parameters(), args.model_clip, args.weight_decay)
@@ -729,10 +769,11 @@ def update(wm, actor, critic, slow_critic, opts, data, args, updates):
 
     # Behaviour from all B*T target posteriors (BLAST: imagination starts from target_posts); wm frozen
     wm.requires_grad_(False)
-    actor_loss, critic_loss, ac_metrics = actor_critic_loss(
-        wm, actor, critic, slow_critic, out["t_deter"].flatten(0, 1), out["t_stoch"].flatten(0, 1),
-        args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
-        args.actor_grad == "reinforce" or (args.actor_grad == "auto" and actor.discrete))
+    with torch.autocast(device_type, torch.bfloat16, enabled=low):
+        actor_loss, critic_loss, ac_metrics = actor_critic_loss(
+            wm, actor, critic, slow_critic, out["t_deter"].flatten(0, 1), out["t_stoch"].flatten(0, 1),
+            args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
+            args.actor_grad == "reinforce" or (args.actor_grad == "auto" and actor.discrete))
     for p in wm.model_parameters() + list(wm.decoder.parameters()):
         p.requires_grad_(True)  # (the target encoder stays frozen)
     metrics.update(ac_metrics)
@@ -1016,7 +1057,7 @@ def close_envs(*envs, kill=False):
 CHECKPOINT = "checkpoint.pt"
 # Flags a resumed run may change: they touch neither the model nor the training schedule (evaluations and videos
 # draw from the torch RNG, so changing their flags changes the later random draws, not what the run is).
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track",
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision", "track",
              "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
              "log_every", "video_every")
 
