@@ -434,7 +434,8 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(replay_obs(run_dir, rows), before)
     assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
     with open(os.path.join(run_dir, "args.json")) as f:
-        assert json.load(f)["total_timesteps"] == 160
+        saved = json.load(f)
+    assert saved["total_timesteps"] == 160 and saved["precision"] == "bf16"
     import subprocess
     import sys
 
