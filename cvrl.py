@@ -30,7 +30,8 @@ Tags: `[CVRL Eq. N / A.N / App. B]` point at arXiv:2008.02430; `[Dreamer v1 ...]
 code danijar/dreamer, which CVRL's code keeps; `[SAC]` at arXiv:1812.05905 (SAC with a learned temperature).
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
- 1. float32 throughout; the code trains in mixed float16. Logits and logsumexp are float32 either way.
+ 1. float32 by default; the code trains in mixed float16. --precision bf16 is mixed bfloat16 (autocast of the
+    update's matrix products and convolutions); the InfoNCE logits and logsumexp are float32 either way.
  2. The contrastive critic follows the paper (App. B): one 200-unit layer per side and an explicit
     learnable 200x200 W, initialised to the identity (our choice: at init f is a plain dot product). The
     code has no W: a dot product of two 2-layer ELU projections (400-200, 200-200). ELU as in the code.
@@ -90,7 +91,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -113,6 +114,11 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, Gaussians and
+    their KL, tanh-Gaussian log-probs, the InfoNCE logits, lambda-returns, the squared errors and the decoder's
+    output stay float32; acting (the MPC planner, the actor) stays float32. (Default fp32: see the README's
+    Measured table for the speed on each machine.)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -133,7 +139,8 @@ class Args:
     memory"""
     resume: Optional[str] = None
     """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
-    run's, and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change"""
+    run's, and only --total-timesteps (to grow it), --precision and the logging, evaluation and tracking flags may
+    change"""
     eval_checkpoint: Optional[str] = None
     """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
     videos/ beside the file), print the JSON line, and stop"""
@@ -258,14 +265,20 @@ class Args:
 
 
 # --- Small math helpers ----------------------------------------------------------------------
+def f32(x):
+    """Low-precision activations (--precision bf16) to float32; float32 and float64 pass unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def gaussian_kl(q, p):
     """KL[q || p] of diagonal Gaussians given as (mean, std), summed over the last axis."""
-    (mq, sq), (mp, sp) = q, p
+    (mq, sq), (mp, sp) = (tuple(f32(x) for x in d) for d in (q, p))
     return (torch.log(sp / sq) + (sq ** 2 + (mq - mp) ** 2) / (2 * sp ** 2) - 0.5).sum(-1)
 
 
 def tanh_normal_log_prob(u, mean, std):
     """log q(a) of a = tanh(u), u ~ N(mean, std): log N(u) - sum log(1 - tanh(u)^2), from the pre-tanh u."""
+    u, mean, std = f32(u), f32(mean), f32(std)
     log_normal = -0.5 * ((u - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
     log_det = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))  # log(1 - tanh(u)^2), stable
     return (log_normal - log_det).sum(-1)
@@ -278,6 +291,7 @@ def lambda_return(reward, value, gamma, lam):
     gamma^{n-tau} r_n + gamma^{h-tau} v(s_h), h = min(tau + k, H). reward (H, N) r_0..r_{H-1} (r_tau: predicted
     at s_tau); value (H+1, N) v_0..v_H. Returns (H, N) V_lambda(s_0)..V_lambda(s_{H-1}).
     """
+    reward, value = f32(reward), f32(value)
     ret, out = value[-1], []
     for t in reversed(range(reward.shape[0])):
         ret = reward[t] + gamma * ((1 - lam) * value[t + 1] + lam * ret)
@@ -289,8 +303,11 @@ def info_nce(state_emb, obs_emb, W):
     """[CVRL Eq. 5] log f(s_i, o_i) - log sum_j f(s_i, o_j), f(s, o) = exp(z^T W s'), for each state i.
 
     state_emb s' (N, P), obs_emb z (N, P), W (P, P): each state against all N observations (the other N - 1
-    are its negatives), float32 logits and logsumexp. Returns (N,)."""
-    logits = (state_emb.float() @ W.float().T) @ obs_emb.float().T  # (N, N): [i, j] = z_j^T W s'_i
+    are its negatives), float32 logits and logsumexp (also under --precision bf16: autocast is off here, the
+    projections come in bfloat16). Returns (N,)."""
+    with torch.autocast(state_emb.device.type, enabled=False):
+        state_emb, obs_emb, W = f32(state_emb), f32(obs_emb), f32(W)
+        logits = (state_emb @ W.T) @ obs_emb.T  # (N, N): [i, j] = z_j^T W s'_i
     return logits.diagonal() - torch.logsumexp(logits, 1)
 
 
@@ -366,7 +383,7 @@ class RSSM(nn.Module):
         return torch.zeros(n, self.deter, device=device), torch.zeros(n, self.stoch, device=device)
 
     def dist(self, x):  # (..., 2S) -> (mean, std), std = softplus + min_std
-        mean, std = x.chunk(2, -1)
+        mean, std = f32(x).chunk(2, -1)  # (the Gaussian in float32 under --precision bf16)
         return mean, F.softplus(std) + self.min_std
 
     def img_step(self, deter, stoch, action, noise=None):
@@ -461,7 +478,7 @@ class Actor(nn.Module):
         self.apply(init_weights)
 
     def dist(self, feat):  # pre-tanh (mean, std), each (..., A)
-        mean, std = self.net(feat).chunk(2, -1)
+        mean, std = f32(self.net(feat)).chunk(2, -1)
         return self.mean_scale * torch.tanh(mean / self.mean_scale), F.softplus(std + self.raw_init_std) + self.min_std
 
     def forward(self, feat):
@@ -512,7 +529,7 @@ def world_model_loss(wm, data, free_nats, kl_scale):
     deter, stoch, post, prior = wm.rssm.observe(embed, data["action"], data["is_first"])
     feat = feature(deter, stoch)  # (B, T, F), with gradient into the encoder and the RSSM
     # [CVRL Eq. 6] reconstruction: -ln p(r_t | s_t), unit Normal, without the constant ln(2 pi) / 2
-    reward_loss = (0.5 * (wm.reward(feat)[..., 0] - data["reward"]) ** 2).mean()
+    reward_loss = (0.5 * (f32(wm.reward(feat)[..., 0]) - data["reward"]) ** 2).mean()
     # [CVRL Eq. 6, Dreamer v1] dynamics: kl_scale max(mean_{b,t} KL[q(s_t | h_t, o_t) || p(s_t | h_t)], free nats)
     kl = gaussian_kl(post, prior).mean()
     loss = reward_loss + kl_scale * torch.clamp(kl, min=free_nats)
@@ -525,7 +542,7 @@ def world_model_loss(wm, data, free_nats, kl_scale):
         metrics["stats/mi_lower_bound"] = nce.detach() + math.log(feat.shape[0] * feat.shape[1])
     if wm.decoder is not None:
         # [CVRL Eq. 2, Dreamer v1] -ln p(o_t | s_t), unit Normal summed over pixels (constant dropped)
-        image_loss = (0.5 * (wm.decoder(feat) - (obs.float() / 255.0 - 0.5)) ** 2).sum((-3, -2, -1)).mean()
+        image_loss = (0.5 * (f32(wm.decoder(feat)) - (obs.float() / 255.0 - 0.5)) ** 2).sum((-3, -2, -1)).mean()
         loss = loss + image_loss
         metrics["losses/image"] = image_loss.detach()
     metrics["losses/model"], metrics["stats/prior_std"] = loss.detach(), prior[1].mean().detach()
@@ -547,8 +564,8 @@ def imagine(rssm, act, deter, stoch, horizon, noise=None):
 
 def imagined_returns(wm, value, feat, gamma, lam):
     """V_lambda (H, N) of imagined feats (H+1, N, F), with the predicted rewards (H+1, N) and values (H+1, N)."""
-    reward = wm.reward(feat)[..., 0]  # r(s_0)..r(s_H)
-    v = value(feat)[..., 0]  # v(s_0)..v(s_H)
+    reward = f32(wm.reward(feat)[..., 0])  # r(s_0)..r(s_H)
+    v = f32(value(feat)[..., 0])  # v(s_0)..v(s_H)
     return lambda_return(reward[:-1], v, gamma, lam), reward, v
 
 
@@ -561,7 +578,7 @@ def behaviour_loss(wm, actor, value, deter, stoch, horizon, gamma, lam):
     feat, _ = imagine(wm.rssm, lambda f, t: actor(f.detach())[0], deter, stoch, horizon)  # actor sees sg(s)
     ret, reward, v = imagined_returns(wm, value, feat, gamma, lam)  # (H, N)
     # DEVIATION: Eq. 7 sums tau = t..t+H; Dreamer v1's code uses s_{t+1}..s_{t+H-1}, weights gamma^(tau-t-1)
-    disc = gamma ** torch.arange(horizon - 1, device=feat.device, dtype=feat.dtype)[:, None]  # (H-1, 1)
+    disc = gamma ** torch.arange(horizon - 1, device=feat.device, dtype=ret.dtype)[:, None]  # (H-1, 1)
     # [CVRL Eq. 7] actor loss: -E[sum_tau V_lambda(s_tau)], analytic gradients through the dynamics
     actor_loss = -(disc * ret[1:]).mean()
     # [CVRL Eq. 7] critic loss: E[sum_tau 1/2 ||v(s_tau) - sg(V_lambda(s_tau))||^2], no target critic
@@ -597,16 +614,16 @@ def sac_losses(sac, actor, feat, data, gamma):
     with torch.no_grad():
         a_next, logp_next = actor(s_next)
         sa_next = torch.cat([s_next, a_next], -1)
-        y = sac_target(r, sac.q_target[0](sa_next)[..., 0], sac.q_target[1](sa_next)[..., 0], logp_next,
+        y = sac_target(r, f32(sac.q_target[0](sa_next)[..., 0]), f32(sac.q_target[1](sa_next)[..., 0]), logp_next,
                        terminal, gamma, temperature)  # (B, T-1)
     sa = torch.cat([s, a], -1)
     n = valid.sum().clamp(min=1.0)
     # [SAC] J_Q = E[1/2 (Q_i(s_t, a_t) - y)^2] for both Q nets, over the valid pairs
-    q_loss = sum((0.5 * (q(sa)[..., 0] - y) ** 2 * valid).sum() / n for q in sac.q)
+    q_loss = sum((0.5 * (f32(q(sa)[..., 0]) - y) ** 2 * valid).sum() / n for q in sac.q)
     # [SAC] J_pi = E[temperature log pi(a | s) - min_i Q_i(s, a)], a ~ pi(. | s) reparameterised, all B*T states
     a_pi, logp = actor(feat)
     sa_pi = torch.cat([feat, a_pi], -1)
-    actor_loss = (temperature * logp - torch.minimum(sac.q[0](sa_pi), sac.q[1](sa_pi))[..., 0]).mean()
+    actor_loss = (temperature * logp - f32(torch.minimum(sac.q[0](sa_pi), sac.q[1](sa_pi))[..., 0])).mean()
     # [SAC] J(temperature) = E[-log temperature (log pi(a | s) + target entropy)]
     temperature_loss = -(sac.log_temperature * (logp.detach() + sac.target_entropy)).mean()
     metrics = {"losses/sac_q": q_loss.detach(), "losses/sac_actor": actor_loss.detach(),
@@ -619,19 +636,24 @@ def update(agent, opts, data, args):
     """One training update: world model, Dreamer actor and value (+ SAC). No host syncs. As in Dreamer v1's code,
     every loss is computed from the same (pre-update) parameters and the optimisers step only at the end."""
     wm, actor, value, sac = agent.wm, agent.actor, agent.value, agent.sac
-    # DEVIATION: float32; the code trains in mixed float16.
-    model_loss, metrics, (deter, stoch) = world_model_loss(wm, data, args.free_nats, args.kl_scale)
+    # DEVIATION: float32 by default, --precision bf16 autocasts the forward passes; the code trains in mixed float16.
+    device_type, low = data["obs"].device.type, args.precision == "bf16"
+    with torch.autocast(device_type, torch.bfloat16, enabled=low):
+        model_loss, metrics, (deter, stoch) = world_model_loss(wm, data, args.free_nats, args.kl_scale)
     for opt in opts.values():
         opt.zero_grad(set_to_none=True)
     model_loss.backward()
 
     # Behaviour from all B*T posterior states; the world model is not trained here.
     wm.requires_grad_(False)
-    actor_loss, value_loss, m = behaviour_loss(wm, actor, value, deter.flatten(0, 1), stoch.flatten(0, 1),
-                                               args.imag_horizon, args.gamma, args.lam)
+    with torch.autocast(device_type, torch.bfloat16, enabled=low):
+        actor_loss, value_loss, m = behaviour_loss(wm, actor, value, deter.flatten(0, 1), stoch.flatten(0, 1),
+                                                   args.imag_horizon, args.gamma, args.lam)
     metrics.update(m)
     if sac is not None:
-        q_loss, sac_actor_loss, temperature_loss, m = sac_losses(sac, actor, feature(deter, stoch), data, args.gamma)
+        with torch.autocast(device_type, torch.bfloat16, enabled=low):
+            q_loss, sac_actor_loss, temperature_loss, m = sac_losses(sac, actor, feature(deter, stoch), data,
+                                                                     args.gamma)
         metrics.update(m)
         # DEVIATION: [CVRL Eq. 8] L = L_Dreamer + alpha L_SAC for the actor, stepped by the actor optimiser
         actor_loss = actor_loss + args.hybrid_alpha * sac_actor_loss
@@ -661,6 +683,7 @@ def plan(wm, actor, value, deter, stoch, horizon, gamma, lam, lr, iterations, ex
     a <- clip(a + lr grad_a V_lambda(s_t), -1, 1) on the whole sequence (SGD ascent). Only the actions get
     gradients (autograd.grad with the actions as its only inputs: nothing accumulates into parameters).
     Returns the improved actions (H, n, A), V_lambda(s_t) (iterations, n) at each iterate, the proposal (H, n, A).
+    Float32 also under --precision bf16 (which autocasts only the update).
     """
     noise = torch.randn(horizon, deter.shape[0], wm.rssm.stoch, device=deter.device)  # one sample for all iterations
     leaves, values = [], []  # the actions a_0..a_{H-1} (n, A) each, leaves of the graph
@@ -941,7 +964,7 @@ CHECKPOINT = "checkpoint.pt"
 NETS = ("wm", "actor", "value", "sac")  # the agent's parts in a checkpoint ("sac": None under --no-sac)
 OPTIMISERS = ("model", "value", "actor", "sac")  # list positions in a checkpoint ("sac": None under --no-sac)
 # Flags a resumed run may change: they touch neither the model nor the training schedule.
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track",
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision", "track",
              "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
              "log_every")
 

@@ -2,7 +2,10 @@
 
 `setup(device)` (used by `python benchmarks/update_speed.py --agents cvrl`): one full update on a synthetic
 batch, B x T = 50 x 50 images 3x64x64, 6-dim actions (walker): world model with the 2500 x 2500 InfoNCE, Dreamer
-actor and value from all 2500 posterior states (H = 15), SAC on the 2450 real transitions.
+actor and value from all 2500 posterior states (H = 15), SAC on the 2450 real transitions. `precision="bf16"`
+times `--precision bf16`; `size="small"` the learning check's model (README Results: stoch 16, deter, hidden and
+units 64, cnn depth 8, proj dim 64, B x T = 16 x 32). `python benchmarks/update_speed.py --agents cvrl
+--precisions fp32 bf16 --size small` times them side by side.
 
 `setup_act(device, mpc=True)`: one acting step for one env (the paper's and the code's setting): encoder +
 posterior step, then the latent-guided MPC (imagine 15 steps with the actor, V_lambda(s_t), backpropagate to the
@@ -28,10 +31,13 @@ import cvrl as c  # noqa: E402
 from synthetic import pixel_batch  # noqa: E402
 
 A, OBS = 6, (3, 64, 64)
+PRECISIONS = ("fp32", "bf16")
+SMALL = dict(stoch=16, deter=64, hidden=64, units=64, cnn_depth=8, proj_dim=64, batch_size=16, batch_length=32)
 
 
-def setup(device):
-    args = c.Args()  # paper defaults: stoch 30, deter 200, units 400, cnn 32, batch 50 x 50, H 15
+def setup(device, precision="fp32", size="S"):
+    # paper defaults: stoch 30, deter 200, units 400, cnn 32, batch 50 x 50, H 15; or the learning check's model
+    args = c.Args(precision=precision, **(SMALL if size == "small" else {}))
     torch.manual_seed(0)
     agent, opts, _ = c.build_agent(args, OBS, A, device)
     data = pixel_batch(args.batch_size, args.batch_length, OBS, A, device)
@@ -39,8 +45,9 @@ def setup(device):
     def step():
         c.update(agent, opts, data, args)
 
-    return step, (f"cvrl.py update (stoch 30, deter 200, units 400, cnn 32), B x T = {args.batch_size} x "
-                  f"{args.batch_length}, H = {args.imag_horizon}, A = {A}, InfoNCE + SAC")
+    return step, (f"cvrl.py update {size} (stoch {args.stoch}, deter {args.deter}, units {args.units}, cnn "
+                  f"{args.cnn_depth}), B x T = {args.batch_size} x {args.batch_length}, H = {args.imag_horizon}, "
+                  f"A = {A}, InfoNCE + SAC, {precision}")
 
 
 def setup_act(device, mpc=True, num_envs=1):

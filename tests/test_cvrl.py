@@ -303,6 +303,28 @@ def test_every_loss_uses_the_pre_update_world_model(one_thread):
     assert all(torch.equal(p, q) for p, q in zip(after[1e-1], after[1e-6]))
 
 
+@pytest.mark.parametrize("overrides", [{}, {"generative": True}])
+def test_bf16_update_stays_close_to_float32(overrides, one_thread):
+    """--precision bf16: the same update (InfoNCE + SAC, or the decoder) from the same state and RNG gives losses
+    within 2% of float32 (bf16 keeps 8 bits of mantissa, ~0.4% per rounding), and every metric, parameter and
+    floating state_dict entry (SAC targets, temperature) stays float32 and finite."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        args, agent, opts, _ = tiny_build(precision=precision, **overrides)
+        torch.manual_seed(0)
+        out[precision] = c.update(agent, opts, batch(), args)
+        sd = [t for t in agent.state_dict().values() if t.is_floating_point()]
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in sd)
+    assert out["bf16"].keys() == out["fp32"].keys()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out["bf16"].values())
+    obs_loss = "losses/image" if overrides else "losses/infonce"
+    keys = (obs_loss, "losses/model", "losses/reward", "losses/kl", "losses/actor", "losses/value", "losses/sac_q",
+            "losses/sac_actor", "stats/imagined_return")
+    for k in keys:
+        assert out["bf16"][k].item() == pytest.approx(out["fp32"][k].item(), rel=2e-2, abs=1e-3), k
+    assert any(out["bf16"][k].item() != out["fp32"][k].item() for k in keys)  # bf16 did run
+
+
 # --- MPC ---------------------------------------------------------------------------------------
 def test_mpc_raises_v_lambda_and_leaves_every_parameter_untouched(one_thread):
     args, agent, _, _ = tiny_build(seed=2)
@@ -404,14 +426,16 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     rows = ck["replay"]["count"]
     assert ck["loop"]["global_step"] == 80 and ck["loop"]["next_train"] == 120 and rows > 40
     before = replay_obs(run_dir, rows)
-    out = resume_cli("cvrl.py", tmp_path, final["run_dir"], "--total-timesteps", "160")
+    # (the CLI with --precision bf16: a flag a resumed run may change)
+    out = resume_cli("cvrl.py", tmp_path, final["run_dir"], "--total-timesteps", "160", "--precision", "bf16")
     assert f"resumed {final['run_dir']} at frame 80 after 5 updates (replay {rows} steps)" in out["stdout"]
     # the schedule continues: no second pretrain, 2 updates at the cycle ends 120 and 160
     assert out["final"]["global_step"] == 160 and out["final"]["updates"] == 5 + 2 * 2
     np.testing.assert_array_equal(replay_obs(run_dir, rows), before)
     assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
     with open(os.path.join(run_dir, "args.json")) as f:
-        assert json.load(f)["total_timesteps"] == 160
+        saved = json.load(f)
+    assert saved["total_timesteps"] == 160 and saved["precision"] == "bf16"
     path = os.path.join(final["run_dir"], "checkpoint.pt")
     ev = eval_checkpoint_cli("cvrl.py", tmp_path, path, "--eval-episodes", "1")
     assert ev["global_step"] == 160 and len(ev["eval_returns"]) == 1 and math.isfinite(ev["eval_return"])
