@@ -355,6 +355,39 @@ def test_bf16_update_stays_close_to_float32(one_thread):
     assert out["bf16"]["losses/image"].item() != out["fp32"]["losses/image"].item()  # bf16 did run
 
 
+def test_compiled_update_equals_eager(one_thread, monkeypatch):
+    """--compile: two compiled updates from the same state and RNG give the eager losses and parameters within
+    float32 tolerance (inductor reorders sums; its random numbers are switched to eager's for the comparison)."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    monkeypatch.setattr(d, "COMPILED", {})  # compiled afresh for these tiny shapes
+    a, wm, actor, critic, slow = tiny_agent()
+    slow.load_state_dict(critic.state_dict())
+    B, T = 2, 4
+    g = torch.Generator().manual_seed(1)
+    batches = [dict(obs=torch.randint(0, 256, (B, T, 3, 16, 16), dtype=torch.uint8, generator=g),
+                    action=torch.rand(B, T, 2, generator=g) * 2 - 1, reward=torch.randn(B, T, generator=g),
+                    is_first=torch.rand(B, T, generator=g) < 0.2, is_terminal=torch.rand(B, T, generator=g) < 0.1)
+               for _ in range(2)]
+    out, params = {}, {}
+    for compile in (False, True):
+        nets = [copy.deepcopy(m) for m in (wm, actor, critic, slow)]
+        opts = tuple(torch.optim.Adam(m.parameters(), lr=1e-3) for m in nets[:3])
+        a.compile = compile
+        torch.manual_seed(0)
+        out[compile] = [d.update(*nets, d.ReturnNorm(0.99, 5, 95, 1.0), opts, data, a) for data in batches]
+        params[compile] = torch.cat([p.detach().flatten() for m in nets for p in m.parameters()])
+    assert len(d.COMPILED) == 1  # the compiled functions were used (and made once)
+    for eager, compiled in zip(out[False], out[True]):
+        assert eager.keys() == compiled.keys()
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(params[True], params[False], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(params[True], torch.cat([p.detach().flatten() for m in (wm, actor, critic, slow)
+                                                     for p in m.parameters()]))  # the updates did train
+
+
 @pytest.mark.parametrize("argv, needles", DREAMER_BAD_INPUTS)
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
     assert_cli_error("dreamerv3.py", tmp_path, argv, *needles)
@@ -413,10 +446,11 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     script = os.path.join(ROOT, "dreamerv3.py")
     out = subprocess.run([sys.executable, script, "--resume", final["run_dir"], "--total-timesteps", "240",
-                          "--precision", "bf16"],  # (the CLI with --precision bf16; a resumed run may change it)
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+                          "--precision", "bf16", "--compile", "--compile-backend", "aot_eager"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # (the CLI with both
+    assert out.returncode == 0, out.stderr[-2000:]  # switches: a resumed run may change them)
     assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates" in out.stdout
+    assert "compiling the update (--compile)" in out.stdout and "compiled the update in" in out.stdout
     resumed = json.loads(out.stdout.strip().splitlines()[-1])
     assert resumed["global_step"] == 240 and resumed["updates"] > final["updates"]
     obs_after = np.fromfile(os.path.join(run_dir, "replay", "obs.bin"), np.uint8).reshape(1, -1, 3, 64, 64)
