@@ -330,8 +330,8 @@ def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
     """--compile: two compiled updates (world model with InfoNCE, Dreamer actor and value, SAC) from the same state
     and RNG give the eager losses, metrics and parameters within float32 tolerance (inductor reorders sums; its
     random numbers are switched to eager's for the comparison). aot_eager traces forward and backward without
-    generating code (the default run); inductor, the --compile default, takes ~100 s to compile cold on a 2-core
-    CPU (`python -m pytest -m slow`)."""
+    generating code (the default run); inductor, the --compile default, takes minutes to compile cold on a 2-core
+    CPU (300 s in one run on a shared one; `python -m pytest -m slow`)."""
     import torch._inductor.config
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
