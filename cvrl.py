@@ -119,6 +119,12 @@ class Args:
     their KL, tanh-Gaussian log-probs, the InfoNCE logits, lambda-returns, the squared errors and the decoder's
     output stay float32; acting (the MPC planner, the actor) stays float32. (Default fp32: see the README's
     Measured table for the speed on each machine.)"""
+    compile: bool = False
+    """torch.compile the update's loss functions, forward and backward (loops unrolled, fixed shapes); the first
+    update compiles them (minutes on a CPU; the console says so). Default off: see the README's Measured table."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
+    tracing problem from a code-generation one, and for quick tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -632,14 +638,37 @@ def sac_losses(sac, actor, feat, data, gamma):
     return q_loss, actor_loss, temperature_loss, metrics
 
 
+COMPILED = {}  # --compile: the loss functions compiled once per process
+
+
+def loss_fns(compile, backend="inductor"):
+    """(world_model_loss, behaviour_loss, sac_losses), or with --compile their torch.compile'd versions.
+
+    Each loss is compiled whole: its T- or H-step loop is unrolled into one graph, and AOTAutograd compiles the
+    backward pass with it; shapes are fixed (dynamic=False), so the first call compiles and later calls replay.
+    The backward calls, gradient clipping, Adam steps and the soft Q-target update stay eager, and so does acting
+    (the latent-guided MPC planner and the actor). Sampling inside the compiled graphs uses inductor's random
+    numbers (same distributions, other draws than eager for one seed). Default mode on every device: CUDA graphs
+    (mode="reduce-overhead") are not used, since no GPU was at hand to test them (metrics kept across updates
+    would need copies out of the graphs' memory).
+    """
+    if not compile:
+        return world_model_loss, behaviour_loss, sac_losses
+    if backend not in COMPILED:  # fullgraph: a graph break is an error, not a silent slow path
+        COMPILED[backend] = tuple(torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+                                  for fn in (world_model_loss, behaviour_loss, sac_losses))
+    return COMPILED[backend]
+
+
 def update(agent, opts, data, args):
     """One training update: world model, Dreamer actor and value (+ SAC). No host syncs. As in Dreamer v1's code,
     every loss is computed from the same (pre-update) parameters and the optimisers step only at the end."""
     wm, actor, value, sac = agent.wm, agent.actor, agent.value, agent.sac
+    world_model_loss_fn, behaviour_loss_fn, sac_losses_fn = loss_fns(args.compile, args.compile_backend)
     # DEVIATION: float32 by default, --precision bf16 autocasts the forward passes; the code trains in mixed float16.
     device_type, low = data["obs"].device.type, args.precision == "bf16"
     with torch.autocast(device_type, torch.bfloat16, enabled=low):
-        model_loss, metrics, (deter, stoch) = world_model_loss(wm, data, args.free_nats, args.kl_scale)
+        model_loss, metrics, (deter, stoch) = world_model_loss_fn(wm, data, args.free_nats, args.kl_scale)
     for opt in opts.values():
         opt.zero_grad(set_to_none=True)
     model_loss.backward()
@@ -647,13 +676,13 @@ def update(agent, opts, data, args):
     # Behaviour from all B*T posterior states; the world model is not trained here.
     wm.requires_grad_(False)
     with torch.autocast(device_type, torch.bfloat16, enabled=low):
-        actor_loss, value_loss, m = behaviour_loss(wm, actor, value, deter.flatten(0, 1), stoch.flatten(0, 1),
-                                                   args.imag_horizon, args.gamma, args.lam)
+        actor_loss, value_loss, m = behaviour_loss_fn(wm, actor, value, deter.flatten(0, 1), stoch.flatten(0, 1),
+                                                      args.imag_horizon, args.gamma, args.lam)
     metrics.update(m)
     if sac is not None:
         with torch.autocast(device_type, torch.bfloat16, enabled=low):
-            q_loss, sac_actor_loss, temperature_loss, m = sac_losses(sac, actor, feature(deter, stoch), data,
-                                                                     args.gamma)
+            q_loss, sac_actor_loss, temperature_loss, m = sac_losses_fn(sac, actor, feature(deter, stoch), data,
+                                                                        args.gamma)
         metrics.update(m)
         # DEVIATION: [CVRL Eq. 8] L = L_Dreamer + alpha L_SAC for the actor, stepped by the actor optimiser
         actor_loss = actor_loss + args.hybrid_alpha * sac_actor_loss
@@ -964,9 +993,9 @@ CHECKPOINT = "checkpoint.pt"
 NETS = ("wm", "actor", "value", "sac")  # the agent's parts in a checkpoint ("sac": None under --no-sac)
 OPTIMISERS = ("model", "value", "actor", "sac")  # list positions in a checkpoint ("sac": None under --no-sac)
 # Flags a resumed run may change: they touch neither the model nor the training schedule.
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision", "track",
-             "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
-             "log_every")
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
+             "compile", "compile_backend", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video",
+             "eval_every", "eval_episodes", "log_every")
 
 
 def rng_state():
@@ -1181,6 +1210,7 @@ def main(args: Args) -> dict:
     next_log, next_eval, next_checkpoint = args.log_every, args.eval_every, args.checkpoint_every
     sums, last_metrics, recent_returns, eval_return, returns = {}, {}, [], float("nan"), []
     interrupted, projected, train_start, saved_step, step_frames = None, False, None, None, args.action_repeat * N
+    compiled = False  # --compile: whether the first (compiling) update is done
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
         (global_step, updates, updates_due, next_train, next_log, next_eval, next_checkpoint, sums, last_metrics,
          recent_returns, eval_return, returns) = restore_checkpoint(ck, agent, opts, replay).values()
@@ -1255,14 +1285,26 @@ def main(args: Args) -> dict:
                 updates_due, next_train = updates_due + args.train_steps, next_train + args.train_every
             while updates_due > 0:
                 data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}  # DEVIATION: 8
+                if args.compile and not compiled:
+                    progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
+                    t_compile = time.time()
                 accumulate(sums, update(agent, opts, data, args))
                 updates, updates_due = updates + 1, updates_due - 1
                 progress.step(global_step, updates)
+                if args.compile and not compiled:  # rates and the projection count from the compiled update on
+                    compiled = True
+                    progress.print(f"compiled the update in {fmt_time(time.time() - t_compile)}")
+                    if progress.phase == "pretrain":
+                        progress.set_phase("pretrain", args.pretrain)
+                    else:  # in a cycle's round (resumed after the pretrain updates, or --pretrain 0)
+                        progress.set_phase("train", args.total_timesteps, by_cycle=True)
+                        train_start = None  # the projection times the next whole cycle, from this one's end
             if progress.phase == "pretrain":  # done: cycles of `train_every` frames of acting and a round of updates
                 progress.set_phase("train", args.total_timesteps, by_cycle=True)
                 train_start = time.time()
             progress.step(global_step, updates, np.mean(recent_returns or [np.nan]), cycle_end=cycle_end)
-            if cycle_end and not projected and train_start is None:  # resumed mid-run: time the next whole cycle
+            if cycle_end and not projected and train_start is None:  # resumed mid-run (or compiled in this round):
+                # time the next whole cycle
                 train_start = time.time()
             elif cycle_end and not projected:  # the first whole cycle after the pretrain updates (or the resume)
                 projected, cycle_s = True, time.time() - train_start

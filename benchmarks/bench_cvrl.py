@@ -3,9 +3,10 @@
 `setup(device)` (used by `python benchmarks/update_speed.py --agents cvrl`): one full update on a synthetic
 batch, B x T = 50 x 50 images 3x64x64, 6-dim actions (walker): world model with the 2500 x 2500 InfoNCE, Dreamer
 actor and value from all 2500 posterior states (H = 15), SAC on the 2450 real transitions. `precision="bf16"`
-times `--precision bf16`; `size="small"` the learning check's model (README Results: stoch 16, deter, hidden and
-units 64, cnn depth 8, proj dim 64, B x T = 16 x 32). `python benchmarks/update_speed.py --agents cvrl
---precisions fp32 bf16 --size small` times them side by side.
+times `--precision bf16`, `compile=True` `--compile` (the first call, a warm-up one, compiles); `size="small"`
+the learning check's model (README Results: stoch 16, deter, hidden and units 64, cnn depth 8, proj dim 64,
+B x T = 16 x 32). `python benchmarks/update_speed.py --agents cvrl --precisions fp32 bf16 --size small` times
+them side by side.
 
 `setup_act(device, mpc=True)`: one acting step for one env (the paper's and the code's setting): encoder +
 posterior step, then the latent-guided MPC (imagine 15 steps with the actor, V_lambda(s_t), backpropagate to the
@@ -35,9 +36,9 @@ PRECISIONS = ("fp32", "bf16")
 SMALL = dict(stoch=16, deter=64, hidden=64, units=64, cnn_depth=8, proj_dim=64, batch_size=16, batch_length=32)
 
 
-def setup(device, precision="fp32", size="S"):
+def setup(device, precision="fp32", size="S", compile=False):
     # paper defaults: stoch 30, deter 200, units 400, cnn 32, batch 50 x 50, H 15; or the learning check's model
-    args = c.Args(precision=precision, **(SMALL if size == "small" else {}))
+    args = c.Args(precision=precision, compile=compile, **(SMALL if size == "small" else {}))
     torch.manual_seed(0)
     agent, opts, _ = c.build_agent(args, OBS, A, device)
     data = pixel_batch(args.batch_size, args.batch_length, OBS, A, device)
@@ -47,7 +48,7 @@ def setup(device, precision="fp32", size="S"):
 
     return step, (f"cvrl.py update {size} (stoch {args.stoch}, deter {args.deter}, units {args.units}, cnn "
                   f"{args.cnn_depth}), B x T = {args.batch_size} x {args.batch_length}, H = {args.imag_horizon}, "
-                  f"A = {A}, InfoNCE + SAC, {precision}")
+                  f"A = {A}, InfoNCE + SAC, {precision}{', compiled' if compile else ''}")
 
 
 def setup_act(device, mpc=True, num_envs=1):

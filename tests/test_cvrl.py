@@ -325,6 +325,34 @@ def test_bf16_update_stays_close_to_float32(overrides, one_thread):
     assert any(out["bf16"][k].item() != out["fp32"][k].item() for k in keys)  # bf16 did run
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
+    """--compile: two compiled updates (world model with InfoNCE, Dreamer actor and value, SAC) from the same state
+    and RNG give the eager losses, metrics and parameters within float32 tolerance (inductor reorders sums; its
+    random numbers are switched to eager's for the comparison). aot_eager traces forward and backward without
+    generating code (the default run); inductor, the --compile default, takes minutes to compile cold on a 2-core
+    CPU (300 s in one run on a shared one; `python -m pytest -m slow`)."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    monkeypatch.setattr(c, "COMPILED", {})  # compiled afresh for these tiny shapes
+    batches = [batch(seed=0), batch(seed=1)]
+    out, params = {}, {}
+    for compile in (False, True):
+        args, agent, opts, _ = tiny_build(compile=compile, compile_backend=backend)
+        init = torch.cat([p.detach().flatten().clone() for p in agent.parameters()])
+        torch.manual_seed(0)
+        out[compile] = [c.update(agent, opts, data, args) for data in batches]
+        params[compile] = torch.cat([p.detach().flatten() for p in agent.parameters()])
+    assert list(c.COMPILED) == [backend]  # the compiled functions were used (and made once)
+    for eager, compiled in zip(out[False], out[True]):
+        assert eager.keys() == compiled.keys() and "losses/infonce" in eager and "losses/sac_q" in eager
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(params[True], params[False], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(params[True], init)  # the updates did train (init: the same seed's fresh agent)
+
+
 # --- MPC ---------------------------------------------------------------------------------------
 def test_mpc_raises_v_lambda_and_leaves_every_parameter_untouched(one_thread):
     args, agent, _, _ = tiny_build(seed=2)
@@ -426,9 +454,11 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     rows = ck["replay"]["count"]
     assert ck["loop"]["global_step"] == 80 and ck["loop"]["next_train"] == 120 and rows > 40
     before = replay_obs(run_dir, rows)
-    # (the CLI with --precision bf16: a flag a resumed run may change)
-    out = resume_cli("cvrl.py", tmp_path, final["run_dir"], "--total-timesteps", "160", "--precision", "bf16")
+    # (the CLI with --precision bf16 and --compile: flags a resumed run may change)
+    out = resume_cli("cvrl.py", tmp_path, final["run_dir"], "--total-timesteps", "160", "--precision", "bf16",
+                     "--compile", "--compile-backend", "aot_eager")
     assert f"resumed {final['run_dir']} at frame 80 after 5 updates (replay {rows} steps)" in out["stdout"]
+    assert "compiling the update (--compile)" in out["stdout"] and "compiled the update in" in out["stdout"]
     # the schedule continues: no second pretrain, 2 updates at the cycle ends 120 and 160
     assert out["final"]["global_step"] == 160 and out["final"]["updates"] == 5 + 2 * 2
     np.testing.assert_array_equal(replay_obs(run_dir, rows), before)
