@@ -704,6 +704,14 @@ def update(agent, opts, data, args):
     return metrics
 
 
+def batch_to(batch, device):
+    """A replay batch (numpy arrays) as tensors on `device`; on CUDA through pinned memory with non-blocking copies,
+    so the host does not wait for the copy (the update's kernels queue behind it on the same stream)."""
+    if device.type != "cuda":
+        return {k: torch.as_tensor(v) for k, v in batch.items()}
+    return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 # --- Acting, evaluation, pictures ------------------------------------------------------------
 def plan(wm, actor, value, deter, stoch, horizon, gamma, lam, lr, iterations, explore):
     """[CVRL A.3] Latent-guided MPC from the posterior states (n, D), (n, S).
@@ -1284,7 +1292,7 @@ def main(args: Args) -> dict:
             elif cycle_end:
                 updates_due, next_train = updates_due + args.train_steps, next_train + args.train_every
             while updates_due > 0:
-                data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}  # DEVIATION: 8
+                data = batch_to(replay.sample(B, T), device)  # DEVIATION: 8
                 if args.compile and not compiled:
                     progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
                     t_compile = time.time()
