@@ -53,8 +53,8 @@ resumed run takes them as its defaults and applies neither again). Updates after
 run's, given the same replay. Not restored, so a resumed run is not the uninterrupted one bit for bit: the episodes
 in progress (the training envs are reset with seed + frame, the acting state starts from zeros), the evaluation
 envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since the checkpoint
-(common/replay.py). Only --total-timesteps, --precision and the logging, evaluation and tracking flags may change
-(RESUMABLE).
+(common/replay.py). Only --total-timesteps, --precision, --compile, --compile-backend and the logging, evaluation
+and tracking flags may change (RESUMABLE).
 `--save-model` writes the same format without the replay's head to runs/{run}/{exp_name}.pt.
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
@@ -170,7 +170,7 @@ class Args:
     resume: Optional[str] = None
     """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
     run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps (to grow it),
-    --precision and the logging, evaluation and tracking flags may change"""
+    --precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change"""
     eval_checkpoint: Optional[str] = None
     """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
     videos/ beside the file), print the JSON line, and stop"""
