@@ -53,8 +53,8 @@ resumed run takes them as its defaults and applies neither again). Updates after
 run's, given the same replay. Not restored, so a resumed run is not the uninterrupted one bit for bit: the episodes
 in progress (the training envs are reset with seed + frame, the acting state starts from zeros), the evaluation
 envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since the checkpoint
-(common/replay.py). Only --total-timesteps, --precision and the logging, evaluation and tracking flags may change
-(RESUMABLE).
+(common/replay.py). Only --total-timesteps, --precision, --compile, --compile-backend and the logging, evaluation
+and tracking flags may change (RESUMABLE).
 `--save-model` writes the same format without the replay's head to runs/{run}/{exp_name}.pt.
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
@@ -145,6 +145,12 @@ class Args:
     statistics (LayerNorm and BatchNorm), distributions (one-hot, truncated normal), KL, entropies, the unit-Normal
     losses, the lambda-returns and the decoder's output stay float32; acting and evaluation stay float32. (Default
     fp32; time both with benchmarks/update_speed.py --agents blast --precisions fp32 bf16.)"""
+    compile: bool = False
+    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the first
+    update compiles them (minutes on a CPU; the console says so). Default off: see the README's Measured table."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
+    tracing problem from a code-generation one, and for quick tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -164,7 +170,7 @@ class Args:
     resume: Optional[str] = None
     """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
     run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps (to grow it),
-    --precision and the logging, evaluation and tracking flags may change"""
+    --precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change"""
     eval_checkpoint: Optional[str] = None
     """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
     videos/ beside the file), print the JSON line, and stop"""
@@ -747,17 +753,41 @@ def opt_step(opt, params, clip, weight_decay):
     return norm
 
 
+COMPILED = {}  # --compile: the loss functions compiled once per process
+
+
+def loss_fns(compile, backend="inductor"):
+    """(world_model_loss, actor_critic_loss), or with --compile their torch.compile'd versions.
+
+    Each loss is compiled whole: its T-step posterior loops (online and target), the AR prior's chunk loop and the
+    H-step imagination are unrolled into one graph, and AOTAutograd compiles the backward pass with it; shapes are
+    fixed (dynamic=False), so the first call compiles and later calls replay. BatchNorm's batch statistics and its
+    running-statistics updates (online and target encoder) are in the graph. The backward calls, gradient clipping,
+    weight decay, Adam steps, the target encoder's EMA and the slow critic's copies stay eager. Sampling inside the
+    compiled graphs uses inductor's random numbers (same distributions, other draws than eager for one seed).
+    Default mode on every device: CUDA graphs (mode="reduce-overhead") are not used, since no GPU was at hand to
+    test them (metrics kept across updates would need copies out of the graphs' memory).
+    """
+    if not compile:
+        return world_model_loss, actor_critic_loss
+    if backend not in COMPILED:  # fullgraph: a graph break is an error, not a silent slow path
+        COMPILED[backend] = (torch.compile(world_model_loss, dynamic=False, fullgraph=True, backend=backend),
+                             torch.compile(actor_critic_loss, dynamic=False, fullgraph=True, backend=backend))
+    return COMPILED[backend]
+
+
 def update(wm, actor, critic, slow_critic, opts, data, args, updates):
     """One training update (world model, target EMA, actor, critic, slow critic). No host syncs. `updates`: the
     number of updates before this one (a Python int scheduling the first EMA copy and the slow critic's copies)."""
     wm_opt, actor_opt, critic_opt, dec_opt = opts
+    world_model_loss_fn, actor_critic_loss_fn = loss_fns(args.compile, args.compile_backend)
     if args.reward_clamp == "tanh":  # [DreamerV2 clip_rewards, BLAST A.2 reward_clamp] on the replayed rewards
         data = dict(data, reward=torch.tanh(data["reward"]))
     # DEVIATION: float32 by default (the official code uses mixed float16); --precision bf16: autocast the forward
     # passes (backward, optimiser steps, the target EMA and the slow critic copy stay outside, parameters float32)
     device_type, low = data["obs"].device.type, args.precision == "bf16"
     with torch.autocast(device_type, torch.bfloat16, enabled=low):
-        wm_loss, metrics, out = world_model_loss(
+        wm_loss, metrics, out = world_model_loss_fn(
             wm, data, args.kl_balance, args.kl_free, args.kl_scale, args.reward_scale, args.image_scale,
             args.target_input_p, args.reconstruction, args.reward_grad)
     wm_opt.zero_grad(set_to_none=True), dec_opt.zero_grad(set_to_none=True)
@@ -770,7 +800,7 @@ def update(wm, actor, critic, slow_critic, opts, data, args, updates):
     # Behaviour from all B*T target posteriors (BLAST: imagination starts from target_posts); wm frozen
     wm.requires_grad_(False)
     with torch.autocast(device_type, torch.bfloat16, enabled=low):
-        actor_loss, critic_loss, ac_metrics = actor_critic_loss(
+        actor_loss, critic_loss, ac_metrics = actor_critic_loss_fn(
             wm, actor, critic, slow_critic, out["t_deter"].flatten(0, 1), out["t_stoch"].flatten(0, 1),
             args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
             args.actor_grad == "reinforce" or (args.actor_grad == "auto" and actor.discrete))
@@ -778,8 +808,10 @@ def update(wm, actor, critic, slow_critic, opts, data, args, updates):
         p.requires_grad_(True)  # (the target encoder stays frozen)
     metrics.update(ac_metrics)
     actor_opt.zero_grad(set_to_none=True), critic_opt.zero_grad(set_to_none=True)
-    actor_loss.backward()  # reaches only the actor: wm and slow critic are frozen, the critic is not in the graph
-    critic_loss.backward()
+    # Each loss reaches only its own network (wm and slow critic frozen, the critic sees sg(s_t)); retain_graph: a
+    # compiled actor_critic_loss is one autograd node for both losses, whose first backward would free it
+    actor_loss.backward(inputs=list(actor.parameters()), retain_graph=True)
+    critic_loss.backward(inputs=list(critic.parameters()))
     metrics["grad_norm/actor"] = opt_step(actor_opt, list(actor.parameters()), args.ac_clip, args.weight_decay)
     metrics["grad_norm/critic"] = opt_step(critic_opt, list(critic.parameters()), args.ac_clip, args.weight_decay)
     slow_critic_update(slow_critic, critic, updates, args.slow_critic_every)
@@ -1057,9 +1089,9 @@ def close_envs(*envs, kill=False):
 CHECKPOINT = "checkpoint.pt"
 # Flags a resumed run may change: they touch neither the model nor the training schedule (evaluations and videos
 # draw from the torch RNG, so changing their flags changes the later random draws, not what the run is).
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision", "track",
-             "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
-             "log_every", "video_every")
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
+             "compile", "compile_backend", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video",
+             "eval_every", "eval_episodes", "log_every", "video_every")
 
 
 def rng_state():
@@ -1285,7 +1317,7 @@ def main(args: Args) -> dict:
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     next_checkpoint = args.checkpoint_every
     metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
-    returns, interrupted, train_start, projected, saved_step = [], None, None, False, None
+    returns, interrupted, train_start, projected, saved_step, compiled = [], None, None, False, None, False
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
         (global_step, updates, train_credit, pretrained, next_log, next_eval, next_video, next_checkpoint,
          metric_sums, n_metrics, last_metrics, recent_returns, eval_return, returns) = restore_checkpoint(
@@ -1356,7 +1388,17 @@ def main(args: Args) -> dict:
                     progress.set_phase("pretrain", updates + n_updates)
             for _ in range(n_updates):
                 data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
+                if args.compile and not compiled:
+                    progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
+                    t_compile = time.time()
                 metrics = update(wm, actor, critic, slow_critic, opts, data, args, updates)
+                if args.compile and not compiled:  # rates and the projection count from the compiled update on
+                    compiled = True
+                    progress.print(f"compiled the update in {fmt_time(time.time() - t_compile)}")
+                    progress.step(global_step, updates + 1)
+                    progress.set_phase(progress.phase, progress.phase_end)
+                    if train_start:  # (the first update came after the pretrain burst: the train phase's timer)
+                        train_start = (time.time(), global_step, updates + 1)
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + v
                 n_metrics, updates = n_metrics + 1, updates + 1

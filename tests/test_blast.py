@@ -518,6 +518,40 @@ def test_bf16_update_stays_close_to_float32(kw, discrete, one_thread):
     assert out["bf16"]["losses/image"].item() != out["fp32"]["losses/image"].item()  # bf16 did run
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
+    """--compile: two compiled updates (update 0 copies the target encoder, update 1 its EMA step) from the same
+    state and RNG give the eager metrics, parameters, target encoder and BatchNorm running statistics within float32
+    tolerance (inductor reorders sums; its random numbers are switched to eager's for the comparison). Full BLAST:
+    BatchNorm in the encoders and the posterior, the EMA target encoder and the AR prior, all in the graph.
+    aot_eager traces forward and backward without generating code; inductor (a cold compile takes minutes on a
+    CPU) runs with `python -m pytest -m slow`."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    monkeypatch.setattr(b, "COMPILED", {})  # compiled afresh for these tiny shapes
+    batches = [batch(seed=0), batch(seed=1)]
+    out, states = {}, {}
+    for compile in (False, True):
+        args, wm, actor, critic, slow, opts = tiny_agent(compile=compile, compile_backend=backend)
+        parts = (wm.encoder, wm.target_encoder, wm.rssm, wm.reward, wm.decoder, actor, critic)
+        before = [{k: t.clone() for k, t in m.state_dict().items()} for m in parts]
+        torch.manual_seed(1)
+        out[compile] = [b.update(wm, actor, critic, slow, opts, data, args, updates=u) for u, data in enumerate(batches)]
+        states[compile] = {f"{i}.{k}": t for i, net in enumerate((wm, actor, critic, slow))
+                           for k, t in net.state_dict().items()}
+        for m, old in zip(parts, before):  # the updates did train (and moved the EMA target and BatchNorm statistics)
+            assert not all(torch.equal(t, old[k]) for k, t in m.state_dict().items()), type(m).__name__
+    assert len(b.COMPILED) == 1 and backend in b.COMPILED  # the compiled functions were used (and made once)
+    for eager, compiled in zip(out[False], out[True]):
+        assert eager.keys() == compiled.keys()
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert states[True].keys() == states[False].keys()
+    for k, eager in states[False].items():  # parameters, target encoder, BatchNorm statistics and batch counts
+        torch.testing.assert_close(states[True][k], eager, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_reconstruction_and_reward_grad_switches(one_thread):
     args, wm, *_ = tiny_agent(ladder="ema")
     data = batch()
@@ -706,9 +740,11 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     rows = ck["replay"]["count"]  # 88 agent steps and the envs' reset steps
     assert rows > 88
     before = replay_obs(run_dir, rows)
-    # (the CLI with --precision bf16: a flag a resumed run may change)
-    out = resume_cli("blast.py", tmp_path, final["run_dir"], "--total-timesteps", "240", "--precision", "bf16")
+    # (the CLI with --precision bf16 and --compile: flags a resumed run may change)
+    out = resume_cli("blast.py", tmp_path, final["run_dir"], "--total-timesteps", "240", "--precision", "bf16",
+                     "--compile", "--compile-backend", "aot_eager")
     assert f"resumed {final['run_dir']} at frame 176 after 13 updates (replay {rows} steps)" in out["stdout"]
+    assert "compiling the update (--compile)" in out["stdout"] and "compiled the update in" in out["stdout"]
     resumed = out["final"]
     # the uninterrupted run's count: 2 + (240 - 60) / 2 // 5 = 20 (without the credit 19, without the flag 22)
     assert resumed["global_step"] == 240 and resumed["updates"] == 20
