@@ -818,6 +818,14 @@ def update(wm, actor, critic, slow_critic, opts, data, args, updates):
     return metrics
 
 
+def batch_to(batch, device):
+    """A replay batch (numpy arrays) as tensors on `device`; on CUDA through pinned memory with non-blocking copies,
+    so the host does not wait for the copy (the update's kernels queue behind it on the same stream)."""
+    if device.type != "cuda":
+        return {k: torch.as_tensor(v) for k, v in batch.items()}
+    return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 # --- Acting, evaluation, pictures ------------------------------------------------------------
 @torch.no_grad()
 def policy(wm, actor, state, obs, is_first, explore=True):
@@ -1387,7 +1395,7 @@ def main(args: Args) -> dict:
                 if progress.phase == "prefill":
                     progress.set_phase("pretrain", updates + n_updates)
             for _ in range(n_updates):
-                data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
+                data = batch_to(replay.sample(B, T), device)
                 if args.compile and not compiled:
                     progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
                     t_compile = time.time()

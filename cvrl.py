@@ -145,8 +145,8 @@ class Args:
     memory"""
     resume: Optional[str] = None
     """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
-    run's, and only --total-timesteps (to grow it), --precision and the logging, evaluation and tracking flags may
-    change"""
+    run's, and only --total-timesteps (to grow it), --precision, --compile and the logging, evaluation and tracking
+    flags may change"""
     eval_checkpoint: Optional[str] = None
     """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
     videos/ beside the file), print the JSON line, and stop"""
