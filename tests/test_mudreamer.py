@@ -308,7 +308,10 @@ def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
     torch._dynamo.reset()  # (no cache entries left by the other backend's run in this process)
     a = _tiny_args(compile_backend=backend)
     base = _agent(a)[:6]  # wm, slow_value, actor, critic, slow_critic, return_norm
-    B, T = 2, 4
+    # B = 4, not dreamerv3's 2: over 2 samples BatchNorm's output is +-1 (up to its eps) whatever its input, so
+    # the gradient into rssm.obs_in is float32 rounding noise (~1e-9) that Adam's first step, lr g / (|g| + eps),
+    # turns into differences of lr / 3 between eager and inductor; over 4 samples the test is well posed.
+    B, T = 4, 4
     g = torch.Generator().manual_seed(1)
     batches = [dict(obs=torch.randint(0, 256, (B, T, 3, 16, 16), dtype=torch.uint8, generator=g),
                     action=torch.rand(B, T, 2, generator=g) * 2 - 1, reward=torch.randn(B, T, generator=g),
