@@ -103,6 +103,12 @@ class Args:
     """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
     statistics (LayerNorm and BatchNorm), distributions, KL, two-hot log-softmax and return percentiles stay
     float32. (Default fp32: see the README's Measured table for the speed on each machine.)"""
+    compile: bool = False
+    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the first
+    update compiles them (minutes on a CPU; the console says so). Default off: see the README's Measured table."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
+    tracing problem from a code-generation one, and for quick tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -731,9 +737,33 @@ def actor_critic_loss(wm, actor, critic, slow_critic, return_norm, deter, stoch,
     return actor_loss, critic_loss, metrics
 
 
+COMPILED = {}  # --compile: the loss functions compiled once per process
+
+
+def loss_fns(compile, backend="inductor"):
+    """(world_model_loss, actor_critic_loss), or with --compile their torch.compile'd versions.
+
+    Each loss is compiled whole: its T- or H-step loop is unrolled into one graph (the world model's with the value
+    targets' loop, the value and action predictors and the BatchNorm running-statistics updates of every step), and
+    AOTAutograd compiles the backward pass with it; shapes are fixed (dynamic=False), so the first call compiles and
+    later calls replay. The backward calls, gradient clipping, Adam steps, the slow value predictor's and the slow
+    critic's EMAs and the auxiliary decoder (its forward, loss and step: not one of the two losses) stay eager.
+    Sampling inside the compiled graphs uses inductor's random numbers (same distributions, other draws than eager
+    for one seed). Default mode on every device: CUDA graphs (mode="reduce-overhead") are not used, since no GPU was
+    at hand to test them (metrics kept across updates would need copies out of the graphs' memory).
+    """
+    if not compile:
+        return world_model_loss, actor_critic_loss
+    if backend not in COMPILED:  # fullgraph: a graph break is an error, not a silent slow path
+        COMPILED[backend] = (torch.compile(world_model_loss, dynamic=False, fullgraph=True, backend=backend),
+                             torch.compile(actor_critic_loss, dynamic=False, fullgraph=True, backend=backend))
+    return COMPILED[backend]
+
+
 def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args):
     """One training update: world model, then actor and critic from its posterior states. No host syncs."""
     wm_opt, actor_opt, critic_opt, decoder_opt = opts
+    world_model_loss_fn, actor_critic_loss_fn = loss_fns(args.compile, args.compile_backend)
     # DEVIATION: float32 (or --precision bf16 autocast); the 2023 code trains in float16 with loss scaling and
     # skips non-finite steps (here a non-finite loss stops the run at the next log).
     # World model
@@ -745,8 +775,8 @@ def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, 
         loss_scales["action"] = args.pred_scale
     device_type, low = data["obs"].device.type, args.precision == "bf16"  # --precision bf16: autocast the forward
     with torch.autocast(device_type, torch.bfloat16, enabled=low):
-        wm_loss, metrics, (deter, stoch) = world_model_loss(wm, slow_value, data, loss_scales, args.free_bits,
-                                                            args.gamma, args.lam)
+        wm_loss, metrics, (deter, stoch) = world_model_loss_fn(wm, slow_value, data, loss_scales, args.free_bits,
+                                                               args.gamma, args.lam)
     wm_opt.zero_grad(set_to_none=True)
     wm_loss.backward()
     metrics["grad_norm/world_model"] = nn.utils.clip_grad_norm_(wm_opt.param_groups[0]["params"], args.model_clip)
@@ -769,7 +799,7 @@ def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, 
     # Actor-critic in imagination, from all B*T posterior states (the world model is not trained here)
     wm.requires_grad_(False)
     with torch.autocast(device_type, torch.bfloat16, enabled=low):
-        actor_loss, critic_loss, ac_metrics = actor_critic_loss(
+        actor_loss, critic_loss, ac_metrics = actor_critic_loss_fn(
             wm, actor, critic, slow_critic, return_norm, deter.flatten(0, 1), stoch.flatten(0, 1),
             data["is_terminal"].flatten(), args.imag_horizon, args.gamma, args.lam, args.actor_entropy,
             args.critic_slow_reg)
@@ -1060,7 +1090,8 @@ def close_envs(*envs, kill=False):
 
 CHECKPOINT = "checkpoint.pt"
 # Flags a resumed run may change: they touch neither the model nor the training schedule.
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision", "track",
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
+             "compile", "compile_backend", "track",
              "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
              "log_every", "video_every")
 
@@ -1302,7 +1333,7 @@ def main(args: Args) -> dict:
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     next_checkpoint = args.checkpoint_every
     metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
-    returns, interrupted, projected, saved_step, data = [], None, False, None, None
+    returns, interrupted, projected, saved_step, data, compiled = [], None, False, None, None, False
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
         (global_step, updates, updates_due, next_log, next_eval, next_video, next_checkpoint, metric_sums,
          n_metrics, last_metrics, recent_returns, eval_return, returns, data) = restore_checkpoint(ck, nets, opts,
@@ -1372,7 +1403,15 @@ def main(args: Args) -> dict:
                 updates_due += N * args.train_ratio / (B * T)
             while updates_due >= 1:
                 data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
+                if args.compile and not compiled:
+                    progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
+                    t_compile = time.time()
                 metrics = update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args)
+                if args.compile and not compiled:  # rates and the projection count from the compiled update on
+                    compiled = True
+                    progress.print(f"compiled the update in {fmt_time(time.time() - t_compile)}")
+                    progress.set_phase("train", args.total_timesteps)
+                    train_start = (time.time(), global_step, updates + 1)
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + v
                 n_metrics, updates, updates_due = n_metrics + 1, updates + 1, updates_due - 1
@@ -1381,7 +1420,7 @@ def main(args: Args) -> dict:
                     frames = openloop_video(wm, actor, data, args.video_context)
                     log_video(writer, "openloop", frames, global_step, fps=10)
             progress.step(global_step, updates, np.mean(recent_returns or [np.nan]))
-            if ready and not projected and updates >= 10 and time.time() - train_start[0] >= 20:
+            if ready and not projected and updates - train_start[2] >= 10 and time.time() - train_start[0] >= 20:
                 projected, elapsed = True, time.time() - train_start[0]
                 rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
                 progress.print(f"measured: {elapsed / (updates - train_start[2]):.2f} s per update with acting; "

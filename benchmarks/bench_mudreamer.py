@@ -3,7 +3,7 @@
 MuDreamer Table 5 ("DreamerV3 Small": deter 512, 32x32 latents, units 512, cnn depth 32), B x T = 16 x 64
 images 3x64x64, 6-dim continuous actions (walker), imagination horizon 15 from all B*T posterior states.
 `setup(device, decoder=False)` times the run without the auxiliary decoder (`--no-decoder`); `precision="bf16"`
-`--precision bf16`; `size="small"` the learning checks' model.
+`--precision bf16`; `size="small"` the learning checks' model; `compile=True` `--compile` (the first step compiles).
 Run with `python benchmarks/update_speed.py --agents mudreamer dreamerv3 --device cpu`.
 """
 
@@ -19,9 +19,10 @@ PRECISIONS = ("fp32", "bf16")
 SMALL = dict(deter=128, units=128, stoch=16, classes=16, cnn_depth=8, batch_size=16, batch_length=32)
 
 
-def setup(device, decoder=True, precision="fp32", size="S"):
+def setup(device, decoder=True, precision="fp32", size="S", compile=False):
     # paper defaults (Table 5), or the learning checks' small model (README Results)
     args = m.Args(decoder=decoder, precision=precision, **(SMALL if size == "small" else {}))
+    args.compile = compile
     torch.manual_seed(0)
     A, B, T, obs_shape = 6, args.batch_size, args.batch_length, (3, 64, 64)
     wm = m.WorldModel(obs_shape, A, args.deter, args.stoch, args.classes, args.units, args.mlp_layers,
@@ -47,4 +48,4 @@ def setup(device, decoder=True, precision="fp32", size="S"):
 
     return step, (f"mudreamer.py {size} (deter {args.deter}, {args.stoch}x{args.classes}, units {args.units}, cnn "
                   f"{args.cnn_depth}), B x T = {B} x {T}, H = {args.imag_horizon}, A = {A}, decoder "
-                  f"{'on' if decoder else 'off'}, {precision}")
+                  f"{'on' if decoder else 'off'}, {precision}{', compiled' if compile else ''}")

@@ -6,6 +6,7 @@ the run as a user sees it: one-line errors, the progress ETA, Ctrl-C, --track; c
 finished run and after SIGKILL), --eval-checkpoint, bad checkpoints, and the update after a restore.
 """
 
+import copy
 import glob
 import math
 import os
@@ -291,6 +292,64 @@ def test_bf16_update_stays_close_to_float32(one_thread):
     assert out["bf16"]["losses/image"].item() != out["fp32"]["losses/image"].item()  # bf16 did run
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
+    """--compile: two compiled updates (decoder and BatchNorm on) from the same state and RNG give the eager losses,
+    metrics, parameters and buffers (BatchNorm running statistics, return normaliser) within float32 tolerance
+    (inductor reorders sums; its random numbers are switched to eager's for the comparison). Between the updates
+    the agent acts in eval mode as main() does, and switching back to train mode recompiles nothing.
+    (aot_eager traces the same graphs, forward and backward, without generating code; a cold inductor compile
+    takes minutes on a CPU, so that variant is marked slow.)"""
+    import torch._dynamo
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    monkeypatch.setattr(m, "COMPILED", {})  # compiled afresh for these tiny shapes
+    torch._dynamo.reset()  # (no cache entries left by the other backend's run in this process)
+    a = _tiny_args(compile_backend=backend)
+    base = _agent(a)[:6]  # wm, slow_value, actor, critic, slow_critic, return_norm
+    # B = 4, not dreamerv3's 2: over 2 samples BatchNorm's output is +-1 (up to its eps) whatever its input, so
+    # the gradient into rssm.obs_in is float32 rounding noise (~1e-9) that Adam's first step, lr g / (|g| + eps),
+    # turns into differences of lr / 3 between eager and inductor; over 4 samples the test is well posed.
+    B, T = 4, 4
+    g = torch.Generator().manual_seed(1)
+    batches = [dict(obs=torch.randint(0, 256, (B, T, 3, 16, 16), dtype=torch.uint8, generator=g),
+                    action=torch.rand(B, T, 2, generator=g) * 2 - 1, reward=torch.randn(B, T, generator=g),
+                    is_first=torch.rand(B, T, generator=g) < 0.2, is_terminal=torch.rand(B, T, generator=g) < 0.1)
+               for _ in range(2)]
+    obs = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8, generator=g)
+    state = lambda nets: {f"{i}.{k}": v for i, net in enumerate(nets)  # noqa: E731
+                          for k, v in net.state_dict().items()}  # parameters and buffers
+    out, states = {}, {}
+    for compile in (False, True):
+        wm, slow_value, actor, critic, slow_critic, norm = nets = [copy.deepcopy(x) for x in base]
+        opts = (torch.optim.Adam([p for n, p in wm.named_parameters() if not n.startswith("decoder.")], lr=1e-3),
+                torch.optim.Adam(actor.parameters(), lr=1e-3), torch.optim.Adam(critic.parameters(), lr=1e-3),
+                torch.optim.Adam(wm.decoder.parameters(), lr=1e-3))
+        a.compile = compile
+        torch.manual_seed(0)
+        out[compile] = [m.update(wm, actor, critic, slow_critic, slow_value, norm, opts, batches[0], a)]
+        m.set_mode(False, wm, actor)  # act with the running statistics, as main() does between updates
+        m.policy(wm, actor, m.initial_state(wm, actor, 1, "cpu"), obs, torch.tensor([True]))
+        m.set_mode(True, wm, actor)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # the mode switch left the guards satisfied
+            out[compile].append(m.update(wm, actor, critic, slow_critic, slow_value, norm, opts, batches[1], a))
+        states[compile] = state(nets)
+    assert len(m.COMPILED) == 1 and backend in m.COMPILED  # the compiled functions were used (and made once)
+    for eager, compiled in zip(out[False], out[True]):
+        assert eager.keys() == compiled.keys()
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert states[True].keys() == states[False].keys()
+    for k in states[False]:
+        torch.testing.assert_close(states[True][k], states[False][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert states[True]["0.rssm.obs_out.0.num_batches_tracked"].item() == 2 * T  # BatchNorm trained per step
+    before = state(base)
+    assert any(not torch.equal(states[True][k], before[k]) for k in before)  # the updates did train
+    for k in ("0.rssm.obs_out.0.running_mean", "0.rssm.obs_out.0.running_var", "0.encoder.net.0.weight"):
+        assert not torch.equal(states[True][k], before[k]), k
+
+
 @pytest.mark.parametrize("argv, needles", DREAMER_BAD_INPUTS + [
     (["--batch-size", "1"], ["--batch-size", "BatchNorm", "got 1"]),
     (["--bn-momentum", "1.5"], ["--bn-momentum", "1.5"]),
@@ -394,8 +453,10 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     rows = ck["replay"]["count"]
     assert ck["loop"]["global_step"] == 160 and ck["loop"]["updates"] == final["updates"] and rows > 80
     before = _replay_obs(run_dir, rows)
-    # (the CLI with --precision bf16: a flag a resumed run may change)
-    out = resume_cli("mudreamer.py", tmp_path, final["run_dir"], "--total-timesteps", "240", "--precision", "bf16")
+    # (the CLI with --precision bf16 and --compile: flags a resumed run may change)
+    out = resume_cli("mudreamer.py", tmp_path, final["run_dir"], "--total-timesteps", "240", "--precision", "bf16",
+                     "--compile", "--compile-backend", "aot_eager")
+    assert "compiling the update (--compile)" in out["stdout"] and "compiled the update in" in out["stdout"]
     assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates (replay {rows} steps)" \
         in out["stdout"]
     assert out["final"]["global_step"] == 240 and out["final"]["updates"] > final["updates"]
