@@ -127,7 +127,8 @@ class Args:
     replay in memory"""
     resume: Optional[str] = None
     """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
-    run's, and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change"""
+    run's, and only --total-timesteps (to grow it), --precision, --compile and the logging, evaluation and tracking
+    flags may change"""
     eval_checkpoint: Optional[str] = None
     """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
     videos/ beside the file), print the JSON line, and stop"""
@@ -820,6 +821,14 @@ def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, 
     return metrics
 
 
+def batch_to(batch, device):
+    """A replay batch (numpy arrays) as tensors on `device`; on CUDA through pinned memory with non-blocking copies,
+    so the host does not wait for the copy (the update's kernels queue behind it on the same stream)."""
+    if device.type != "cuda":
+        return {k: torch.as_tensor(v) for k, v in batch.items()}
+    return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 # --- Acting, evaluation, pictures ------------------------------------------------------------
 @torch.no_grad()
 def policy(wm, actor, state, obs, is_first):
@@ -1402,7 +1411,7 @@ def main(args: Args) -> dict:
                     train_start = (time.time(), global_step, updates)
                 updates_due += N * args.train_ratio / (B * T)
             while updates_due >= 1:
-                data = {k: torch.as_tensor(v, device=device) for k, v in replay.sample(B, T).items()}
+                data = batch_to(replay.sample(B, T), device)
                 if args.compile and not compiled:
                     progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
                     t_compile = time.time()
