@@ -56,6 +56,15 @@ def assert_cli_error(script, cwd, argv, *needles):
     return lines[0]
 
 
+def assert_close_dicts(actual, expected, rtol=1e-4, atol=1e-5):
+    """The same keys, and each tensor of `actual` close to `expected`'s (the failing key named): metrics or states."""
+    import torch
+
+    assert actual.keys() == expected.keys(), (sorted(actual), sorted(expected))
+    for k, v in expected.items():
+        torch.testing.assert_close(actual[k], v, rtol=rtol, atol=atol, msg=k)
+
+
 def interrupt_cli(script, cwd, flags, sig, wait_for="[train]", timeout=300):
     """Start a tiny run, send `sig` once a stdout line contains `wait_for`; returns (exit code, stdout, stderr)."""
     import signal

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import blast as b
-from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline,
-                   eval_checkpoint_cli, events, kill_after_first_checkpoint, resume_cli, run_cli, truncated_copy)
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_close_dicts, assert_finite_scalars,
+                   assert_tracks_offline, eval_checkpoint_cli, events, kill_after_first_checkpoint, resume_cli,
+                   run_cli, truncated_copy)
 
 TINY = dict(deter=16, hidden=16, stoch=4, classes=4, ar_steps=4, cnn_depth=2, units=16, mlp_layers=1,
             batch_size=4, batch_length=6, imag_horizon=3, prefill=20, pretrain=2, buffer_size=2000, time_limit=60)
@@ -544,12 +545,8 @@ def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
             assert not all(torch.equal(t, old[k]) for k, t in m.state_dict().items()), type(m).__name__
     assert len(b.COMPILED) == 1 and backend in b.COMPILED  # the compiled functions were used (and made once)
     for eager, compiled in zip(out[False], out[True]):
-        assert eager.keys() == compiled.keys()
-        for k in eager:
-            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert states[True].keys() == states[False].keys()
-    for k, eager in states[False].items():  # parameters, target encoder, BatchNorm statistics and batch counts
-        torch.testing.assert_close(states[True][k], eager, rtol=1e-4, atol=1e-5, msg=k)
+        assert_close_dicts(compiled, eager)
+    assert_close_dicts(states[True], states[False])  # parameters, target encoder, BatchNorm statistics and counts
 
 
 def test_reconstruction_and_reward_grad_switches(one_thread):

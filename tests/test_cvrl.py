@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import cvrl as c
-from smoke import (assert_clean_interrupt, assert_cli_error, assert_finite_scalars, assert_tracks_offline,
-                   eval_checkpoint_cli, events, kill_after_first_checkpoint, resume_cli, run_cli, truncated_copy)
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_close_dicts, assert_finite_scalars,
+                   assert_tracks_offline, eval_checkpoint_cli, events, kill_after_first_checkpoint, resume_cli,
+                   run_cli, truncated_copy)
 
 TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
             actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
@@ -346,9 +347,8 @@ def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
         params[compile] = torch.cat([p.detach().flatten() for p in agent.parameters()])
     assert list(c.COMPILED) == [backend]  # the compiled functions were used (and made once)
     for eager, compiled in zip(out[False], out[True]):
-        assert eager.keys() == compiled.keys() and "losses/infonce" in eager and "losses/sac_q" in eager
-        for k in eager:
-            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert "losses/infonce" in eager and "losses/sac_q" in eager
+        assert_close_dicts(compiled, eager)
     torch.testing.assert_close(params[True], params[False], rtol=1e-4, atol=1e-5)
     assert not torch.equal(params[True], init)  # the updates did train (init: the same seed's fresh agent)
 

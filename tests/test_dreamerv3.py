@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import dreamerv3 as d
-from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
-                   assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay, kill_after_first_checkpoint,
-                   resume_cli, run_cli, truncated_copy)
+from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_close_dicts, assert_cli_error,
+                   assert_finite_scalars, assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay,
+                   kill_after_first_checkpoint, resume_cli, run_cli, truncated_copy)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -384,9 +384,7 @@ def test_compiled_update_equals_eager(one_thread, monkeypatch):
         params[compile] = torch.cat([p.detach().flatten() for m in nets for p in m.parameters()])
     assert len(d.COMPILED) == 1  # the compiled functions were used (and made once)
     for eager, compiled in zip(out[False], out[True]):
-        assert eager.keys() == compiled.keys()
-        for k in eager:
-            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert_close_dicts(compiled, eager)
     torch.testing.assert_close(params[True], params[False], rtol=1e-4, atol=1e-5)
     assert not torch.equal(params[True], torch.cat([p.detach().flatten() for m in (wm, actor, critic, slow)
                                                      for p in m.parameters()]))  # the updates did train

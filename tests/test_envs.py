@@ -148,8 +148,6 @@ def test_readme_one_liner_and_headless_default():
 
 
 def test_video_frames_are_large_renders_of_the_same_state_and_only_env_0_renders():
-    from common.envs import encode_video
-
     plain, natural = make_env("cartpole-balance", 3), make_env("cartpole-balance", 3, background="natural")
     assert plain.video_frame() is None  # off unless asked
     plain.video_size = natural.video_size = 256

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 
 import mudreamer as m
-from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_finite_scalars,
-                   assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay, kill_after_first_checkpoint,
-                   resume_cli, run_cli, truncated_copy)
+from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_close_dicts, assert_cli_error,
+                   assert_finite_scalars, assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay,
+                   kill_after_first_checkpoint, resume_cli, run_cli, truncated_copy)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -337,12 +337,8 @@ def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
         states[compile] = state(nets)
     assert len(m.COMPILED) == 1 and backend in m.COMPILED  # the compiled functions were used (and made once)
     for eager, compiled in zip(out[False], out[True]):
-        assert eager.keys() == compiled.keys()
-        for k in eager:
-            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert states[True].keys() == states[False].keys()
-    for k in states[False]:
-        torch.testing.assert_close(states[True][k], states[False][k], rtol=1e-4, atol=1e-5, msg=k)
+        assert_close_dicts(compiled, eager)
+    assert_close_dicts(states[True], states[False])
     assert states[True]["0.rssm.obs_out.0.num_batches_tracked"].item() == 2 * T  # BatchNorm trained per step
     before = state(base)
     assert any(not torch.equal(states[True][k], before[k]) for k in before)  # the updates did train
