@@ -825,7 +825,7 @@ def batch_to(batch, device):
     """A replay batch (numpy arrays) as tensors on `device`; on CUDA through pinned memory with non-blocking copies,
     so the host does not wait for the copy (the update's kernels queue behind it on the same stream)."""
     if device.type != "cuda":
-        return {k: torch.as_tensor(v) for k, v in batch.items()}
+        return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
     return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 

@@ -56,6 +56,17 @@ def assert_cli_error(script, cwd, argv, *needles):
     return lines[0]
 
 
+def random_pixel_batch(B, T, generator, action_dim=2, size=16):
+    """A (B, T) replay-shaped batch of random 3 x size x size uint8 frames, actions in [-1, 1], Normal rewards and
+    random episode starts (20%) and ends (10%), drawn from `generator` in that order."""
+    import torch
+
+    g = generator
+    return dict(obs=torch.randint(0, 256, (B, T, 3, size, size), dtype=torch.uint8, generator=g),
+                action=torch.rand(B, T, action_dim, generator=g) * 2 - 1, reward=torch.randn(B, T, generator=g),
+                is_first=torch.rand(B, T, generator=g) < 0.2, is_terminal=torch.rand(B, T, generator=g) < 0.1)
+
+
 def assert_close_dicts(actual, expected, rtol=1e-4, atol=1e-5):
     """The same keys, and each tensor of `actual` close to `expected`'s (the failing key named): metrics or states."""
     import torch

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import dreamerv3 as d
-from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_close_dicts, assert_cli_error,
+from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_close_dicts,
                    assert_finite_scalars, assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay,
-                   kill_after_first_checkpoint, resume_cli, run_cli, truncated_copy)
+                   kill_after_first_checkpoint, random_pixel_batch, resume_cli, run_cli, truncated_copy)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -338,9 +338,7 @@ def test_bf16_update_stays_close_to_float32(one_thread):
     slow.load_state_dict(critic.state_dict())
     B, T = 3, 6
     g = torch.Generator().manual_seed(1)
-    data = dict(obs=torch.randint(0, 256, (B, T, 3, 16, 16), dtype=torch.uint8, generator=g),
-                action=torch.rand(B, T, 2, generator=g) * 2 - 1, reward=torch.randn(B, T, generator=g),
-                is_first=torch.rand(B, T, generator=g) < 0.2, is_terminal=torch.rand(B, T, generator=g) < 0.1)
+    data = random_pixel_batch(B, T, g)
     out = {}
     for precision in ("fp32", "bf16"):
         nets = [copy.deepcopy(m) for m in (wm, actor, critic, slow)]
@@ -370,10 +368,7 @@ def test_compiled_update_equals_eager(one_thread, monkeypatch):
     slow.load_state_dict(critic.state_dict())
     B, T = 2, 4
     g = torch.Generator().manual_seed(1)
-    batches = [dict(obs=torch.randint(0, 256, (B, T, 3, 16, 16), dtype=torch.uint8, generator=g),
-                    action=torch.rand(B, T, 2, generator=g) * 2 - 1, reward=torch.randn(B, T, generator=g),
-                    is_first=torch.rand(B, T, generator=g) < 0.2, is_terminal=torch.rand(B, T, generator=g) < 0.1)
-               for _ in range(2)]
+    batches = [random_pixel_batch(B, T, g) for _ in range(2)]
     out, params = {}, {}
     for compile in (False, True):
         nets = [copy.deepcopy(m) for m in (wm, actor, critic, slow)]

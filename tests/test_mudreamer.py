@@ -20,7 +20,7 @@ import torch.nn as nn
 import mudreamer as m
 from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_close_dicts, assert_cli_error,
                    assert_finite_scalars, assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay,
-                   kill_after_first_checkpoint, resume_cli, run_cli, truncated_copy)
+                   kill_after_first_checkpoint, random_pixel_batch, resume_cli, run_cli, truncated_copy)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -313,10 +313,7 @@ def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
     # turns into differences of lr / 3 between eager and inductor; over 4 samples the test is well posed.
     B, T = 4, 4
     g = torch.Generator().manual_seed(1)
-    batches = [dict(obs=torch.randint(0, 256, (B, T, 3, 16, 16), dtype=torch.uint8, generator=g),
-                    action=torch.rand(B, T, 2, generator=g) * 2 - 1, reward=torch.randn(B, T, generator=g),
-                    is_first=torch.rand(B, T, generator=g) < 0.2, is_terminal=torch.rand(B, T, generator=g) < 0.1)
-               for _ in range(2)]
+    batches = [random_pixel_batch(B, T, g) for _ in range(2)]
     obs = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8, generator=g)
     state = lambda nets: {f"{i}.{k}": v for i, net in enumerate(nets)  # noqa: E731
                           for k, v in net.state_dict().items()}  # parameters and buffers
