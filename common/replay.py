@@ -55,6 +55,39 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def replay_fields(capacity: int, num_envs: int, obs_shape: tuple, action_dim: int, obs_dtype=np.uint8) -> dict:
+    """name -> (shape, dtype) of every array the buffer holds."""
+    shape = (num_envs, capacity // max(num_envs, 1))
+    return {"obs": (shape + tuple(obs_shape), obs_dtype), "action": (shape + (action_dim,), np.float32),
+            "reward": (shape, np.float32), "is_first": (shape, bool), "is_terminal": (shape, bool)}
+
+
+def check_capacity(capacity: int, num_envs: int, obs_shape: tuple, action_dim: int = 1, obs_dtype=np.uint8,
+                   path: str | None = None, check_memory: bool = True, resume: bool = False) -> int:
+    """Bytes the buffer needs; ValueError or MemoryError naming --buffer-size when it cannot be held: in memory
+    (path None) or on the disk that would hold `path`. Creates nothing, so scripts call it before building
+    anything (action_dim 1 there: the frames dominate)."""
+    if num_envs < 1 or capacity < num_envs:
+        raise ValueError(f"--buffer-size ({capacity}) must be >= --num-envs ({num_envs}) >= 1")
+    need = sum(int(np.prod(s)) * np.dtype(d).itemsize
+               for s, d in replay_fields(capacity, num_envs, obs_shape, action_dim, obs_dtype).values())
+    if path is None:
+        avail = available_memory_bytes()
+        if check_memory and avail is not None and need > avail:
+            raise MemoryError(f"the replay buffer needs {need / 1e9:.1f} GB for --buffer-size {capacity} but only "
+                              f"{avail / 1e9:.1f} GB of memory are available; pass a smaller --buffer-size")
+    elif not resume:
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):  # the nearest folder that exists: nothing is created to ask
+            existing = os.path.dirname(existing)
+        free = shutil.disk_usage(existing).free
+        if need > free:
+            raise MemoryError(f"the replay buffer needs {need / 1e9:.1f} GB of disk in {path} for --buffer-size "
+                              f"{capacity} (checkpoints keep it on disk) but only {free / 1e9:.1f} GB are free; pass "
+                              f"a smaller --buffer-size or --checkpoint-every 0")
+    return need
+
+
 class ReplayBuffer:
     """FIFO over `capacity` steps in total (`capacity // num_envs` per stream), written in lockstep.
 
@@ -67,21 +100,12 @@ class ReplayBuffer:
     def __init__(self, capacity: int, num_envs: int, obs_shape: tuple, action_dim: int,
                  obs_dtype=np.uint8, seed: int = 0, check_memory: bool = True, path: str | None = None,
                  resume: bool = False):
-        if num_envs < 1 or capacity < num_envs:
-            raise ValueError(f"--buffer-size ({capacity}) must be >= --num-envs ({num_envs}) >= 1")
-        self.num_envs, self.cap = num_envs, capacity // num_envs
-        shape = (num_envs, self.cap)
-        fields = {"obs": (shape + tuple(obs_shape), obs_dtype), "action": (shape + (action_dim,), np.float32),
-                  "reward": (shape, np.float32), "is_first": (shape, bool), "is_terminal": (shape, bool)}
-        need = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in fields.values())
+        self.num_envs, self.cap = num_envs, capacity // max(num_envs, 1)
+        fields = replay_fields(capacity, num_envs, obs_shape, action_dim, obs_dtype)
+        check_capacity(capacity, num_envs, obs_shape, action_dim, obs_dtype, path=path,
+                       check_memory=check_memory, resume=resume)
         self.path = path
         if path is None:
-            avail = available_memory_bytes()
-            if check_memory and avail is not None and need > avail:
-                raise MemoryError(
-                    f"the replay buffer needs {need / 1e9:.1f} GB for --buffer-size {capacity} but only "
-                    f"{avail / 1e9:.1f} GB of memory are available; pass a smaller --buffer-size"
-                )
             for name, (s, d) in fields.items():
                 setattr(self, name, np.empty(s, d))
         else:
@@ -93,13 +117,6 @@ class ReplayBuffer:
                     if size != int(np.prod(s)) * np.dtype(d).itemsize:
                         raise ValueError(f"{files[name]}: replay file missing or of the wrong size ({size} bytes) "
                                          f"for --buffer-size {capacity} and --num-envs {num_envs}")
-            else:
-                free = shutil.disk_usage(path).free
-                if need > free:
-                    raise MemoryError(
-                        f"the replay buffer needs {need / 1e9:.1f} GB of disk in {path} for --buffer-size {capacity} "
-                        f"(checkpoints keep it on disk) but only {free / 1e9:.1f} GB are free; pass a smaller "
-                        f"--buffer-size or --checkpoint-every 0")
             for name, (s, d) in fields.items():
                 setattr(self, name, np.memmap(files[name], dtype=d, mode="r+" if resume else "w+", shape=s))
         self.head = 0  # next write position in every stream (the oldest row once full)

@@ -144,3 +144,19 @@ def test_memmap_replay_survives_the_process(tmp_path):
     assert len(again) == 40 and again.head == 20
     with pytest.raises(ValueError, match="obs.bin"):
         ReplayBuffer(80, num_envs=2, obs_shape=(2,), action_dim=1, obs_dtype=np.int64, path=str(tmp_path), resume=True)
+
+
+def test_check_capacity_refuses_before_creating_anything(tmp_path):
+    """The scripts' early check: the bytes are the buffer's own, an oversized buffer is refused naming
+    --buffer-size, and nothing is created on disk to find that out."""
+    from common.replay import check_capacity
+
+    need = check_capacity(100, 2, (3, 4, 4), action_dim=2)
+    buf = ReplayBuffer(100, 2, (3, 4, 4), 2)
+    assert need == buf.nbytes == 100 * (48 + 8 + 4 + 1 + 1)
+    path = tmp_path / "run" / "replay"
+    with pytest.raises(MemoryError, match="--buffer-size 100000000000"):
+        check_capacity(100_000_000_000, 1, (3, 64, 64), path=str(path))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="--buffer-size"):
+        check_capacity(1, 2, (3,))
