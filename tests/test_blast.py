@@ -520,16 +520,13 @@ def test_bf16_update_stays_close_to_float32(kw, discrete, one_thread):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
+def test_compiled_update_equals_eager(backend, one_thread, inductor_fallback_random, monkeypatch):
     """--compile: two compiled updates (update 0 copies the target encoder, update 1 its EMA step) from the same
     state and RNG give the eager metrics, parameters, target encoder and BatchNorm running statistics within float32
     tolerance (inductor reorders sums; its random numbers are switched to eager's for the comparison). Full BLAST:
     BatchNorm in the encoders and the posterior, the EMA target encoder and the AR prior, all in the graph.
     aot_eager traces forward and backward without generating code; inductor (a cold compile takes minutes on a
     CPU) runs with `python -m pytest -m slow`."""
-    import torch._inductor.config
-
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     monkeypatch.setattr(b, "COMPILED", {})  # compiled afresh for these tiny shapes
     batches = [batch(seed=0), batch(seed=1)]
     out, states = {}, {}

@@ -327,15 +327,12 @@ def test_bf16_update_stays_close_to_float32(overrides, one_thread):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
+def test_compiled_update_equals_eager(backend, one_thread, inductor_fallback_random, monkeypatch):
     """--compile: two compiled updates (world model with InfoNCE, Dreamer actor and value, SAC) from the same state
     and RNG give the eager losses, metrics and parameters within float32 tolerance (inductor reorders sums; its
     random numbers are switched to eager's for the comparison). aot_eager traces forward and backward without
     generating code (the default run); inductor, the --compile default, takes minutes to compile cold on a 2-core
     CPU (300 s in one run on a shared one; `python -m pytest -m slow`)."""
-    import torch._inductor.config
-
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     monkeypatch.setattr(c, "COMPILED", {})  # compiled afresh for these tiny shapes
     batches = [batch(seed=0), batch(seed=1)]
     out, params = {}, {}

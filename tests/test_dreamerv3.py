@@ -355,14 +355,11 @@ def test_bf16_update_stays_close_to_float32(one_thread):
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor on a CPU needs a C++ compiler")
-def test_compiled_update_equals_eager(one_thread, monkeypatch):
+def test_compiled_update_equals_eager(one_thread, inductor_fallback_random, monkeypatch):
     """--compile: two compiled updates from the same state and RNG give the eager losses and parameters within
     float32 tolerance (inductor reorders sums; its random numbers are switched to eager's for the comparison).
     The one inductor compile in the default run (about 100 s cold on 2 cores); the other scripts' tests use
     aot_eager there and inductor under `-m slow`."""
-    import torch._inductor.config
-
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     monkeypatch.setattr(d, "COMPILED", {})  # compiled afresh for these tiny shapes
     a, wm, actor, critic, slow = tiny_agent()
     slow.load_state_dict(critic.state_dict())

@@ -266,7 +266,7 @@ def test_bad_ids_and_options_give_one_line_errors():
 def test_bad_minigrid_id_stops_a_script_with_one_line(tmp_path):
     line = assert_cli_error("dreamerv3.py", tmp_path, ["--env-id", f"{MINIGRID_BASE}-colour"],
                             "--env-id 'minigrid-dynamic-obstacles-6x6-colour' is not")
-    assert "minigrid-dynamic-obstacles-6x6-color-direction" in line  # the valid ids are listed
+    assert "minigrid-dynamic-obstacles-6x6-color-direction" in line  # the closest ids are suggested
     assert not (tmp_path / "runs").exists()  # before any heavy work
 
 

@@ -293,7 +293,7 @@ def test_bf16_update_stays_close_to_float32(one_thread):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
+def test_compiled_update_equals_eager(backend, one_thread, inductor_fallback_random, monkeypatch):
     """--compile: two compiled updates (decoder and BatchNorm on) from the same state and RNG give the eager losses,
     metrics, parameters and buffers (BatchNorm running statistics, return normaliser) within float32 tolerance
     (inductor reorders sums; its random numbers are switched to eager's for the comparison). Between the updates
@@ -301,9 +301,6 @@ def test_compiled_update_equals_eager(backend, one_thread, monkeypatch):
     (aot_eager traces the same graphs, forward and backward, without generating code; a cold inductor compile
     takes minutes on a CPU, so that variant is marked slow.)"""
     import torch._dynamo
-    import torch._inductor.config
-
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     monkeypatch.setattr(m, "COMPILED", {})  # compiled afresh for these tiny shapes
     torch._dynamo.reset()  # (no cache entries left by the other backend's run in this process)
     a = _tiny_args(compile_backend=backend)
