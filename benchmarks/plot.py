@@ -12,7 +12,9 @@ first seed's evaluation steps by linear interpolation, within the range every se
 policy's return (MuDreamer Table 2, its "Random" column, measured with natural backgrounds) is a dashed
 grey line and the paper's score of the agent (benchmarks/paper_results.csv) a star at the paper's
 frame budget where it lies inside the plotted range, or at the panel's right edge (with the budget in
-its label) where it does not. The table lists, per group, the mean +- std (ddof 0) of each seed's last
+its label) where it does not. Rows of that file whose `table` starts with "official curve" are a published
+learning curve (the official DreamerV3's own seeds, computed from its public score files): drawn in black,
+the mean over its seeds dotted and their min-max band hatched, up to the panel's right edge. The table lists, per group, the mean +- std (ddof 0) of each seed's last
 evaluation, the number of seeds, and the frames of that last evaluation (the smallest over seeds).
 """
 
@@ -102,15 +104,31 @@ def paper_results(path=os.path.join(HERE, "paper_results.csv")):
         return list(csv.DictReader(f))
 
 
+ALIASES = {"ball_in_cup-catch": "cup-catch"}
+
+
+def is_curve(row):
+    return row["table"].startswith("official curve")
+
+
 def lookup(papers, agent, env_id, setting):
     """The paper's row for this agent/env (the 'plain' or 'natural' column by background), or None."""
-    aliases = {"ball_in_cup-catch": "cup-catch"}
-    env = aliases.get(env_id, env_id)
+    env = ALIASES.get(env_id, env_id)
     for r in papers:
-        if r["agent"] == agent and aliases.get(r["env_id"], r["env_id"]) == env and (
+        if r["agent"] == agent and ALIASES.get(r["env_id"], r["env_id"]) == env and not is_curve(r) and (
                 r["setting"] == setting or agent == "alm"):
             return r
     return None
+
+
+def reference_curves(papers, env_id, setting):
+    """{(agent, source label): (frames, mean, min, max)} of the published curves for this env and background."""
+    env, out = ALIASES.get(env_id, env_id), {}
+    for r in papers:
+        if is_curve(r) and ALIASES.get(r["env_id"], r["env_id"]) == env and r["setting"] == setting:
+            out.setdefault((r["agent"], f"{r['paper']}, {r['table'][len('official curve'):].strip(' ()')}"),
+                           []).append([float(r[k]) for k in ("frames", "mean", "min", "max")])
+    return {k: tuple(np.array(sorted(v)).T) for k, v in out.items()}
 
 
 def plot(groups, path, band, papers):
@@ -137,6 +155,11 @@ def plot(groups, path, band, papers):
                 x = frames if frames <= right else right
                 ax.plot([x], [float(paper["mean"])], "*", ms=11, color=line.get_color(),
                         label=f"{agent}, {paper['paper'].split(' (')[0]} {paper['table']} at {frames:.0e} frames")
+        for (agent, source), (frames, mean, low, high) in reference_curves(papers, env, setting).items():
+            keep = frames <= right
+            ax.plot(frames[keep], mean[keep], ":", color="black", label=f"official {agent} ({source}), min-max")
+            ax.fill_between(frames[keep], low[keep], high[keep], facecolor="none", edgecolor="black", hatch="///",
+                            alpha=0.3, lw=0)
         rand = lookup(papers, "random", env, "natural")
         if rand is not None:
             ax.axhline(float(rand["mean"]), ls="--", color="grey", label="random policy (MuDreamer Table 2)")
