@@ -100,7 +100,7 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import is_dmc, make_env, make_vector_env
+from common.envs import GYM_MUJOCO_IDS, is_pixel, make_env, make_vector_env
 from common.replay import ReplayBuffer
 
 ACTION_EPS = 1e-6  # actions are clamped into [low + eps, high - eps] of the env's box (official TruncatedNormal)
@@ -113,9 +113,9 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """`torch.backends.cudnn.deterministic` (--no-torch-deterministic: cuDNN may pick nondeterministic kernels)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
+    """use CUDA when available (--no-cuda: the CPU)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -132,8 +132,10 @@ class Args:
     replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
     replay in memory"""
     resume: Optional[str] = None
-    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
-    run's, and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change"""
+    """continue the run in this run directory (or from its checkpoint.pt) in place, from its last checkpoint (a
+    periodic one, the end of the run, or the one written on Ctrl-C / SIGTERM); every flag defaults to that run's,
+    and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change; a finished
+    run prints its final JSON line again"""
     eval_checkpoint: Optional[str] = None
     """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (no video: alm.py refuses
     --capture-video), print the JSON line, and stop"""
@@ -189,11 +191,11 @@ class Args:
     horizon: int = 3
     """K: model rollout length, ALM(K) (Fig. 5 center; ALM(3) is the paper's default)"""
     kl_term: bool = True
-    """toggles the KL term of the encoder/model objective (Fig. 5 left, "no KL term for the encoder")"""
+    """the KL term of the encoder/model objective (--no-kl-term: Fig. 5 left, "no KL term for the encoder")"""
     value_term: bool = True
-    """toggles the Q term of the encoder/model objective (Fig. 5 left, "no value term for the encoder")"""
+    """the Q term of the encoder/model objective (--no-value-term: Fig. 5 left, "no value term for the encoder")"""
     classifier_reward: bool = True
-    """toggles the classifier reward of the policy objective (Fig. 5 left, "no classifier reward")"""
+    """the classifier reward of the policy objective (--no-classifier-reward: Fig. 5 left, "no classifier reward")"""
 
 
 def fail(msg):
@@ -205,6 +207,8 @@ def fail(msg):
 def check_args(args: Args) -> None:
     """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
     a = args
+    if a.seed < 0:
+        fail(f"--seed must be >= 0, got {a.seed}")
     for flag in ("total_timesteps", "num_envs", "eval_every", "eval_episodes", "log_every", "batch_size",
                  "latent_dim", "expl_duration", "hidden_dim", "model_hidden_dim", "horizon"):
         if getattr(a, flag) < 1:
@@ -218,6 +222,9 @@ def check_args(args: Args) -> None:
     for flag in ("learning_starts", "classifier_coef", "expl_clip", "expl_start", "expl_end"):
         if not getattr(a, flag) >= 0:
             fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
+    if a.total_timesteps <= a.learning_starts:
+        fail(f"--total-timesteps {a.total_timesteps} must be larger than the warm-up, --learning-starts "
+             f"{a.learning_starts} (random actions, no updates): nothing would be trained")
     if a.checkpoint_every < 0:
         fail(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}")
     if a.resume and a.eval_checkpoint:
@@ -234,12 +241,12 @@ def check_args(args: Args) -> None:
         fail(f"--buffer-size must hold a window of --horizon + 1 = {window} steps in each of the --num-envs "
              f"{a.num_envs} streams ({a.num_envs * window} steps), {got}")
     try:
-        pixels = is_dmc(a.env_id)
+        pixels = is_pixel(a.env_id)
     except ValueError as e:
         fail(e)
-    if pixels:
-        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from state vectors; use a gymnasium "
-             f"MuJoCo id such as HalfCheetah-v5")
+    if pixels:  # DMC and MiniGrid ids: pixel observations (MiniGrid also discrete actions)
+        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from state vectors with continuous actions; "
+             f"use a gymnasium MuJoCo id: {', '.join(GYM_MUJOCO_IDS)}")
 
 
 def replay_capacity(args: Args) -> int:

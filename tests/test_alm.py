@@ -185,6 +185,7 @@ def test_replay_alignment_of_mains_loop(tmp_path, monkeypatch):
     monkeypatch.setattr(alm, "make_vector_env", lambda env_id, num_envs, seed: vec)
     monkeypatch.setattr(alm, "make_env", lambda env_id, seed: LineEnv())
     monkeypatch.setattr(alm, "ReplayBuffer", capture)
+    monkeypatch.setattr(alm, "check_args", lambda args: None)  # (the CLI refuses a run that is all warm-up)
     monkeypatch.chdir(tmp_path)
     main(Args(total_timesteps=30, learning_starts=1000, buffer_size=100, eval_every=1000, eval_episodes=1,
               log_every=1000, **TINY))
@@ -342,6 +343,10 @@ def test_smoke_cli(tmp_path, extra):
     (["--buffer-size", "40", "--num-envs", "16", "--batch-size", "8"], ["--buffer-size", "--num-envs 16", "got 40"]),
     (["--buffer-size", str(10**12)], ["--buffer-size 1000000000000", "GB"]),  # a MemoryError from the replay
     (["--capture-video"], ["--capture-video"]),
+    (["--env-id", "minigrid-dynamic-obstacles-6x6"], ["--env-id minigrid-dynamic-obstacles-6x6", "state vectors",
+                                                      "HalfCheetah-v5"]),
+    (["--total-timesteps", "100"], ["--total-timesteps 100", "--learning-starts 5000"]),  # trains nothing
+    (["--seed", "-1"], ["--seed must be >= 0, got -1"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every", "got -1"]),
     (["--resume", "runs/x", "--eval-checkpoint", "x.pt"], ["--resume", "--eval-checkpoint", "exclude"]),
 ])
