@@ -81,6 +81,7 @@ Run:  python alm.py --env-id HalfCheetah-v5
       python alm.py --eval-checkpoint runs/HalfCheetah-v5__alm__1__1700000000/checkpoint.pt
 """
 
+import contextlib
 import json
 import os
 import random
@@ -101,7 +102,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from common.envs import GYM_MUJOCO_IDS, is_pixel, make_env, make_vector_env
-from common.replay import ReplayBuffer
+from common.replay import ReplayBuffer, check_capacity
 
 ACTION_EPS = 1e-6  # actions are clamped into [low + eps, high - eps] of the env's box (official TruncatedNormal)
 
@@ -547,26 +548,27 @@ def make_optimizers(agent: Agent, lr: float):
     return {k: torch.optim.Adam(v, lr=lr) for k, v in groups.items()}, groups
 
 
-def track_non_finite(metrics: dict, first: Optional[torch.Tensor], update_index: int, step: int) -> torch.Tensor:
-    """first (2, M): per metric, the first update index and env step where it was non-finite (-1 while finite).
-    Device ops only, no host sync; read by non_finite_message at log time."""
-    values = torch.stack(list(metrics.values()))  # (M,)
+def track_non_finite(metrics: dict, first: Optional[torch.Tensor], update_index: int) -> torch.Tensor:
+    """first (2, M) float64: per metric, the first update index where it was non-finite (-1 while finite) and its
+    value there. Device ops only, no host sync; read by non_finite_message at log time."""
+    values = torch.stack(list(metrics.values())).double()  # (M,)
     if first is None:
-        first = torch.full((2, len(values)), -1, dtype=torch.long, device=values.device)
+        first = torch.full((2, len(values)), -1.0, dtype=torch.float64, device=values.device)
     new = ~torch.isfinite(values) & (first[0] < 0)
-    return torch.stack([torch.where(new, update_index, first[0]), torch.where(new, step, first[1])])
+    return torch.stack([torch.where(new, update_index, first[0]), torch.where(new, values, first[1])])
 
 
-def non_finite_message(names: list, first: Optional[torch.Tensor]) -> Optional[str]:
-    """Names the first non-finite metric (earliest update, then computation order), or None. A host sync."""
+def non_finite_message(names: list, first: Optional[torch.Tensor], step: int) -> Optional[str]:
+    """Names the first non-finite metric (earliest update, then computation order) logged at frame `step`, or None.
+    A host sync."""
     if first is None:
         return None
-    updates, steps = first.tolist()
+    updates, values = first.tolist()
     bad = [(u, i) for i, u in enumerate(updates) if u >= 0]
     if not bad:
         return None
     u, i = min(bad)  # NaN spreads: later metrics and later updates are consequences
-    return f"non-finite {names[i]} at step {steps[i]} (update {u}; the first non-finite metric)"
+    return f"non-finite {names[i]} = {values[i]} in the updates logged at frame {step} (update {int(u)})"
 
 
 @torch.no_grad()
@@ -681,8 +683,30 @@ class Progress:
             self.out.write("\n")
 
 
-def on_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+SIGNALS = {"defer": 0, "pending": None}  # deferred_signals' state
+
+
+def on_signal(signum, frame):
+    """SIGINT and SIGTERM (SLURM preemption, kill) stop the run as Ctrl-C does: KeyboardInterrupt at once, or at the
+    end of the deferred_signals section it arrives in."""
+    name = signal.Signals(signum).name
+    if not SIGNALS["defer"]:
+        raise KeyboardInterrupt(name)
+    SIGNALS["pending"] = SIGNALS["pending"] or name
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """A section a signal must not cut (an update with its counters, a replay row, a checkpoint): a signal that
+    arrives inside waits for its end, then raises KeyboardInterrupt."""
+    SIGNALS["defer"] += 1
+    try:
+        yield
+    finally:
+        SIGNALS["defer"] -= 1
+    if not SIGNALS["defer"] and SIGNALS["pending"]:
+        name, SIGNALS["pending"] = SIGNALS["pending"], None
+        raise KeyboardInterrupt(name)
 
 
 def close_envs(*envs, kill=False):
@@ -739,23 +763,24 @@ def save_checkpoint(path, args, nets, opts, loop, replay=None):
     """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
     os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
     are flushed first; the checkpoint holds only their head, count and sampling RNG."""
-    if replay is not None:
-        replay.flush()
-    payload = {"script": os.path.basename(__file__), "args": asdict(args),
-               "nets": {k: m.state_dict() for k, m in nets.items()},
-               "opts": {k: o.state_dict() for k, o in opts.items()},  # by group name: model, reward, critic, actor
-               "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
+    with deferred_signals():  # a signal waits until the checkpoint is whole
+        if replay is not None:
+            replay.flush()
+        payload = {"script": os.path.basename(__file__), "args": asdict(args),
+                   "nets": {k: m.state_dict() for k, m in nets.items()},
+                   "opts": {k: o.state_dict() for k, o in opts.items()},  # by group name: model, reward, critic, actor
+                   "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself survives a power cut
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path, flag):
@@ -796,9 +821,16 @@ def checked_against(args, ck, flag):
         if name not in free and name in saved and saved[name] != value:
             fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
                  f"a saved run keeps its model, environment and schedule")
-    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
-        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
+    loop = ck["loop"]
+    if flag == "--resume" and args.total_timesteps <= loop["global_step"] and not (
+            loop.get("summary") or args.total_timesteps == saved["total_timesteps"]):  # (a cut final evaluation)
+        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {loop['global_step']}; "
              f"pass a larger --total-timesteps to continue it")
+
+
+def run_folder(resume):
+    """--resume RUN or RUN/checkpoint.pt (a file: its folder is the run) -> RUN."""
+    return os.path.dirname(resume) or "." if resume and os.path.isfile(resume) else resume
 
 
 def saved_defaults(argv):
@@ -808,7 +840,7 @@ def saved_defaults(argv):
         for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = os.path.join(value, name) if name else value
+                path = os.path.join(run_folder(value), name) if name else value
                 try:
                     ck = torch.load(path, map_location="cpu", weights_only=True)
                     if ck["script"] != os.path.basename(__file__):
@@ -854,12 +886,25 @@ def main(args: Args) -> dict:
     check_args(args)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args)
+    args.resume = run_folder(args.resume)
+    if args.resume and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
+    try:  # before anything is built or created; the state size is not known before the env is: 1 dim, a lower
+        # bound (the replay checks the exact size)
+        check_capacity(replay_capacity(args), args.num_envs, (1,), 1, np.float32, resume=bool(args.resume),
+                       path=os.path.join(args.resume or "runs", "replay") if args.checkpoint_every or args.resume
+                       else None)
+    except (MemoryError, ValueError) as e:
+        fail(e)
     ck = None
     if args.resume:
-        if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory")
         ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
         checked_against(args, ck, "--resume")
+        if ck["loop"].get("summary") and args.total_timesteps <= ck["loop"]["global_step"]:  # a finished run
+            summary = {**ck["loop"]["summary"], "run_dir": args.resume}
+            print(f"{args.resume} finished at frame {ck['loop']['global_step']}; its final JSON line (a larger "
+                  f"--total-timesteps continues it):\n{json.dumps(summary)}", flush=True)
+            return summary
     progress = Progress(args.total_timesteps)
     progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} env steps; building "
                    f"{args.num_envs} + 1 envs (training + evaluation) ...")
@@ -873,21 +918,13 @@ def main(args: Args) -> dict:
         fail(e)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high
-    made, d = [], os.path.join(run_dir, "replay")  # the folders the replay's makedirs will create, deepest first
-    while d and not os.path.exists(d):
-        made, d = made + [d], os.path.dirname(d)
-    try:
+    try:  # (its exact size is checked before it creates anything: a refused replay leaves no run dir behind)
         # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
         replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), action_dim, obs_dtype=np.float32,
                               seed=args.seed, path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck
                               else None, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_env)
-        for d in made:  # a refused replay leaves no run dir behind (the folders it made are empty)
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
         fail(e)
 
     if args.track:
@@ -919,20 +956,20 @@ def main(args: Args) -> dict:
     def tensors(b: dict) -> dict:
         return {k: torch.as_tensor(v, device=device) for k, v in b.items()}
 
-    def run_eval() -> float:
+    def run_eval() -> list:
         phase, progress.phase = progress.phase, "eval"
         try:
-            return float(np.mean(evaluate(agent, eval_env, args.eval_episodes, device)))
+            return evaluate(agent, eval_env, args.eval_episodes, device)
         finally:
             progress.phase = phase
 
-    N = args.num_envs
+    N, path = args.num_envs, os.path.join(run_dir, CHECKPOINT)
     global_step, updates, next_log, next_eval = 0, 0, args.log_every, args.eval_every
-    next_checkpoint, saved_step = args.checkpoint_every, None
+    next_checkpoint, saved_step, summary = args.checkpoint_every, None, None
     metrics, recent, last_eval, start, first_bad = {}, [], float("nan"), time.time(), None
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
         (global_step, updates, next_log, next_eval, next_checkpoint, metrics, first_bad, recent, last_eval,
-         rng_warmup, rng_eval) = restore_checkpoint(ck, nets, optims, replay).values()
+         rng_warmup, rng_eval) = list(restore_checkpoint(ck, nets, optims, replay).values())[:11]  # (not its summary)
         next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
         metrics = {k: v.to(device) for k, v in metrics.items()}
         first_bad = first_bad.to(device) if first_bad is not None else None
@@ -949,20 +986,23 @@ def main(args: Args) -> dict:
         return {"global_step": global_step, "updates": updates, "next_log": next_log, "next_eval": next_eval,
                 "next_checkpoint": next_checkpoint, "metrics": metrics, "first_bad": first_bad,
                 "recent_returns": recent, "last_eval": last_eval, "rng_warmup": rng.bit_generator.state,
-                "rng_eval": eval_rng.bit_generator.state if eval_rng is not None else None}
+                "rng_eval": eval_rng.bit_generator.state if eval_rng is not None else None, "summary": summary}
 
     obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the step: a resumed run meets new episodes)
     reward, is_first, is_terminal, done = np.zeros(N), np.ones(N, bool), np.zeros(N, bool), np.zeros(N, bool)
-    interrupted, projected, B = None, False, args.batch_size
+    interrupted, bad, projected, B = None, None, False, args.batch_size
     warmup = min(args.learning_starts, args.total_timesteps)  # env steps of random actions and no updates
     progress.print(f"cost: {B * (K + 1)} + {B * 2} replayed steps per update ({B} windows of --horizon + 1 = {K + 1} "
                    f"steps, {B} transitions), 1 update per env step (UTD 1), about "
                    f"{args.total_timesteps - max(warmup, global_step)} updates {'from here' if ck else 'in all'}; "
-                   f"warm-up of {warmup} env steps with random actions, wall time projected after the first updates")
+                   + (f"resumed at frame {global_step}" + (f", warm-up with random actions until frame {warmup}"
+                                                           if global_step < warmup else "") if ck else
+                      f"warm-up of {warmup} env steps with random actions")
+                   + ", wall time projected after the first updates")
     progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
     progress.set_phase("warmup", warmup)
     progress.start()
-    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while global_step < args.total_timesteps:
             std = linear_schedule(args.expl_start, args.expl_end, args.expl_duration,
@@ -973,7 +1013,8 @@ def main(args: Args) -> dict:
                 action = rng.uniform(low, high, (N, action_dim)).astype(np.float32)
             else:
                 action = act(agent, torch.as_tensor(obs, dtype=torch.float32, device=device), std, False).cpu().numpy()
-            replay.add(obs, action, reward, is_first, is_terminal)
+            with deferred_signals():  # a row is written whole or not at all
+                replay.add(obs, action, reward, is_first, is_terminal)
             obs, reward, term, trunc, infos = envs.step(action)  # [official code] env units, no rescaling
             frames = int((~done).sum())  # a step right after an episode end only resets (NEXT_STEP autoreset)
             is_first, is_terminal, done = done, term, term | trunc
@@ -987,15 +1028,16 @@ def main(args: Args) -> dict:
                 if progress.phase == "warmup":
                     progress.set_phase("train", args.total_timesteps)
                     train_start = (time.time(), global_step, updates)
-                for _ in range(frames):  # UTD 1: one update (both phases) per environment step
-                    # DEVIATION: windows never cross an episode start (the official sample_seq checks terminals only)
-                    seq = tensors(replay.sample(args.batch_size, K + 1, within_episode=True))
-                    batch = tensors(replay.sample(args.batch_size, 2, within_episode=True))
-                    metrics = update(agent, optims, groups, seq, batch, std, args)
-                    updates += 1
-                    # DEVIATION: the official clip_grad_norm_(error_if_nonfinite=True) raises inside the update (a
-                    # host sync); we record on device where each metric first went non-finite, raise at log time
-                    first_bad = track_non_finite(metrics, first_bad, updates, global_step)
+                with deferred_signals():  # the frame's updates and their counters, whole (a signal waits for them)
+                    for _ in range(frames):  # UTD 1: one update (both phases) per environment step
+                        # DEVIATION: windows never cross an episode start (the official sample_seq checks terminals)
+                        seq = tensors(replay.sample(args.batch_size, K + 1, within_episode=True))
+                        batch = tensors(replay.sample(args.batch_size, 2, within_episode=True))
+                        metrics = update(agent, optims, groups, seq, batch, std, args)
+                        updates += 1
+                        # DEVIATION: the official clip_grad_norm_(error_if_nonfinite=True) raises inside the update
+                        # (a host sync); we record on device where each metric first went non-finite, check at log time
+                        first_bad = track_non_finite(metrics, first_bad, updates)
             progress.step(global_step, updates, np.mean(recent) if recent else float("nan"))
             if progress.phase == "train" and not projected and updates - train_start[2] >= 10 \
                     and time.time() - train_start[0] >= 20:
@@ -1006,10 +1048,9 @@ def main(args: Args) -> dict:
                                f"{fmt_time(time.time() - start + rest)} (evaluations extra)")
 
             if global_step >= next_log:
-                next_log += args.log_every
-                message = non_finite_message(list(metrics), first_bad)  # host syncs only here, at log time
-                if message:
-                    raise FloatingPointError(f"{message}; stopped at step {global_step}")
+                bad = non_finite_message(list(metrics), first_bad, global_step)  # host syncs only here, at log time
+                if bad:
+                    break
                 values = {k: float(v) for k, v in metrics.items()}
                 for k, v in values.items():
                     writer.add_scalar(k, v, global_step)
@@ -1017,9 +1058,10 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("stats/expl_std", std, global_step)
                 progress.print(progress.line() + f" | actor loss {values.get('losses/actor', float('nan')):.3f}")
+                next_log += args.log_every
             if global_step >= next_eval and global_step < args.total_timesteps:  # (the last step: the final one)
-                next_eval += args.eval_every
-                last_eval = run_eval()
+                last_eval = float(np.mean(run_eval()))
+                next_eval += args.eval_every  # (only now: an evaluation cut by a signal runs again after --resume)
                 progress.step(global_step, updates, eval_return=last_eval)
                 writer.add_scalar("eval/episodic_return", last_eval, global_step)
 
@@ -1027,36 +1069,50 @@ def main(args: Args) -> dict:
             if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
                 next_checkpoint += args.checkpoint_every
                 writer.flush()  # the points up to the checkpoint are on disk before it is (a kill keeps them)
-                save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, optims, loop_state(), replay)
+                save_checkpoint(path, args, nets, optims, loop_state(), replay)
                 saved_step = global_step
 
-        final = last_eval = run_eval()
-        writer.add_scalar("eval/episodic_return", final, global_step)
-        if global_step >= next_eval:  # the final evaluation is also the one due at this step (a resumed run
-            next_eval += args.eval_every  # continues the schedule of the uninterrupted one)
-        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
-            writer.flush()
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, optims, loop_state(), replay)
-            saved_step = global_step
-        if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
-            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, optims, loop_state())
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+        if not bad:
+            returns = run_eval()
+            last_eval = float(np.mean(returns))
+            writer.add_scalar("eval/episodic_return", last_eval, global_step)
+            if global_step >= next_eval:  # the final evaluation is also the one due at this step (a resumed run
+                next_eval += args.eval_every  # continues the schedule of the uninterrupted one)
+            summary = {"final_eval_return": last_eval, "eval_returns": returns, "global_step": global_step,
+                       "updates": updates, "run_dir": run_dir,
+                       "sps": (global_step - start_step) / (time.time() - start)}
+            if args.checkpoint_every:  # the finished run: --resume prints its JSON line or, given a larger
+                writer.flush()  # --total-timesteps, continues it
+                save_checkpoint(path, args, nets, optims, loop_state(), replay)
+                saved_step = global_step
+            if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
+                save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, optims, loop_state())
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside an update, a replay row or a save
         interrupted = str(e) or "SIGINT"
+        if args.checkpoint_every and saved_step != global_step:  # the state as it is now, resumable
+            writer.flush()
+            try:
+                save_checkpoint(path, args, nets, optims, loop_state(), replay)
+            except KeyboardInterrupt:  # a second signal waited for the checkpoint
+                pass
+            saved_step = global_step
     finally:
-        signal.signal(signal.SIGTERM, old_sigterm)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         progress.close()
         writer.close()
         close_envs(envs, eval_env, kill=interrupted is not None)
         if args.track:
             wandb.finish()
     if interrupted:
-        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
-                  else "")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
+              + (f"checkpoint written: --resume {run_dir} continues from frame {global_step}" if args.checkpoint_every
+                 else "no checkpoint (--checkpoint-every 0)"), file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
-    summary = {"final_eval_return": final, "global_step": global_step, "updates": updates, "run_dir": run_dir,
-               "sps": (global_step - start_step) / (time.time() - start)}
+    if bad:  # the events up to the last log are written, the envs closed
+        print(f"error: {bad}; last checkpoint: {path if saved_step is not None else 'none'}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(3)
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -384,11 +384,35 @@ CLI_TINY = dict(env_id="InvertedPendulum-v5", learning_starts=80, batch_size=16,
                 latent_dim=8, eval_episodes=1)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_cleanly_with_events_written(tmp_path, sig):
-    flags = {**CLI_TINY, "total_timesteps": 100_000, "eval_every": 10**6, "log_every": 20}
-    out = assert_clean_interrupt("alm.py", tmp_path, flags, sig, scalars=("charts/SPS", "losses/actor"))
+def test_sigint_without_checkpoints_stops_cleanly_with_events_written(tmp_path):
+    flags = {**CLI_TINY, "total_timesteps": 100_000, "eval_every": 10**6, "log_every": 20, "checkpoint_every": 0}
+    out = assert_clean_interrupt("alm.py", tmp_path, flags, signal.SIGINT, scalars=("charts/SPS", "losses/actor"))
     assert "cost: 64 + 32 replayed steps per update" in out and "[warmup]" in out
+    assert open(tmp_path / "err.txt").read().strip().endswith("updates; no checkpoint (--checkpoint-every 0)")
+    assert not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
+
+
+def test_sigterm_before_the_first_checkpoint_writes_one_and_resume_finishes(tmp_path):
+    """SIGTERM during [train], long before the first periodic checkpoint: the run writes RUN/checkpoint.pt of the
+    state at that frame (whole counters: one update per frame after the warm-up), says so in its one stderr line,
+    and --resume (the checkpoint file's form) continues from that frame to the final JSON line."""
+    import re
+
+    flags = {**CLI_TINY, "total_timesteps": 100_000, "eval_every": 10**6, "log_every": 20}
+    assert_clean_interrupt("alm.py", tmp_path, flags, signal.SIGTERM, scalars=("charts/SPS", "losses/actor"))
+    err = open(tmp_path / "err.txt").read().strip()
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    name = os.path.join("runs", os.path.basename(run_dir))
+    frame, updates = map(int, re.fullmatch(rf"interrupted \(SIGTERM\) at frame (\d+)/100000 after (\d+) updates; "
+                                           rf"checkpoint written: --resume {re.escape(name)} continues from frame "
+                                           rf"(\d+)", err).group(1, 2))
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (ck["loop"]["global_step"], ck["loop"]["updates"]) == (frame, updates) and updates == frame - 80 + 1
+    assert ck["loop"]["next_log"] > frame - 20 and ck["loop"]["summary"] is None
+    out = resume_cli("alm.py", tmp_path, os.path.join(name, "checkpoint.pt"), "--total-timesteps", str(frame + 40))
+    assert f"resumed at frame {frame}, wall time" in out["stdout"] and "warm-up of" not in out["stdout"]
+    assert out["final"]["global_step"] == frame + 40 and out["final"]["updates"] == updates + 40
+    assert out["final"]["run_dir"] == name and len(out["final"]["eval_returns"]) == 1
 
 
 def test_track_writes_an_offline_wandb_run(tmp_path):
@@ -585,6 +609,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates (replay {rows} steps)" \
         in out["stdout"]
     assert out["final"]["global_step"] == 240 and out["final"]["updates"] == final["updates"] + 80  # UTD 1
+    assert "resumed at frame 160, wall time" in out["stdout"] and "warm-up of" not in out["stdout"]
     np.testing.assert_array_equal(obs_rows(run_dir, rows), before)
     assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
     ea = events(run_dir)
@@ -604,9 +629,13 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
                                           "4"], "--latent-dim 4", "checkpoint's 8")
     assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--env-id",
                                           "Hopper-v5"], "--env-id Hopper-v5", "InvertedPendulum-v5")
-    assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
-                     "--total-timesteps 200", "frame 240")
-    assert_cli_error("alm.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
+    # a finished run (also one killed between its last checkpoint and its JSON line) prints that line again
+    again = resume_cli("alm.py", tmp_path, os.path.join(final["run_dir"], "checkpoint.pt"))
+    assert again["final"] == {**ck["loop"]["summary"], "run_dir": final["run_dir"]}
+    assert again["final"]["global_step"] == 240 and "[train]" not in again["stdout"]
+    assert resume_cli("alm.py", tmp_path, final["run_dir"], "--total-timesteps", "200")["final"] == again["final"]
+    assert_cli_error("alm.py", tmp_path, ["--resume", "no/such/dir"], "--resume no/such/dir: no such run directory "
+                     "(give the run's folder, e.g. runs/NAME)")
     bad = truncated_copy(os.path.join(run_dir, "checkpoint.pt"), tmp_path / "bad.pt")
     assert_cli_error("alm.py", tmp_path, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
     other = tmp_path / "other.pt"
