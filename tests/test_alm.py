@@ -319,6 +319,11 @@ def test_smoke_cli(tmp_path, extra):
     for tag in ["losses/alm", "losses/reward", "losses/classifier", "losses/critic", "losses/actor"]:
         assert scalars[tag] and all(math.isfinite(v) for v in scalars[tag]), tag
     assert "eval/episodic_return" in scalars and "charts/episodic_return" in scalars
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    logged = [e.step for f in glob.glob(str(run_dir / "events*")) for e in EventFileLoader(f).Load()
+              for v in e.summary.value if v.tag == "eval/episodic_return"]
+    assert logged == [120, 240]  # the events file itself: one point per evaluation, also at the last step
     assert ("stats/classifier_reward" in scalars) == ("--no-classifier-reward" not in extra)
     assert json.load(open(run_dir / "args.json"))["horizon"] == (1 if "--horizon" in extra else 3)
     if "--save-model" in extra:  # the checkpoint format, without the replay's head
@@ -420,9 +425,9 @@ def test_track_writes_an_offline_wandb_run(tmp_path):
     assert_tracks_offline("alm.py", tmp_path, flags)
 
 
-def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatch):
-    """Only the critic-loss metric is NaN, from the first update (at step 8 = learning_starts): the error names
-    that loss and that step, not the log step; events and args.json are kept."""
+def test_non_finite_loss_stops_the_run_naming_loss_and_update(tmp_path, monkeypatch, capsys):
+    """Only the critic-loss metric is NaN, from the first update (at step 8 = learning_starts): one error line names
+    that loss, its value, the log frame and that update; exit code 3; events and args.json are kept."""
     import alm
 
     torch.set_num_threads(1)
@@ -436,13 +441,70 @@ def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     args = Args(env_id="InvertedPendulum-v5", total_timesteps=20, learning_starts=8, log_every=10, eval_every=1000,
                 eval_episodes=1, **TINY)
-    with pytest.raises(FloatingPointError) as err:
+    with pytest.raises(SystemExit) as exit_:
         main(args)
-    message = str(err.value)
-    assert message.startswith("non-finite losses/critic at step 8 (update 1;") and "stopped at step 10" in message
-    assert message.count("/") == 1  # no other metric is named
+    assert exit_.value.code == 3
+    assert capsys.readouterr().err == ("error: non-finite losses/critic = nan in the updates logged at frame 10 "
+                                       "(update 1); last checkpoint: none\n")  # no other metric is named
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert any(f.name.startswith("events") for f in run_dir.iterdir()) and (run_dir / "args.json").exists()
+
+
+def test_non_finite_loss_through_the_cli_is_one_line_and_exit_3(tmp_path):
+    """--learning-rate 1e30 blows the losses up at the first update: one stderr line naming the metric, the log
+    frame, the update and the last checkpoint (the periodic one at frame 40, still finite), no traceback."""
+    flags = {**CLI_TINY, "total_timesteps": 200, "eval_every": 10**6, "log_every": 20, "checkpoint_every": 40,
+             "learning_rate": 1e30}
+    cmd = [sys.executable, os.path.join(ROOT, "alm.py")] + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    path = os.path.join("runs", os.path.basename(run_dir), "checkpoint.pt")
+    assert out.returncode == 3, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite losses/") and \
+        lines[0].endswith(f"in the updates logged at frame 80 (update 1); last checkpoint: {path}"), out.stderr
+    assert torch.load(tmp_path / path, weights_only=True)["loop"]["global_step"] == 40
+    assert [e.step for e in events(run_dir).Scalars("charts/SPS")] == [20, 40, 60]  # flushed, none at 80
+
+
+def test_buffer_size_checked_before_any_env_or_folder(tmp_path, monkeypatch, capsys):
+    """A replay that cannot fit (on disk with checkpoints, in memory without) is refused right after check_args:
+    no env is built and no runs/ folder is made."""
+    import alm
+
+    def no_env(*a, **k):
+        raise AssertionError("an env was built before the replay's size was checked")
+
+    monkeypatch.setattr(alm, "make_env", no_env)
+    monkeypatch.setattr(alm, "make_vector_env", no_env)
+    monkeypatch.chdir(tmp_path)
+    for every in (10_000, 0):
+        with pytest.raises(SystemExit) as exit_:
+            main(Args(env_id="InvertedPendulum-v5", buffer_size=10**13, checkpoint_every=every))
+        assert exit_.value.code == 2 and "--buffer-size 10000000000000" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_update_and_acting_create_no_tensor_off_the_parameters_device(one_thread):
+    """GPU safety without a GPU: the agent built on the CPU, then two updates (with the non-finite record) and a few
+    acting steps under torch.device("meta"): a tensor made without device= would land on meta and fail."""
+    import alm
+
+    a = Args(**TINY)
+    nets, optims, groups = alm.build_agent(a, 3, 2, -np.ones(2, np.float32), np.ones(2, np.float32),
+                                           torch.device("cpu"))
+    agent, first = nets["agent"], None
+    batches = [(fake_windows(3, 2, 8, 4, seed=i), fake_windows(3, 2, 8, 2, seed=i + 2)) for i in range(2)]
+    with torch.device("meta"):
+        for u, (seq, batch) in enumerate(batches):
+            metrics = update(agent, optims, groups, seq, batch, 0.5, a)
+            first = alm.track_non_finite(metrics, first, u + 1)
+        actions = [alm_act(agent, torch.zeros(n, 3, device="cpu"), std, det) for n, std, det in
+                   ((1, 0.5, False), (4, 0.1, False), (1, 0.0, True))]
+    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
+    assert first.device.type == "cpu" and alm.non_finite_message(list(metrics), first, 2) is None
+    assert [x.shape for x in actions] == [(1, 2), (4, 2), (1, 2)] and all(x.device.type == "cpu" for x in actions)
 
 
 # ---------------------------------------------------------------------------------------------------
