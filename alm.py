@@ -44,7 +44,8 @@ Deviations from the paper (each tagged `# DEVIATION` where it happens):
 10. One sample of z ~ e_targ(s) and z' ~ e_targ(s') is shared by the reward, classifier, critic and
     actor losses (the official code draws a fresh sample for each; same expectation).
 11. Non-finite losses are recorded on the device and checked every --log-every steps (no host sync
-    inside an update), not by clip_grad_norm_(error_if_nonfinite=True) at every step.
+    inside an update), not by clip_grad_norm_(error_if_nonfinite=True) at every step; the run then stops
+    with one `error: non-finite ...` line naming the metric, its value, the frame and update (exit code 3).
 12. Twin critics, the min of the two, and clipped-noise target actions (TD3-style, official code);
     Eq. 10 / App. C have one Q and the target Q_targ(z', pi(z')).
 13. Policy rollouts and every Q bootstrap (Eq. 7, 8, 10) use noisy clipped actions clamp(pi(z) + clip(eps))
@@ -54,17 +55,20 @@ Deviations from the paper (each tagged `# DEVIATION` where it happens):
     checks terminals, so its windows can span a time-limit reset (a fix of the official code).
 
 Checkpoints and resume: with --checkpoint-every N (default 10_000 env steps; 0: none) runs/{run}/checkpoint.pt
-is written atomically (temporary file, fsync, rename) every N env steps and at the end, and the replay lives in
+is written atomically (temporary file, fsync, rename) every N env steps, at the end, and on Ctrl-C or SIGTERM
+(exit 130 / 143; the state at the frame it stopped: a signal inside an update with its counters, a replay row or a
+checkpoint waits for its end; a cut evaluation runs again after --resume), and the replay lives in
 memory-mapped files in runs/{run}/replay/ (disk: the replay's full size, 10 MB for HalfCheetah's 1e5 steps, 1.5 GB
 for Humanoid's 1e6). The checkpoint holds every network with its buffers (encoder, model, actor with the action
 box, reward, classifier, twin critic, target encoder, target critic), the four Adams by group name, every counter
 (the env step, which is also the position of the exploration-std schedule and of the warm-up; updates; the next
 log, eval and checkpoint steps; the last update's metrics and the non-finite record; recent returns; the last
-evaluation), every RNG (python, numpy, torch, cuda, the warm-up actions' generator, the evaluation env's generator,
+evaluation; the final JSON line once the run finished), every RNG (python, numpy, torch, cuda, the warm-up actions' generator, the evaluation env's generator,
 the replay's sampling generator), the replay's head and the args. 10_000 steps: a kill loses at most 2% of the
 default 500_000-step run (minutes of GPU time at UTD 1) for a checkpoint of about 40 MB at the default sizes.
-    --resume RUN_DIR      continue that run in place from its checkpoint (its flags become the defaults; only
-                          --total-timesteps, to grow it, and the logging, evaluation and tracking flags may change)
+    --resume RUN_DIR      continue that run in place from its checkpoint (RUN_DIR/checkpoint.pt also names it; its
+                          flags become the defaults; only --total-timesteps, to grow it, and the logging, evaluation
+                          and tracking flags may change); a finished run prints its final JSON line again
     --eval-checkpoint P   --eval-episodes episodes of the saved agent's mean action; one JSON line (eval_return,
                           eval_returns, global_step, checkpoint); no video (alm.py refuses --capture-video)
     --save-model          the same format, without the replay's head, in runs/{run}/{exp_name}.pt at the end
@@ -129,8 +133,8 @@ class Args:
     """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
     --eval-checkpoint reads)"""
     checkpoint_every: int = 10_000
-    """env steps between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
-    replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
+    """env steps between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end and one
+    on Ctrl-C / SIGTERM; the replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
     replay in memory"""
     resume: Optional[str] = None
     """continue the run in this run directory (or from its checkpoint.pt) in place, from its last checkpoint (a
@@ -1075,12 +1079,12 @@ def main(args: Args) -> dict:
         if not bad:
             returns = run_eval()
             last_eval = float(np.mean(returns))
-            writer.add_scalar("eval/episodic_return", last_eval, global_step)
-            if global_step >= next_eval:  # the final evaluation is also the one due at this step (a resumed run
-                next_eval += args.eval_every  # continues the schedule of the uninterrupted one)
             summary = {"final_eval_return": last_eval, "eval_returns": returns, "global_step": global_step,
                        "updates": updates, "run_dir": run_dir,
-                       "sps": (global_step - start_step) / (time.time() - start)}
+                       "sps": (global_step - start_step) / (time.time() - start)}  # (before its point is logged:
+            writer.add_scalar("eval/episodic_return", last_eval, global_step)  # a resume never logs it twice)
+            if global_step >= next_eval:  # the final evaluation is also the one due at this step (a resumed run
+                next_eval += args.eval_every  # continues the schedule of the uninterrupted one)
             if args.checkpoint_every:  # the finished run: --resume prints its JSON line or, given a larger
                 writer.flush()  # --total-timesteps, continues it
                 save_checkpoint(path, args, nets, optims, loop_state(), replay)
