@@ -63,8 +63,9 @@ for Humanoid's 1e6). The checkpoint holds every network with its buffers (encode
 box, reward, classifier, twin critic, target encoder, target critic), the four Adams by group name, every counter
 (the env step, which is also the position of the exploration-std schedule and of the warm-up; updates; the next
 log, eval and checkpoint steps; the last update's metrics and the non-finite record; recent returns; the last
-evaluation; the final JSON line once the run finished), every RNG (python, numpy, torch, cuda, the warm-up actions' generator, the evaluation env's generator,
-the replay's sampling generator), the replay's head and the args. 10_000 steps: a kill loses at most 2% of the
+evaluation; the final JSON line once the run finished), every RNG (python, numpy, torch, cuda, the warm-up
+actions' generator, the evaluation env's generator, the replay's sampling generator), the replay's head and the
+args. 10_000 steps: a kill loses at most 2% of the
 default 500_000-step run (minutes of GPU time at UTD 1) for a checkpoint of about 40 MB at the default sizes.
     --resume RUN_DIR      continue that run in place from its checkpoint (RUN_DIR/checkpoint.pt also names it; its
                           flags become the defaults; only --total-timesteps, to grow it, and the logging, evaluation
@@ -134,8 +135,8 @@ class Args:
     --eval-checkpoint reads)"""
     checkpoint_every: int = 10_000
     """env steps between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end and one
-    on Ctrl-C / SIGTERM; the replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
-    replay in memory"""
+    on Ctrl-C / SIGTERM; the replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the
+    replay's full size). 0: none, replay in memory"""
     resume: Optional[str] = None
     """continue the run in this run directory (or from its checkpoint.pt) in place, from its last checkpoint (a
     periodic one, the end of the run, or the one written on Ctrl-C / SIGTERM); every flag defaults to that run's,
