@@ -397,6 +397,27 @@ def test_sigint_without_checkpoints_stops_cleanly_with_events_written(tmp_path):
     assert not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
 
 
+def test_deferred_signals_hold_a_signal_until_the_section_ends():
+    """on_signal raises KeyboardInterrupt at once outside a deferred section; inside one (nested too) the section
+    runs to its end first."""
+    import alm
+
+    old = signal.signal(signal.SIGTERM, alm.on_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        done = []
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with alm.deferred_signals():
+                with alm.deferred_signals():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    done.append(1)
+                done.append(2)
+        assert done == [1, 2] and alm.SIGNALS == {"defer": 0, "pending": None}
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_sigterm_before_the_first_checkpoint_writes_one_and_resume_finishes(tmp_path):
     """SIGTERM during [train], long before the first periodic checkpoint: the run writes RUN/checkpoint.pt of the
     state at that frame (whole counters: one update per frame after the warm-up), says so in its one stderr line,
