@@ -1095,9 +1095,10 @@ def main(args: Args) -> dict:
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside an update, a replay row or a save
         interrupted = str(e) or "SIGINT"
         if args.checkpoint_every and saved_step != global_step:  # the state as it is now, resumable
-            writer.flush()
             try:
-                save_checkpoint(path, args, nets, optims, loop_state(), replay)
+                with deferred_signals():
+                    writer.flush()
+                    save_checkpoint(path, args, nets, optims, loop_state(), replay)
             except KeyboardInterrupt:  # a second signal waited for the checkpoint
                 pass
             saved_step = global_step

@@ -289,6 +289,19 @@ def test_defaults_are_table3_and_bad_flags_are_named(capsys):
         assert exit_.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flag}")
 
 
+def test_help_reads_naturally():
+    """--help: no double negative, no "if toggled" / "toggles" on a switch that defaults to True, every switch shown
+    in both forms."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "alm.py"), "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, COLUMNS="400"), timeout=120)
+    assert out.returncode == 0 and "--no-no-" not in out.stdout
+    for line in out.stdout.splitlines():
+        if "(default: True)" in line:
+            assert "toggle" not in line, line
+    for flag in ("torch-deterministic", "cuda", "kl-term", "value-term", "classifier-reward"):
+        assert f"--{flag}, --no-{flag}" in out.stdout, flag
+
+
 def run_cli(tmp_path, *extra):
     cmd = [sys.executable, os.path.join(ROOT, "alm.py"), "--env-id", "InvertedPendulum-v5", "--total-timesteps", "240",
            "--learning-starts", "80", "--batch-size", "16", "--hidden-dim", "32", "--model-hidden-dim", "32",
