@@ -44,7 +44,8 @@ Deviations from the paper (each tagged `# DEVIATION` where it happens):
 10. One sample of z ~ e_targ(s) and z' ~ e_targ(s') is shared by the reward, classifier, critic and
     actor losses (the official code draws a fresh sample for each; same expectation).
 11. Non-finite losses are recorded on the device and checked every --log-every steps (no host sync
-    inside an update), not by clip_grad_norm_(error_if_nonfinite=True) at every step.
+    inside an update), not by clip_grad_norm_(error_if_nonfinite=True) at every step; the run then stops
+    with one `error: non-finite ...` line naming the metric, its value, the frame and update (exit code 3).
 12. Twin critics, the min of the two, and clipped-noise target actions (TD3-style, official code);
     Eq. 10 / App. C have one Q and the target Q_targ(z', pi(z')).
 13. Policy rollouts and every Q bootstrap (Eq. 7, 8, 10) use noisy clipped actions clamp(pi(z) + clip(eps))
@@ -54,17 +55,21 @@ Deviations from the paper (each tagged `# DEVIATION` where it happens):
     checks terminals, so its windows can span a time-limit reset (a fix of the official code).
 
 Checkpoints and resume: with --checkpoint-every N (default 10_000 env steps; 0: none) runs/{run}/checkpoint.pt
-is written atomically (temporary file, fsync, rename) every N env steps and at the end, and the replay lives in
+is written atomically (temporary file, fsync, rename) every N env steps, at the end, and on Ctrl-C or SIGTERM
+(exit 130 / 143; the state at the frame it stopped: a signal inside an update with its counters, a replay row or a
+checkpoint waits for its end; a cut evaluation runs again after --resume), and the replay lives in
 memory-mapped files in runs/{run}/replay/ (disk: the replay's full size, 10 MB for HalfCheetah's 1e5 steps, 1.5 GB
 for Humanoid's 1e6). The checkpoint holds every network with its buffers (encoder, model, actor with the action
 box, reward, classifier, twin critic, target encoder, target critic), the four Adams by group name, every counter
 (the env step, which is also the position of the exploration-std schedule and of the warm-up; updates; the next
 log, eval and checkpoint steps; the last update's metrics and the non-finite record; recent returns; the last
-evaluation), every RNG (python, numpy, torch, cuda, the warm-up actions' generator, the evaluation env's generator,
-the replay's sampling generator), the replay's head and the args. 10_000 steps: a kill loses at most 2% of the
+evaluation; the final JSON line once the run finished), every RNG (python, numpy, torch, cuda, the warm-up
+actions' generator, the evaluation env's generator, the replay's sampling generator), the replay's head and the
+args. 10_000 steps: a kill loses at most 2% of the
 default 500_000-step run (minutes of GPU time at UTD 1) for a checkpoint of about 40 MB at the default sizes.
-    --resume RUN_DIR      continue that run in place from its checkpoint (its flags become the defaults; only
-                          --total-timesteps, to grow it, and the logging, evaluation and tracking flags may change)
+    --resume RUN_DIR      continue that run in place from its checkpoint (RUN_DIR/checkpoint.pt also names it; its
+                          flags become the defaults; only --total-timesteps, to grow it, and the logging, evaluation
+                          and tracking flags may change); a finished run prints its final JSON line again
     --eval-checkpoint P   --eval-episodes episodes of the saved agent's mean action; one JSON line (eval_return,
                           eval_returns, global_step, checkpoint); no video (alm.py refuses --capture-video)
     --save-model          the same format, without the replay's head, in runs/{run}/{exp_name}.pt at the end
@@ -81,6 +86,7 @@ Run:  python alm.py --env-id HalfCheetah-v5
       python alm.py --eval-checkpoint runs/HalfCheetah-v5__alm__1__1700000000/checkpoint.pt
 """
 
+import contextlib
 import json
 import os
 import random
@@ -100,8 +106,8 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.envs import is_dmc, make_env, make_vector_env
-from common.replay import ReplayBuffer
+from common.envs import GYM_MUJOCO_IDS, is_pixel, make_env, make_vector_env
+from common.replay import ReplayBuffer, check_capacity
 
 ACTION_EPS = 1e-6  # actions are clamped into [low + eps, high - eps] of the env's box (official TruncatedNormal)
 
@@ -113,9 +119,9 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """`torch.backends.cudnn.deterministic` (--no-torch-deterministic: cuDNN may pick nondeterministic kernels)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
+    """use CUDA when available (--no-cuda: the CPU)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -128,12 +134,14 @@ class Args:
     """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
     --eval-checkpoint reads)"""
     checkpoint_every: int = 10_000
-    """env steps between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
-    replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
-    replay in memory"""
+    """env steps between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end and one
+    on Ctrl-C / SIGTERM; the replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the
+    replay's full size). 0: none, replay in memory"""
     resume: Optional[str] = None
-    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
-    run's, and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change"""
+    """continue the run in this run directory (or from its checkpoint.pt) in place, from its last checkpoint (a
+    periodic one, the end of the run, or the one written on Ctrl-C / SIGTERM); every flag defaults to that run's,
+    and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change; a finished
+    run prints its final JSON line again"""
     eval_checkpoint: Optional[str] = None
     """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (no video: alm.py refuses
     --capture-video), print the JSON line, and stop"""
@@ -189,11 +197,11 @@ class Args:
     horizon: int = 3
     """K: model rollout length, ALM(K) (Fig. 5 center; ALM(3) is the paper's default)"""
     kl_term: bool = True
-    """toggles the KL term of the encoder/model objective (Fig. 5 left, "no KL term for the encoder")"""
+    """the KL term of the encoder/model objective (--no-kl-term: Fig. 5 left, "no KL term for the encoder")"""
     value_term: bool = True
-    """toggles the Q term of the encoder/model objective (Fig. 5 left, "no value term for the encoder")"""
+    """the Q term of the encoder/model objective (--no-value-term: Fig. 5 left, "no value term for the encoder")"""
     classifier_reward: bool = True
-    """toggles the classifier reward of the policy objective (Fig. 5 left, "no classifier reward")"""
+    """the classifier reward of the policy objective (--no-classifier-reward: Fig. 5 left, "no classifier reward")"""
 
 
 def fail(msg):
@@ -205,6 +213,8 @@ def fail(msg):
 def check_args(args: Args) -> None:
     """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
     a = args
+    if a.seed < 0:
+        fail(f"--seed must be >= 0, got {a.seed}")
     for flag in ("total_timesteps", "num_envs", "eval_every", "eval_episodes", "log_every", "batch_size",
                  "latent_dim", "expl_duration", "hidden_dim", "model_hidden_dim", "horizon"):
         if getattr(a, flag) < 1:
@@ -218,6 +228,9 @@ def check_args(args: Args) -> None:
     for flag in ("learning_starts", "classifier_coef", "expl_clip", "expl_start", "expl_end"):
         if not getattr(a, flag) >= 0:
             fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
+    if a.total_timesteps <= a.learning_starts:
+        fail(f"--total-timesteps {a.total_timesteps} must be larger than the warm-up, --learning-starts "
+             f"{a.learning_starts} (random actions, no updates): nothing would be trained")
     if a.checkpoint_every < 0:
         fail(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}")
     if a.resume and a.eval_checkpoint:
@@ -234,12 +247,12 @@ def check_args(args: Args) -> None:
         fail(f"--buffer-size must hold a window of --horizon + 1 = {window} steps in each of the --num-envs "
              f"{a.num_envs} streams ({a.num_envs * window} steps), {got}")
     try:
-        pixels = is_dmc(a.env_id)
+        pixels = is_pixel(a.env_id)
     except ValueError as e:
         fail(e)
-    if pixels:
-        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from state vectors; use a gymnasium "
-             f"MuJoCo id such as HalfCheetah-v5")
+    if pixels:  # DMC and MiniGrid ids: pixel observations (MiniGrid also discrete actions)
+        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from state vectors with continuous actions; "
+             f"use a gymnasium MuJoCo id: {', '.join(GYM_MUJOCO_IDS)}")
 
 
 def replay_capacity(args: Args) -> int:
@@ -540,26 +553,27 @@ def make_optimizers(agent: Agent, lr: float):
     return {k: torch.optim.Adam(v, lr=lr) for k, v in groups.items()}, groups
 
 
-def track_non_finite(metrics: dict, first: Optional[torch.Tensor], update_index: int, step: int) -> torch.Tensor:
-    """first (2, M): per metric, the first update index and env step where it was non-finite (-1 while finite).
-    Device ops only, no host sync; read by non_finite_message at log time."""
-    values = torch.stack(list(metrics.values()))  # (M,)
+def track_non_finite(metrics: dict, first: Optional[torch.Tensor], update_index: int) -> torch.Tensor:
+    """first (2, M) float64: per metric, the first update index where it was non-finite (-1 while finite) and its
+    value there. Device ops only, no host sync; read by non_finite_message at log time."""
+    values = torch.stack(list(metrics.values())).double()  # (M,)
     if first is None:
-        first = torch.full((2, len(values)), -1, dtype=torch.long, device=values.device)
+        first = torch.full((2, len(values)), -1.0, dtype=torch.float64, device=values.device)
     new = ~torch.isfinite(values) & (first[0] < 0)
-    return torch.stack([torch.where(new, update_index, first[0]), torch.where(new, step, first[1])])
+    return torch.stack([torch.where(new, update_index, first[0]), torch.where(new, values, first[1])])
 
 
-def non_finite_message(names: list, first: Optional[torch.Tensor]) -> Optional[str]:
-    """Names the first non-finite metric (earliest update, then computation order), or None. A host sync."""
+def non_finite_message(names: list, first: Optional[torch.Tensor], step: int) -> Optional[str]:
+    """Names the first non-finite metric (earliest update, then computation order) logged at frame `step`, or None.
+    A host sync."""
     if first is None:
         return None
-    updates, steps = first.tolist()
+    updates, values = first.tolist()
     bad = [(u, i) for i, u in enumerate(updates) if u >= 0]
     if not bad:
         return None
     u, i = min(bad)  # NaN spreads: later metrics and later updates are consequences
-    return f"non-finite {names[i]} at step {steps[i]} (update {u}; the first non-finite metric)"
+    return f"non-finite {names[i]} = {values[i]} in the updates logged at frame {step} (update {int(u)})"
 
 
 @torch.no_grad()
@@ -674,8 +688,30 @@ class Progress:
             self.out.write("\n")
 
 
-def on_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+SIGNALS = {"defer": 0, "pending": None}  # deferred_signals' state
+
+
+def on_signal(signum, frame):
+    """SIGINT and SIGTERM (SLURM preemption, kill) stop the run as Ctrl-C does: KeyboardInterrupt at once, or at the
+    end of the deferred_signals section it arrives in."""
+    name = signal.Signals(signum).name
+    if not SIGNALS["defer"]:
+        raise KeyboardInterrupt(name)
+    SIGNALS["pending"] = SIGNALS["pending"] or name
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """A section a signal must not cut (an update with its counters, a replay row, a checkpoint): a signal that
+    arrives inside waits for its end, then raises KeyboardInterrupt."""
+    SIGNALS["defer"] += 1
+    try:
+        yield
+    finally:
+        SIGNALS["defer"] -= 1
+    if not SIGNALS["defer"] and SIGNALS["pending"]:
+        name, SIGNALS["pending"] = SIGNALS["pending"], None
+        raise KeyboardInterrupt(name)
 
 
 def close_envs(*envs, kill=False):
@@ -732,23 +768,24 @@ def save_checkpoint(path, args, nets, opts, loop, replay=None):
     """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
     os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
     are flushed first; the checkpoint holds only their head, count and sampling RNG."""
-    if replay is not None:
-        replay.flush()
-    payload = {"script": os.path.basename(__file__), "args": asdict(args),
-               "nets": {k: m.state_dict() for k, m in nets.items()},
-               "opts": {k: o.state_dict() for k, o in opts.items()},  # by group name: model, reward, critic, actor
-               "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
+    with deferred_signals():  # a signal waits until the checkpoint is whole
+        if replay is not None:
+            replay.flush()
+        payload = {"script": os.path.basename(__file__), "args": asdict(args),
+                   "nets": {k: m.state_dict() for k, m in nets.items()},
+                   "opts": {k: o.state_dict() for k, o in opts.items()},  # by group name: model, reward, critic, actor
+                   "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself survives a power cut
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path, flag):
@@ -789,9 +826,16 @@ def checked_against(args, ck, flag):
         if name not in free and name in saved and saved[name] != value:
             fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
                  f"a saved run keeps its model, environment and schedule")
-    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
-        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
+    loop = ck["loop"]
+    if flag == "--resume" and args.total_timesteps <= loop["global_step"] and not (
+            loop.get("summary") or args.total_timesteps == saved["total_timesteps"]):  # (a cut final evaluation)
+        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {loop['global_step']}; "
              f"pass a larger --total-timesteps to continue it")
+
+
+def run_folder(resume):
+    """--resume RUN or RUN/checkpoint.pt (a file: its folder is the run) -> RUN."""
+    return os.path.dirname(resume) or "." if resume and os.path.isfile(resume) else resume
 
 
 def saved_defaults(argv):
@@ -801,7 +845,7 @@ def saved_defaults(argv):
         for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = os.path.join(value, name) if name else value
+                path = os.path.join(run_folder(value), name) if name else value
                 try:
                     ck = torch.load(path, map_location="cpu", weights_only=True)
                     if ck["script"] != os.path.basename(__file__):
@@ -847,12 +891,25 @@ def main(args: Args) -> dict:
     check_args(args)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args)
+    args.resume = run_folder(args.resume)
+    if args.resume and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
+    try:  # before anything is built or created; the state size is not known before the env is: 1 dim, a lower
+        # bound (the replay checks the exact size)
+        check_capacity(replay_capacity(args), args.num_envs, (1,), 1, np.float32, resume=bool(args.resume),
+                       path=os.path.join(args.resume or "runs", "replay") if args.checkpoint_every or args.resume
+                       else None)
+    except (MemoryError, ValueError) as e:
+        fail(e)
     ck = None
     if args.resume:
-        if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory")
         ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
         checked_against(args, ck, "--resume")
+        if ck["loop"].get("summary") and args.total_timesteps <= ck["loop"]["global_step"]:  # a finished run
+            summary = {**ck["loop"]["summary"], "run_dir": args.resume}
+            print(f"{args.resume} finished at frame {ck['loop']['global_step']}; its final JSON line (a larger "
+                  f"--total-timesteps continues it):\n{json.dumps(summary)}", flush=True)
+            return summary
     progress = Progress(args.total_timesteps)
     progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} env steps; building "
                    f"{args.num_envs} + 1 envs (training + evaluation) ...")
@@ -866,21 +923,13 @@ def main(args: Args) -> dict:
         fail(e)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high
-    made, d = [], os.path.join(run_dir, "replay")  # the folders the replay's makedirs will create, deepest first
-    while d and not os.path.exists(d):
-        made, d = made + [d], os.path.dirname(d)
-    try:
+    try:  # (its exact size is checked before it creates anything: a refused replay leaves no run dir behind)
         # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
         replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), action_dim, obs_dtype=np.float32,
                               seed=args.seed, path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck
                               else None, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_env)
-        for d in made:  # a refused replay leaves no run dir behind (the folders it made are empty)
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
         fail(e)
 
     if args.track:
@@ -912,20 +961,20 @@ def main(args: Args) -> dict:
     def tensors(b: dict) -> dict:
         return {k: torch.as_tensor(v, device=device) for k, v in b.items()}
 
-    def run_eval() -> float:
+    def run_eval() -> list:
         phase, progress.phase = progress.phase, "eval"
         try:
-            return float(np.mean(evaluate(agent, eval_env, args.eval_episodes, device)))
+            return evaluate(agent, eval_env, args.eval_episodes, device)
         finally:
             progress.phase = phase
 
-    N = args.num_envs
+    N, path = args.num_envs, os.path.join(run_dir, CHECKPOINT)
     global_step, updates, next_log, next_eval = 0, 0, args.log_every, args.eval_every
-    next_checkpoint, saved_step = args.checkpoint_every, None
+    next_checkpoint, saved_step, summary = args.checkpoint_every, None, None
     metrics, recent, last_eval, start, first_bad = {}, [], float("nan"), time.time(), None
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
         (global_step, updates, next_log, next_eval, next_checkpoint, metrics, first_bad, recent, last_eval,
-         rng_warmup, rng_eval) = restore_checkpoint(ck, nets, optims, replay).values()
+         rng_warmup, rng_eval) = list(restore_checkpoint(ck, nets, optims, replay).values())[:11]  # (not its summary)
         next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
         metrics = {k: v.to(device) for k, v in metrics.items()}
         first_bad = first_bad.to(device) if first_bad is not None else None
@@ -942,20 +991,23 @@ def main(args: Args) -> dict:
         return {"global_step": global_step, "updates": updates, "next_log": next_log, "next_eval": next_eval,
                 "next_checkpoint": next_checkpoint, "metrics": metrics, "first_bad": first_bad,
                 "recent_returns": recent, "last_eval": last_eval, "rng_warmup": rng.bit_generator.state,
-                "rng_eval": eval_rng.bit_generator.state if eval_rng is not None else None}
+                "rng_eval": eval_rng.bit_generator.state if eval_rng is not None else None, "summary": summary}
 
     obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the step: a resumed run meets new episodes)
     reward, is_first, is_terminal, done = np.zeros(N), np.ones(N, bool), np.zeros(N, bool), np.zeros(N, bool)
-    interrupted, projected, B = None, False, args.batch_size
+    interrupted, bad, projected, B = None, None, False, args.batch_size
     warmup = min(args.learning_starts, args.total_timesteps)  # env steps of random actions and no updates
     progress.print(f"cost: {B * (K + 1)} + {B * 2} replayed steps per update ({B} windows of --horizon + 1 = {K + 1} "
                    f"steps, {B} transitions), 1 update per env step (UTD 1), about "
                    f"{args.total_timesteps - max(warmup, global_step)} updates {'from here' if ck else 'in all'}; "
-                   f"warm-up of {warmup} env steps with random actions, wall time projected after the first updates")
+                   + (f"resumed at frame {global_step}" + (f", warm-up with random actions until frame {warmup}"
+                                                           if global_step < warmup else "") if ck else
+                      f"warm-up of {warmup} env steps with random actions")
+                   + ", wall time projected after the first updates")
     progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
     progress.set_phase("warmup", warmup)
     progress.start()
-    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while global_step < args.total_timesteps:
             std = linear_schedule(args.expl_start, args.expl_end, args.expl_duration,
@@ -966,7 +1018,8 @@ def main(args: Args) -> dict:
                 action = rng.uniform(low, high, (N, action_dim)).astype(np.float32)
             else:
                 action = act(agent, torch.as_tensor(obs, dtype=torch.float32, device=device), std, False).cpu().numpy()
-            replay.add(obs, action, reward, is_first, is_terminal)
+            with deferred_signals():  # a row is written whole or not at all
+                replay.add(obs, action, reward, is_first, is_terminal)
             obs, reward, term, trunc, infos = envs.step(action)  # [official code] env units, no rescaling
             frames = int((~done).sum())  # a step right after an episode end only resets (NEXT_STEP autoreset)
             is_first, is_terminal, done = done, term, term | trunc
@@ -980,15 +1033,16 @@ def main(args: Args) -> dict:
                 if progress.phase == "warmup":
                     progress.set_phase("train", args.total_timesteps)
                     train_start = (time.time(), global_step, updates)
-                for _ in range(frames):  # UTD 1: one update (both phases) per environment step
-                    # DEVIATION: windows never cross an episode start (the official sample_seq checks terminals only)
-                    seq = tensors(replay.sample(args.batch_size, K + 1, within_episode=True))
-                    batch = tensors(replay.sample(args.batch_size, 2, within_episode=True))
-                    metrics = update(agent, optims, groups, seq, batch, std, args)
-                    updates += 1
-                    # DEVIATION: the official clip_grad_norm_(error_if_nonfinite=True) raises inside the update (a
-                    # host sync); we record on device where each metric first went non-finite, raise at log time
-                    first_bad = track_non_finite(metrics, first_bad, updates, global_step)
+                with deferred_signals():  # the frame's updates and their counters, whole (a signal waits for them)
+                    for _ in range(frames):  # UTD 1: one update (both phases) per environment step
+                        # DEVIATION: windows never cross an episode start (the official sample_seq checks terminals)
+                        seq = tensors(replay.sample(args.batch_size, K + 1, within_episode=True))
+                        batch = tensors(replay.sample(args.batch_size, 2, within_episode=True))
+                        metrics = update(agent, optims, groups, seq, batch, std, args)
+                        updates += 1
+                        # DEVIATION: the official clip_grad_norm_(error_if_nonfinite=True) raises inside the update
+                        # (a host sync); we record on device where each metric first went non-finite, check at log time
+                        first_bad = track_non_finite(metrics, first_bad, updates)
             progress.step(global_step, updates, np.mean(recent) if recent else float("nan"))
             if progress.phase == "train" and not projected and updates - train_start[2] >= 10 \
                     and time.time() - train_start[0] >= 20:
@@ -999,10 +1053,9 @@ def main(args: Args) -> dict:
                                f"{fmt_time(time.time() - start + rest)} (evaluations extra)")
 
             if global_step >= next_log:
-                next_log += args.log_every
-                message = non_finite_message(list(metrics), first_bad)  # host syncs only here, at log time
-                if message:
-                    raise FloatingPointError(f"{message}; stopped at step {global_step}")
+                bad = non_finite_message(list(metrics), first_bad, global_step)  # host syncs only here, at log time
+                if bad:
+                    break
                 values = {k: float(v) for k, v in metrics.items()}
                 for k, v in values.items():
                     writer.add_scalar(k, v, global_step)
@@ -1010,9 +1063,10 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/SPS", sps, global_step)
                 writer.add_scalar("stats/expl_std", std, global_step)
                 progress.print(progress.line() + f" | actor loss {values.get('losses/actor', float('nan')):.3f}")
+                next_log += args.log_every
             if global_step >= next_eval and global_step < args.total_timesteps:  # (the last step: the final one)
-                next_eval += args.eval_every
-                last_eval = run_eval()
+                last_eval = float(np.mean(run_eval()))
+                next_eval += args.eval_every  # (only now: an evaluation cut by a signal runs again after --resume)
                 progress.step(global_step, updates, eval_return=last_eval)
                 writer.add_scalar("eval/episodic_return", last_eval, global_step)
 
@@ -1020,36 +1074,51 @@ def main(args: Args) -> dict:
             if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
                 next_checkpoint += args.checkpoint_every
                 writer.flush()  # the points up to the checkpoint are on disk before it is (a kill keeps them)
-                save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, optims, loop_state(), replay)
+                save_checkpoint(path, args, nets, optims, loop_state(), replay)
                 saved_step = global_step
 
-        final = last_eval = run_eval()
-        writer.add_scalar("eval/episodic_return", final, global_step)
-        if global_step >= next_eval:  # the final evaluation is also the one due at this step (a resumed run
-            next_eval += args.eval_every  # continues the schedule of the uninterrupted one)
-        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
-            writer.flush()
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, optims, loop_state(), replay)
-            saved_step = global_step
-        if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
-            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, optims, loop_state())
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+        if not bad:
+            returns = run_eval()
+            last_eval = float(np.mean(returns))
+            summary = {"final_eval_return": last_eval, "eval_returns": returns, "global_step": global_step,
+                       "updates": updates, "run_dir": run_dir,
+                       "sps": (global_step - start_step) / (time.time() - start)}  # (before its point is logged:
+            writer.add_scalar("eval/episodic_return", last_eval, global_step)  # a resume never logs it twice)
+            if global_step >= next_eval:  # the final evaluation is also the one due at this step (a resumed run
+                next_eval += args.eval_every  # continues the schedule of the uninterrupted one)
+            if args.checkpoint_every:  # the finished run: --resume prints its JSON line or, given a larger
+                writer.flush()  # --total-timesteps, continues it
+                save_checkpoint(path, args, nets, optims, loop_state(), replay)
+                saved_step = global_step
+            if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
+                save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, optims, loop_state())
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside an update, a replay row or a save
         interrupted = str(e) or "SIGINT"
+        if args.checkpoint_every and saved_step != global_step:  # the state as it is now, resumable
+            try:
+                with deferred_signals():
+                    writer.flush()
+                    save_checkpoint(path, args, nets, optims, loop_state(), replay)
+            except KeyboardInterrupt:  # a second signal waited for the checkpoint
+                pass
+            saved_step = global_step
     finally:
-        signal.signal(signal.SIGTERM, old_sigterm)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         progress.close()
         writer.close()
         close_envs(envs, eval_env, kill=interrupted is not None)
         if args.track:
             wandb.finish()
     if interrupted:
-        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
-                  else "")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
+              + (f"checkpoint written: --resume {run_dir} continues from frame {global_step}" if args.checkpoint_every
+                 else "no checkpoint (--checkpoint-every 0)"), file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
-    summary = {"final_eval_return": final, "global_step": global_step, "updates": updates, "run_dir": run_dir,
-               "sps": (global_step - start_step) / (time.time() - start)}
+    if bad:  # the events up to the last log are written, the envs closed
+        print(f"error: {bad}; last checkpoint: {path if saved_step is not None else 'none'}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(3)
     print(json.dumps(summary), flush=True)
     return summary
 

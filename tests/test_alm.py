@@ -185,6 +185,7 @@ def test_replay_alignment_of_mains_loop(tmp_path, monkeypatch):
     monkeypatch.setattr(alm, "make_vector_env", lambda env_id, num_envs, seed: vec)
     monkeypatch.setattr(alm, "make_env", lambda env_id, seed: LineEnv())
     monkeypatch.setattr(alm, "ReplayBuffer", capture)
+    monkeypatch.setattr(alm, "check_args", lambda args: None)  # (the CLI refuses a run that is all warm-up)
     monkeypatch.chdir(tmp_path)
     main(Args(total_timesteps=30, learning_starts=1000, buffer_size=100, eval_every=1000, eval_episodes=1,
               log_every=1000, **TINY))
@@ -288,6 +289,19 @@ def test_defaults_are_table3_and_bad_flags_are_named(capsys):
         assert exit_.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flag}")
 
 
+def test_help_reads_naturally():
+    """--help: no double negative, no "if toggled" / "toggles" on a switch that defaults to True, every switch shown
+    in both forms."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "alm.py"), "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, COLUMNS="400"), timeout=120)
+    assert out.returncode == 0 and "--no-no-" not in out.stdout
+    for line in out.stdout.splitlines():
+        if "(default: True)" in line:
+            assert "toggle" not in line, line
+    for flag in ("torch-deterministic", "cuda", "kl-term", "value-term", "classifier-reward"):
+        assert f"--{flag}, --no-{flag}" in out.stdout, flag
+
+
 def run_cli(tmp_path, *extra):
     cmd = [sys.executable, os.path.join(ROOT, "alm.py"), "--env-id", "InvertedPendulum-v5", "--total-timesteps", "240",
            "--learning-starts", "80", "--batch-size", "16", "--hidden-dim", "32", "--model-hidden-dim", "32",
@@ -318,6 +332,11 @@ def test_smoke_cli(tmp_path, extra):
     for tag in ["losses/alm", "losses/reward", "losses/classifier", "losses/critic", "losses/actor"]:
         assert scalars[tag] and all(math.isfinite(v) for v in scalars[tag]), tag
     assert "eval/episodic_return" in scalars and "charts/episodic_return" in scalars
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    logged = [e.step for f in glob.glob(str(run_dir / "events*")) for e in EventFileLoader(f).Load()
+              for v in e.summary.value if v.tag == "eval/episodic_return"]
+    assert logged == [120, 240]  # the events file itself: one point per evaluation, also at the last step
     assert ("stats/classifier_reward" in scalars) == ("--no-classifier-reward" not in extra)
     assert json.load(open(run_dir / "args.json"))["horizon"] == (1 if "--horizon" in extra else 3)
     if "--save-model" in extra:  # the checkpoint format, without the replay's head
@@ -342,6 +361,10 @@ def test_smoke_cli(tmp_path, extra):
     (["--buffer-size", "40", "--num-envs", "16", "--batch-size", "8"], ["--buffer-size", "--num-envs 16", "got 40"]),
     (["--buffer-size", str(10**12)], ["--buffer-size 1000000000000", "GB"]),  # a MemoryError from the replay
     (["--capture-video"], ["--capture-video"]),
+    (["--env-id", "minigrid-dynamic-obstacles-6x6"], ["--env-id minigrid-dynamic-obstacles-6x6", "state vectors",
+                                                      "HalfCheetah-v5"]),
+    (["--total-timesteps", "100"], ["--total-timesteps 100", "--learning-starts 5000"]),  # trains nothing
+    (["--seed", "-1"], ["--seed must be >= 0, got -1"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every", "got -1"]),
     (["--resume", "runs/x", "--eval-checkpoint", "x.pt"], ["--resume", "--eval-checkpoint", "exclude"]),
 ])
@@ -379,11 +402,56 @@ CLI_TINY = dict(env_id="InvertedPendulum-v5", learning_starts=80, batch_size=16,
                 latent_dim=8, eval_episodes=1)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_cleanly_with_events_written(tmp_path, sig):
-    flags = {**CLI_TINY, "total_timesteps": 100_000, "eval_every": 10**6, "log_every": 20}
-    out = assert_clean_interrupt("alm.py", tmp_path, flags, sig, scalars=("charts/SPS", "losses/actor"))
+def test_sigint_without_checkpoints_stops_cleanly_with_events_written(tmp_path):
+    flags = {**CLI_TINY, "total_timesteps": 100_000, "eval_every": 10**6, "log_every": 20, "checkpoint_every": 0}
+    out = assert_clean_interrupt("alm.py", tmp_path, flags, signal.SIGINT, scalars=("charts/SPS", "losses/actor"))
     assert "cost: 64 + 32 replayed steps per update" in out and "[warmup]" in out
+    assert open(tmp_path / "err.txt").read().strip().endswith("updates; no checkpoint (--checkpoint-every 0)")
+    assert not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
+
+
+def test_deferred_signals_hold_a_signal_until_the_section_ends():
+    """on_signal raises KeyboardInterrupt at once outside a deferred section; inside one (nested too) the section
+    runs to its end first."""
+    import alm
+
+    old = signal.signal(signal.SIGTERM, alm.on_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        done = []
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with alm.deferred_signals():
+                with alm.deferred_signals():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    done.append(1)
+                done.append(2)
+        assert done == [1, 2] and alm.SIGNALS == {"defer": 0, "pending": None}
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_sigterm_before_the_first_checkpoint_writes_one_and_resume_finishes(tmp_path):
+    """SIGTERM during [train], long before the first periodic checkpoint: the run writes RUN/checkpoint.pt of the
+    state at that frame (whole counters: one update per frame after the warm-up), says so in its one stderr line,
+    and --resume (the checkpoint file's form) continues from that frame to the final JSON line."""
+    import re
+
+    flags = {**CLI_TINY, "total_timesteps": 100_000, "eval_every": 10**6, "log_every": 20}
+    assert_clean_interrupt("alm.py", tmp_path, flags, signal.SIGTERM, scalars=("charts/SPS", "losses/actor"))
+    err = open(tmp_path / "err.txt").read().strip()
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    name = os.path.join("runs", os.path.basename(run_dir))
+    frame, updates = map(int, re.fullmatch(rf"interrupted \(SIGTERM\) at frame (\d+)/100000 after (\d+) updates; "
+                                           rf"checkpoint written: --resume {re.escape(name)} continues from frame "
+                                           rf"(\d+)", err).group(1, 2))
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (ck["loop"]["global_step"], ck["loop"]["updates"]) == (frame, updates) and updates == frame - 80 + 1
+    assert ck["loop"]["next_log"] > frame - 20 and ck["loop"]["summary"] is None
+    out = resume_cli("alm.py", tmp_path, os.path.join(name, "checkpoint.pt"), "--total-timesteps", str(frame + 40))
+    assert f"resumed at frame {frame}, wall time" in out["stdout"] and "warm-up of" not in out["stdout"]
+    assert out["final"]["global_step"] == frame + 40 and out["final"]["updates"] == updates + 40
+    assert out["final"]["run_dir"] == name and len(out["final"]["eval_returns"]) == 1
 
 
 def test_track_writes_an_offline_wandb_run(tmp_path):
@@ -391,9 +459,9 @@ def test_track_writes_an_offline_wandb_run(tmp_path):
     assert_tracks_offline("alm.py", tmp_path, flags)
 
 
-def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatch):
-    """Only the critic-loss metric is NaN, from the first update (at step 8 = learning_starts): the error names
-    that loss and that step, not the log step; events and args.json are kept."""
+def test_non_finite_loss_stops_the_run_naming_loss_and_update(tmp_path, monkeypatch, capsys):
+    """Only the critic-loss metric is NaN, from the first update (at step 8 = learning_starts): one error line names
+    that loss, its value, the log frame and that update; exit code 3; events and args.json are kept."""
     import alm
 
     torch.set_num_threads(1)
@@ -407,13 +475,70 @@ def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     args = Args(env_id="InvertedPendulum-v5", total_timesteps=20, learning_starts=8, log_every=10, eval_every=1000,
                 eval_episodes=1, **TINY)
-    with pytest.raises(FloatingPointError) as err:
+    with pytest.raises(SystemExit) as exit_:
         main(args)
-    message = str(err.value)
-    assert message.startswith("non-finite losses/critic at step 8 (update 1;") and "stopped at step 10" in message
-    assert message.count("/") == 1  # no other metric is named
+    assert exit_.value.code == 3
+    assert capsys.readouterr().err == ("error: non-finite losses/critic = nan in the updates logged at frame 10 "
+                                       "(update 1); last checkpoint: none\n")  # no other metric is named
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert any(f.name.startswith("events") for f in run_dir.iterdir()) and (run_dir / "args.json").exists()
+
+
+def test_non_finite_loss_through_the_cli_is_one_line_and_exit_3(tmp_path):
+    """--learning-rate 1e30 blows the losses up at the first update: one stderr line naming the metric, the log
+    frame, the update and the last checkpoint (the periodic one at frame 40, still finite), no traceback."""
+    flags = {**CLI_TINY, "total_timesteps": 200, "eval_every": 10**6, "log_every": 20, "checkpoint_every": 40,
+             "learning_rate": 1e30}
+    cmd = [sys.executable, os.path.join(ROOT, "alm.py")] + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    path = os.path.join("runs", os.path.basename(run_dir), "checkpoint.pt")
+    assert out.returncode == 3, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite losses/") and \
+        lines[0].endswith(f"in the updates logged at frame 80 (update 1); last checkpoint: {path}"), out.stderr
+    assert torch.load(tmp_path / path, weights_only=True)["loop"]["global_step"] == 40
+    assert [e.step for e in events(run_dir).Scalars("charts/SPS")] == [20, 40, 60]  # flushed, none at 80
+
+
+def test_buffer_size_checked_before_any_env_or_folder(tmp_path, monkeypatch, capsys):
+    """A replay that cannot fit (on disk with checkpoints, in memory without) is refused right after check_args:
+    no env is built and no runs/ folder is made."""
+    import alm
+
+    def no_env(*a, **k):
+        raise AssertionError("an env was built before the replay's size was checked")
+
+    monkeypatch.setattr(alm, "make_env", no_env)
+    monkeypatch.setattr(alm, "make_vector_env", no_env)
+    monkeypatch.chdir(tmp_path)
+    for every in (10_000, 0):
+        with pytest.raises(SystemExit) as exit_:
+            main(Args(env_id="InvertedPendulum-v5", buffer_size=10**13, checkpoint_every=every))
+        assert exit_.value.code == 2 and "--buffer-size 10000000000000" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_update_and_acting_create_no_tensor_off_the_parameters_device(one_thread):
+    """GPU safety without a GPU: the agent built on the CPU, then two updates (with the non-finite record) and a few
+    acting steps under torch.device("meta"): a tensor made without device= would land on meta and fail."""
+    import alm
+
+    a = Args(**TINY)
+    nets, optims, groups = alm.build_agent(a, 3, 2, -np.ones(2, np.float32), np.ones(2, np.float32),
+                                           torch.device("cpu"))
+    agent, first = nets["agent"], None
+    batches = [(fake_windows(3, 2, 8, 4, seed=i), fake_windows(3, 2, 8, 2, seed=i + 2)) for i in range(2)]
+    with torch.device("meta"):
+        for u, (seq, batch) in enumerate(batches):
+            metrics = update(agent, optims, groups, seq, batch, 0.5, a)
+            first = alm.track_non_finite(metrics, first, u + 1)
+        actions = [alm_act(agent, torch.zeros(n, 3, device="cpu"), std, det) for n, std, det in
+                   ((1, 0.5, False), (4, 0.1, False), (1, 0.0, True))]
+    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
+    assert first.device.type == "cpu" and alm.non_finite_message(list(metrics), first, 2) is None
+    assert [x.shape for x in actions] == [(1, 2), (4, 2), (1, 2)] and all(x.device.type == "cpu" for x in actions)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -580,6 +705,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates (replay {rows} steps)" \
         in out["stdout"]
     assert out["final"]["global_step"] == 240 and out["final"]["updates"] == final["updates"] + 80  # UTD 1
+    assert "resumed at frame 160, wall time" in out["stdout"] and "warm-up of" not in out["stdout"]
     np.testing.assert_array_equal(obs_rows(run_dir, rows), before)
     assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not glob.glob(os.path.join(run_dir, "replay", "*.tmp"))
     ea = events(run_dir)
@@ -599,9 +725,13 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
                                           "4"], "--latent-dim 4", "checkpoint's 8")
     assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400", "--env-id",
                                           "Hopper-v5"], "--env-id Hopper-v5", "InvertedPendulum-v5")
-    assert_cli_error("alm.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
-                     "--total-timesteps 200", "frame 240")
-    assert_cli_error("alm.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
+    # a finished run (also one killed between its last checkpoint and its JSON line) prints that line again
+    again = resume_cli("alm.py", tmp_path, os.path.join(final["run_dir"], "checkpoint.pt"))
+    assert again["final"] == {**ck["loop"]["summary"], "run_dir": final["run_dir"]}
+    assert again["final"]["global_step"] == 240 and "[train]" not in again["stdout"]
+    assert resume_cli("alm.py", tmp_path, final["run_dir"], "--total-timesteps", "200")["final"] == again["final"]
+    assert_cli_error("alm.py", tmp_path, ["--resume", "no/such/dir"], "--resume no/such/dir: no such run directory "
+                     "(give the run's folder, e.g. runs/NAME)")
     bad = truncated_copy(os.path.join(run_dir, "checkpoint.pt"), tmp_path / "bad.pt")
     assert_cli_error("alm.py", tmp_path, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
     other = tmp_path / "other.pt"
