@@ -60,8 +60,9 @@ and tracking flags may change (RESUMABLE).
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
  1. float32 instead of mixed float16 (--precision bf16: the update's forward under bfloat16 autocast, the norms,
     distributions and losses in float32); a non-finite loss stops the run at the next log.
- 2. Every replayed window starts from the zero state and action (official: the previous batch's last posterior
-    carried over) and may cross episode starts (reset at is_first); DreamerV2 samples chunks within episodes.
+ 2. Replayed windows may cross episode starts (state and action zeroed at is_first); DreamerV2's replay samples
+    each window inside one episode (minlen = maxlen = length 50). Both start every window from the zero state (there
+    its first step is marked is_first, which zeroes the posterior carried over from the previous batch).
  3. The decoder has its own Adam (same settings) and clip; the official code's model optimiser also holds it, so
     its gradient norm shares the world model's clip of 100 and could rescale world-model steps although A.5 calls
     the decoder visualisation only. With --reconstruction the pixel loss also flows into the features.
@@ -99,7 +100,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -137,20 +138,19 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """`torch.backends.cudnn.deterministic` (--no-torch-deterministic: cuDNN may pick faster nondeterministic kernels)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
-    statistics (LayerNorm and BatchNorm), distributions (one-hot, truncated normal), KL, entropies, the unit-Normal
-    losses, the lambda-returns and the decoder's output stay float32; acting and evaluation stay float32. (Default
-    fp32; time both with benchmarks/update_speed.py --agents blast --precisions fp32 bf16.)"""
+    """use CUDA when available (--no-cuda: the CPU)"""
+    precision: str = "fp32"
+    """fp32|bf16: bf16 runs the update's matrix products and convolutions in bfloat16 (torch.autocast); \
+parameters, norm statistics, distributions, KL, entropies, losses, lambda-returns, the decoder's output, acting and \
+evaluation stay float32 (time both: benchmarks/update_speed.py --agents blast --precisions fp32 bf16)"""
     compile: bool = False
-    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the first
-    update compiles them (minutes on a CPU; the console says so). Default off: see the README's Measured table."""
-    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
-    """torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
-    tracing problem from a code-generation one, and for quick tests)"""
+    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the \
+first update compiles them (minutes on a CPU; the console says so); off by default: see the README's Measured table"""
+    compile_backend: str = "inductor"
+    """inductor|aot_eager: torch.compile backend of --compile; aot_eager traces forward and backward without \
+generating code (to tell a tracing problem from a code-generation one, and for quick tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -158,22 +158,22 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
-    agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
+    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the \
+agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
-    --eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which \
+--eval-checkpoint reads)"""
     checkpoint_every: int = 25_000
-    """frames between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
-    replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
-    replay in memory"""
+    """frames between checkpoints in runs/{run_name}/checkpoint.pt (written atomically; also at the end and on \
+Ctrl-C or SIGTERM), with the replay in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full \
+size); 0: no checkpoints, the replay in memory"""
     resume: Optional[str] = None
-    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
-    run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps (to grow it),
-    --precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change"""
+    """continue the run in this run directory (or its checkpoint.pt) from its last checkpoint, in place; every \
+flag defaults to that run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps \
+(to grow it), --precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
-    videos/ beside the file), print the JSON line, and stop"""
+    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in \
+videos/ beside the file), print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 2_000_000
@@ -283,7 +283,8 @@ class Args:
 
     # BLAST modifications (Sec. 3.3), defaults = full BLAST; each consumed in one place marked ABLATION
     reconstruction: bool = False
-    """-recon off: the pixel loss trains the representation as in DreamerV2 (BLAST Sec. 3.3 -recon: no reconstruction)"""
+    """the pixel loss trains the representation, as in DreamerV2 (--no-reconstruction = BLAST Sec. 3.3 -recon: \
+the decoder learns on sg(s_t), for pictures only)"""
     kl_balance: float = 1.0
     """+SG: KL balance alpha, 1.0 = no KL gradient into the posterior (BLAST A.2: kl.balance 1.0; DreamerV2: 0.8)"""
     target_encoder: bool = True
@@ -558,8 +559,8 @@ class RSSM(nn.Module):
         stoch (B, T, S, K), post logits (B, T, S, K); the prior comes afterwards from deter, so that its inputs can be mixed.
         """
         B, T = is_first.shape
-        # DEVIATION: every batch starts from the zero state (official: the last posterior carried over); windows
-        # of the shared replay may cross episode starts (reset at is_first), DreamerV2 samples within episodes
+        # Zero state, as DreamerV2's replay marks each window's first step is_first. DEVIATION: windows may cross
+        # episode starts (reset at is_first); DreamerV2 samples each window within one episode
         deter, stoch = self.initial(B, embed.device)
         prev_action = torch.cat([torch.zeros_like(action[:, :1]), action[:, :-1]], 1)  # a_{t-1}
         deters, stochs, logits = [], [], []
@@ -950,7 +951,10 @@ def check_args(args):
     # unset --action-repeat / --time-limit: the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100)
     args = dataclasses.replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
     a = args
-    for flag, low in (("total_timesteps", 1), ("num_envs", 1), ("eval_episodes", 1), ("eval_every", 1),
+    for flag, choices in (("precision", ("fp32", "bf16")), ("compile_backend", ("inductor", "aot_eager"))):
+        if getattr(a, flag) not in choices:
+            fail(f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(a, flag)}")
+    for flag, low in (("seed", 0), ("total_timesteps", 1), ("num_envs", 1), ("eval_episodes", 1), ("eval_every", 1),
                       ("log_every", 1), ("action_repeat", 1), ("batch_size", 2), ("batch_length", 2),
                       ("prefill", 0), ("pretrain", 0), ("train_every", 1), ("deter", 1), ("hidden", 1),
                       ("stoch", 1), ("classes", 1), ("cnn_depth", 1), ("units", 1), ("mlp_layers", 0),

@@ -621,6 +621,10 @@ def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
     (["--gamma", "1.5"], ["--gamma", "1.5"]),
     (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every", "got -1"]),
+    (["--precision", "fp16"], ["--precision must be one of fp32, bf16, got fp16"]),
+    (["--compile-backend", "eager"], ["--compile-backend must be one of inductor, aot_eager, got eager"]),
+    (["--seed", "-1"], ["--seed must be >= 0, got -1"]),
+    (["--resume", "nowhere"], ["--resume nowhere: no such run directory (give the run's folder, e.g. runs/NAME)"]),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
     assert_cli_error("blast.py", tmp_path, argv, *needles)
