@@ -86,6 +86,7 @@ Run:  python blast.py --env-id walker-walk            (full BLAST; --ladder drea
       python blast.py --eval-checkpoint runs/RUN/checkpoint.pt --eval-episodes 10
 """
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -110,7 +111,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from common.envs import encode_video, env_defaults, is_pixel, make_vector_env
-from common.replay import ReplayBuffer
+from common.replay import ReplayBuffer, check_capacity
 
 LN_EPS = 1e-3  # Keras LayerNormalization epsilon (DreamerV2 GRU)
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # Keras BatchNormalization defaults: eps 1e-3, running = 0.99 running + 0.01 batch
@@ -1075,8 +1076,30 @@ class Progress:
             self.out.write("\n")
 
 
-def on_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+SIGNALS = {"deferred": False, "pending": None}  # deferred_signals' state
+
+
+def on_signal(signum, frame):
+    """SIGINT / SIGTERM (Ctrl-C, SLURM preemption, kill): KeyboardInterrupt at once, or at the end of the
+    deferred_signals() section running now."""
+    name = signal.Signals(signum).name
+    if not SIGNALS["deferred"]:
+        raise KeyboardInterrupt(name)
+    SIGNALS["pending"] = SIGNALS["pending"] or name
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """A section a signal must not cut in half (an update with its counters, replay.add, a checkpoint write): a
+    SIGINT or SIGTERM arriving inside raises its KeyboardInterrupt when the section ends."""
+    SIGNALS["deferred"] = True
+    try:
+        yield
+    finally:
+        SIGNALS["deferred"] = False
+    name, SIGNALS["pending"] = SIGNALS["pending"], None
+    if name:
+        raise KeyboardInterrupt(name)
 
 
 def close_envs(*envs, kill=False):
@@ -1192,7 +1215,7 @@ def checked_against(args, ck, flag):
         if name not in free and name in saved and saved[name] != value:
             fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
                  f"a saved run keeps its model, environment and schedule")
-    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
+    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"] < ck["args"]["total_timesteps"]:
         fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
              f"pass a larger --total-timesteps to continue it")
 
@@ -1204,7 +1227,7 @@ def saved_defaults(argv):
         for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = os.path.join(value, name) if name else value
+                path = value if not name or os.path.isfile(value) else os.path.join(value, name)
                 try:
                     ck = torch.load(path, map_location="cpu", weights_only=True)
                     if ck["script"] != os.path.basename(__file__):
@@ -1267,16 +1290,30 @@ def main(args: Args) -> dict:
         return evaluate_checkpoint(args)
     ck = None
     if args.resume:
+        if os.path.isfile(args.resume):  # RUN/checkpoint.pt: its folder is the run
+            args = dataclasses.replace(args, resume=os.path.dirname(args.resume) or ".")
         if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory")
+            fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
         ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
         checked_against(args, ck, "--resume")
-    progress = Progress(args.total_timesteps)
-    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
-                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
+        loop = ck["loop"]
+        if loop["global_step"] >= args.total_timesteps and loop.get("eval_step", loop["global_step"]) >= loop["global_step"]:
+            # finished and evaluated (killed before its JSON line): the saved summary, nothing trained
+            summary = {"final_eval_return": loop["eval_return"], "eval_returns": loop["returns"],
+                       "global_step": loop["global_step"], "updates": loop["updates"], "run_dir": args.resume}
+            print(json.dumps(summary))
+            return {**summary, "losses": loop["last_metrics"]}
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", run_name)
     run_name = os.path.basename(os.path.normpath(run_dir))
+    replay_dir = os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None
+    try:  # before anything is built or created (the frames dominate: action_dim 1)
+        check_capacity(args.buffer_size, args.num_envs, (3, 64, 64), path=replay_dir, resume=ck is not None)
+    except (MemoryError, ValueError) as e:
+        fail(e)
+    progress = Progress(args.total_timesteps)
+    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
+                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
     try:
@@ -1291,8 +1328,7 @@ def main(args: Args) -> dict:
     try:
         # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
         replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed,
-                              path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None,
-                              resume=ck is not None)
+                              path=replay_dir, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_envs)
         fail(e)
@@ -1328,12 +1364,13 @@ def main(args: Args) -> dict:
     global_step, updates, train_credit, pretrained, start_time = 0, 0, 0, False, time.time()
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     next_checkpoint = args.checkpoint_every
-    metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
-    returns, interrupted, train_start, projected, saved_step, compiled = [], None, None, False, None, False
+    metric_sums, n_metrics, last_metrics, recent_returns, eval_return, eval_step = {}, 0, {}, [], float("nan"), -1
+    returns, interrupted, error, train_start, projected, saved_step, compiled = [], None, None, None, False, None, False
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
+        loop = restore_checkpoint(ck, nets, opts, replay)
+        eval_step = loop.pop("eval_step", loop["global_step"])  # (older checkpoints: saved after their evaluations)
         (global_step, updates, train_credit, pretrained, next_log, next_eval, next_video, next_checkpoint,
-         metric_sums, n_metrics, last_metrics, recent_returns, eval_return, returns) = restore_checkpoint(
-            ck, nets, opts, replay).values()
+         metric_sums, n_metrics, last_metrics, recent_returns, eval_return, returns) = loop.values()
         next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
         metric_sums = {k: v.to(device) for k, v in metric_sums.items()}
         saved_step = global_step
@@ -1347,7 +1384,20 @@ def main(args: Args) -> dict:
                 "next_log": next_log, "next_eval": next_eval, "next_video": next_video,
                 "next_checkpoint": next_checkpoint, "metric_sums": metric_sums, "n_metrics": n_metrics,
                 "last_metrics": last_metrics, "recent_returns": recent_returns, "eval_return": eval_return,
-                "returns": [float(r) for r in returns]}
+                "returns": [float(r) for r in returns], "eval_step": eval_step}
+
+    def evaluation():  # next_eval advances once it finished: an interrupted evaluation runs again after --resume
+        nonlocal returns, eval_return, eval_step, next_eval
+        phase, progress.phase = progress.phase, "eval"
+        returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, args.capture_video)
+        progress.phase = phase
+        eval_return = float(np.mean(returns))
+        progress.step(global_step, updates, eval_return=eval_return)
+        writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        if frames is not None:
+            encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
+            log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
+        eval_step, next_eval = global_step, next_eval + args.eval_every
 
     obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
@@ -1355,13 +1405,14 @@ def main(args: Args) -> dict:
     state = None  # acting state, zeros once the policy takes over
     prefill = args.action_repeat * max(args.prefill, N * T, B * T)  # frames of random actions (and a batch in replay)
     total = args.pretrain + (args.total_timesteps - prefill) // (args.action_repeat * args.train_every)  # if trained
+    start = f"resumed at frame {global_step}" if ck else f"prefilling {prefill} frames with random actions"
     progress.print(f"cost: {B * T} replayed steps per update, {1 / args.train_every:.3g} updates per policy step, about "
                    f"{total if prefill < args.total_timesteps else 0} updates in all ({args.pretrain} when the prefill ends); "
-                   f"prefilling {prefill} frames with random actions, wall time projected after the first updates")
+                   f"{start}, wall time projected after the first updates")
     progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
     progress.set_phase("prefill", min(prefill, args.total_timesteps))
     progress.start()
-    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: random actions for `prefill` agent steps (and until the replay holds a batch), then the policy
@@ -1375,14 +1426,20 @@ def main(args: Args) -> dict:
             else:
                 action = (F.one_hot(torch.randint(0, action_dim, (N,)), action_dim).float() if discrete
                           else torch.rand(N, action_dim) * 2 - 1)
-            replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
+            with deferred_signals():  # (a row whole)
+                replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
 
             # TRY NOT TO MODIFY: execute the game and log data
             obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
-            agent_steps = int((~autoreset).sum())
-            global_step += args.action_repeat * agent_steps
-            # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
-            is_first, is_terminal, autoreset = autoreset, term, term | trunc
+            with deferred_signals():  # the step's frames and its update credit together
+                agent_steps = int((~autoreset).sum())
+                global_step += args.action_repeat * agent_steps
+                # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
+                is_first, is_terminal, autoreset = autoreset, term, term | trunc
+                # ALGO LOGIC: `pretrain` updates when the prefill ends, then one update every `train_every` agent steps
+                if ready:  # (credit in agent steps; the pretrain burst is pretrain x train_every of it)
+                    train_credit += agent_steps + (0 if pretrained else args.pretrain * args.train_every)
+                    pretrained = True
             if "episode" in infos:
                 for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
                     if m:
@@ -1390,34 +1447,30 @@ def main(args: Args) -> dict:
                         writer.add_scalar("charts/episodic_return", r, global_step)
                         writer.add_scalar("charts/episodic_length", l, global_step)
 
-            # ALGO LOGIC: `pretrain` updates when the prefill ends, then one update every `train_every` agent steps
-            n_updates = 0
-            if ready:
-                train_credit += agent_steps
-                n_updates = train_credit // args.train_every + (0 if pretrained else args.pretrain)
-                train_credit, pretrained = train_credit % args.train_every, True
-                if progress.phase == "prefill":
-                    progress.set_phase("pretrain", updates + n_updates)
-            for _ in range(n_updates):
-                data = batch_to(replay.sample(B, T), device)
+            if ready and progress.phase == "prefill":
+                progress.set_phase("pretrain", updates + train_credit // args.train_every)
+            while train_credit >= args.train_every:
                 if args.compile and not compiled:
-                    progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
+                    progress.print("compiling the update (--compile): the first update takes minutes on a CPU (a "
+                                   "Ctrl-C waits for it)")
                     t_compile = time.time()
-                metrics = update(wm, actor, critic, slow_critic, opts, data, args, updates)
+                with deferred_signals():  # an update and its counters together
+                    data = batch_to(replay.sample(B, T), device)
+                    metrics = update(wm, actor, critic, slow_critic, opts, data, args, updates)
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v
+                    n_metrics, updates, train_credit = n_metrics + 1, updates + 1, train_credit - args.train_every
                 if args.compile and not compiled:  # rates and the projection count from the compiled update on
                     compiled = True
                     progress.print(f"compiled the update in {fmt_time(time.time() - t_compile)}")
-                    progress.step(global_step, updates + 1)
+                    progress.step(global_step, updates)
                     progress.set_phase(progress.phase, progress.phase_end)
                     if train_start:  # (the first update came after the pretrain burst: the train phase's timer)
-                        train_start = (time.time(), global_step, updates + 1)
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v
-                n_metrics, updates = n_metrics + 1, updates + 1
+                        train_start = (time.time(), global_step, updates)
                 progress.step(global_step, updates)  # the pretrain burst can take minutes
                 if args.video_every and global_step >= next_video:
-                    next_video += args.video_every
                     log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), global_step, fps=10)
+                    next_video += args.video_every
             if progress.phase == "pretrain":  # the train phase's rate and the projection start after the pretrain
                 progress.set_phase("train", args.total_timesteps)
                 train_start = (time.time(), global_step, updates)
@@ -1436,8 +1489,8 @@ def main(args: Args) -> dict:
                     last_metrics = dict(zip(metric_sums, means))
                     for k, v in last_metrics.items():
                         if not np.isfinite(v):
-                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at step "
-                                                     f"{global_step}")
+                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at frame "
+                                                     f"{global_step} (update {updates})")
                         writer.add_scalar(k, v, global_step)
                     metric_sums, n_metrics = {}, 0
                 sps = int((global_step - start_step) / (time.time() - start_time))  # (this process's frames)
@@ -1445,45 +1498,51 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/updates", updates, global_step)
                 progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
 
-            if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
-                next_eval += args.eval_every
-                phase, progress.phase = progress.phase, "eval"
-                returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, args.capture_video)
-                progress.phase = phase
-                eval_return = float(np.mean(returns))
-                progress.step(global_step, updates, eval_return=eval_return)
-                writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                if frames is not None:
-                    encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
-                    log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
+            if global_step >= next_eval and global_step < args.total_timesteps:  # (the final one below)
+                evaluation()
 
             # Checkpoint between steps, never inside an update (and one at the end, below)
             if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
-                next_checkpoint += args.checkpoint_every
-                writer.flush()  # the curves up to the checkpoint are on disk before it is
+                with deferred_signals():
+                    next_checkpoint += args.checkpoint_every
+                    writer.flush()  # the curves up to the checkpoint are on disk before it is
+                    save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+                    saved_step = global_step
+
+        if eval_step < global_step:  # the final evaluation (done already when a finished run was resumed for it)
+            evaluation()
+        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
+            with deferred_signals():
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
                 saved_step = global_step
-
-        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
-            saved_step = global_step
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
             save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, loop_state())
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside a deferred_signals() section
+        for sig in old_handlers:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal does not cut the checkpoint or the cleanup
         interrupted = str(e) or "SIGINT"
+        if args.checkpoint_every:  # the state as it is: every section that changes it ran whole
+            writer.flush()
+            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+    except FloatingPointError as e:  # a non-finite loss (at a log step)
+        error = f"{e}; last checkpoint: {os.path.join(run_dir, CHECKPOINT) if saved_step is not None else 'none'}"
     finally:
-        signal.signal(signal.SIGTERM, old_sigterm)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         progress.close()
         close_envs(envs, eval_envs, kill=interrupted is not None)
         writer.close()
         if args.track:
             wandb.finish()
     if interrupted:
-        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
-                  else "")
+        where = (f"checkpoint written: --resume {run_dir} continues from frame {global_step}" if args.checkpoint_every
+                 else "no checkpoint (--checkpoint-every 0)")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
+              f"{where}", file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
+    if error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(3)
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}
     print(json.dumps(summary))
