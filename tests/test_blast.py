@@ -957,3 +957,34 @@ def test_non_finite_loss_through_the_cli(tmp_path):
                             "error: non-finite losses/", "in the updates logged at frame 50 (update 2); last "
                             "checkpoint: runs/", "/checkpoint.pt", code=3)
     assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*")), line
+
+
+def test_too_large_buffer_fails_before_anything_is_built_or_created(tmp_path):
+    assert_cli_error("blast.py", tmp_path, ["--env-id", "cartpole-balance", "--buffer-size", "100000000"],
+                     "--buffer-size 100000000")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_update_and_acting_create_no_tensor_beside_the_parameters(discrete, one_thread):
+    """GPU safety without a GPU: under torch.device("meta") every tensor created without device= lands on meta, and
+    an op mixing it with the CPU parameters fails; two updates and a few acting steps must run. Adam creates its
+    step counters lazily with torch.tensor(), on the CPU also in a CUDA run (torch's design): one update before the
+    meta block creates them."""
+    torch.manual_seed(0)
+    args = b.Args(**TINY)
+    wm, actor, critic, slow_critic, opts = b.make_agent(args, OBS, 2, torch.device("cpu"), discrete)
+    data = batch()
+    if discrete:
+        data["action"] = F.one_hot(data["action"].argmax(-1), 2).float()
+    b.update(wm, actor, critic, slow_critic, opts, data, args, 0)
+    with torch.device("meta"):
+        for u in (1, 2):
+            metrics = b.update(wm, actor, critic, slow_critic, opts, data, args, u)
+        b.set_mode(False, wm, actor)
+        state = b.initial_state(wm, actor, 2, torch.device("cpu"))
+        for t, explore in enumerate((True, True, False)):
+            action, state = b.policy(wm, actor, state, data["obs"][:2, t], data["is_first"][:2, t], explore)
+        b.set_mode(True, wm, actor)
+    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
+    assert action.device.type == "cpu" and action.shape == (2, 2)
