@@ -42,24 +42,26 @@ config where A.2 is silent) on `--env-id minigrid-dynamic-obstacles-6x6[-color-d
 Decisions where paper and issue are silent: evaluation takes the actor's mode and samples the latent (DreamerV2
 eval mode); pictures use the acting encoder; the ladder overrides the 5 switches, the preset only defaults.
 
-Checkpoints (`--checkpoint-every` frames, default 25,000, 0 = none; `--resume RUN_DIR`; `--eval-checkpoint PATH`):
-runs/{run}/checkpoint.pt, written atomically, holds every network (world model with the EMA target encoder when
-there is one, BatchNorm running statistics and the AR prior; actor; critic; slow critic), the four Adams (model,
-actor, critic, decoder), every loop counter (frames, updates, which schedule the slow critic's hard copies and the
-target encoder's first copy; the train_every credit; whether the pretrain burst ran; next log, evaluation, video and
-checkpoint frames; metric sums; recent returns), the torch, numpy and Python RNGs, the replay's head and sampling RNG
-(its rows are memory-mapped files in runs/{run}/replay/) and the args as --preset and --ladder resolved them (a
-resumed run takes them as its defaults and applies neither again). Updates after a resume equal the uninterrupted
-run's, given the same replay. Not restored, so a resumed run is not the uninterrupted one bit for bit: the episodes
-in progress (the training envs are reset with seed + frame, the acting state starts from zeros), the evaluation
-envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since the checkpoint
-(common/replay.py). Only --total-timesteps, --precision, --compile, --compile-backend and the logging, evaluation
-and tracking flags may change (RESUMABLE).
+Checkpoints (`--checkpoint-every` frames, default 25,000, 0 = none; `--resume RUN_DIR` or RUN_DIR/checkpoint.pt;
+`--eval-checkpoint PATH`): runs/{run}/checkpoint.pt, written atomically, also on Ctrl-C or SIGTERM (exit 130 / 143;
+a signal inside an update with its counters, a replay row or a checkpoint write waits for its end, and an evaluation
+it cuts runs again after --resume), holds every network (world model with the EMA target encoder when there is one,
+BatchNorm running statistics and the AR prior; actor; critic; slow critic), the four Adams (model, actor, critic,
+decoder), every loop counter (frames, updates, which schedule the slow critic's hard copies and the target encoder's
+first copy; the train_every credit; whether the pretrain burst ran; next log, evaluation, video and checkpoint
+frames; the frame of the last finished evaluation; metric sums; recent returns), the torch, numpy and Python RNGs,
+the replay's head and sampling RNG (its rows are memory-mapped files in runs/{run}/replay/) and the args as --preset
+and --ladder resolved them (a resumed run takes them as its defaults and applies neither again). Updates after a
+resume equal the uninterrupted run's, given the same replay. Not restored, so a resumed run is not the uninterrupted
+one bit for bit: the episodes in progress (the training envs are reset with seed + frame, the acting state starts
+from zeros), the evaluation envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since
+the checkpoint (common/replay.py). A finished run resumed prints its saved summary line. Only --total-timesteps,
+--precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change (RESUMABLE).
 `--save-model` writes the same format without the replay's head to runs/{run}/{exp_name}.pt.
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
  1. float32 instead of mixed float16 (--precision bf16: the update's forward under bfloat16 autocast, the norms,
-    distributions and losses in float32); a non-finite loss stops the run at the next log.
+    distributions and losses in float32); a non-finite loss stops the run at the next log (one line, exit 3).
  2. Replayed windows may cross episode starts (state and action zeroed at is_first); DreamerV2's replay samples
     each window inside one episode (minlen = maxlen = length 50). Both start every window from the zero state (there
     its first step is marked is_first, which zeroes the posterior carried over from the previous batch).
@@ -82,7 +84,7 @@ Deviations from the paper / the official code (each also tagged `# DEVIATION` wh
 
 Run:  python blast.py --env-id walker-walk            (full BLAST; --ladder dreamerv2 for the base)
       python blast.py --preset minigrid --env-id minigrid-dynamic-obstacles-6x6-video   (Fig. 3, one bar)
-      python blast.py --resume runs/RUN --total-timesteps 3000000   (continue a run; its other flags are kept)
+      python blast.py --resume runs/RUN   (finish an interrupted run; a larger --total-timesteps grows it)
       python blast.py --eval-checkpoint runs/RUN/checkpoint.pt --eval-episodes 10
 """
 
@@ -139,7 +141,7 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """`torch.backends.cudnn.deterministic` (--no-torch-deterministic: cuDNN may pick faster nondeterministic kernels)"""
+    """`torch.backends.cudnn.deterministic` (--no-torch-deterministic: cuDNN may pick nondeterministic kernels)"""
     cuda: bool = True
     """use CUDA when available (--no-cuda: the CPU)"""
     precision: str = "fp32"
