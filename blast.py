@@ -42,26 +42,29 @@ config where A.2 is silent) on `--env-id minigrid-dynamic-obstacles-6x6[-color-d
 Decisions where paper and issue are silent: evaluation takes the actor's mode and samples the latent (DreamerV2
 eval mode); pictures use the acting encoder; the ladder overrides the 5 switches, the preset only defaults.
 
-Checkpoints (`--checkpoint-every` frames, default 25,000, 0 = none; `--resume RUN_DIR`; `--eval-checkpoint PATH`):
-runs/{run}/checkpoint.pt, written atomically, holds every network (world model with the EMA target encoder when
-there is one, BatchNorm running statistics and the AR prior; actor; critic; slow critic), the four Adams (model,
-actor, critic, decoder), every loop counter (frames, updates, which schedule the slow critic's hard copies and the
-target encoder's first copy; the train_every credit; whether the pretrain burst ran; next log, evaluation, video and
-checkpoint frames; metric sums; recent returns), the torch, numpy and Python RNGs, the replay's head and sampling RNG
-(its rows are memory-mapped files in runs/{run}/replay/) and the args as --preset and --ladder resolved them (a
-resumed run takes them as its defaults and applies neither again). Updates after a resume equal the uninterrupted
-run's, given the same replay. Not restored, so a resumed run is not the uninterrupted one bit for bit: the episodes
-in progress (the training envs are reset with seed + frame, the acting state starts from zeros), the evaluation
-envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since the checkpoint
-(common/replay.py). Only --total-timesteps, --precision, --compile, --compile-backend and the logging, evaluation
-and tracking flags may change (RESUMABLE).
+Checkpoints (`--checkpoint-every` frames, default 25,000, 0 = none; `--resume RUN_DIR` or RUN_DIR/checkpoint.pt;
+`--eval-checkpoint PATH`): runs/{run}/checkpoint.pt, written atomically, also on Ctrl-C or SIGTERM (exit 130 / 143;
+a signal inside an update with its counters, a replay row or a checkpoint write waits for its end, and an evaluation
+it cuts runs again after --resume), holds every network (world model with the EMA target encoder when there is one,
+BatchNorm running statistics and the AR prior; actor; critic; slow critic), the four Adams (model, actor, critic,
+decoder), every loop counter (frames, updates, which schedule the slow critic's hard copies and the target encoder's
+first copy; the train_every credit; whether the pretrain burst ran; next log, evaluation, video and checkpoint
+frames; the frame of the last finished evaluation; metric sums; recent returns), the torch, numpy and Python RNGs,
+the replay's head and sampling RNG (its rows are memory-mapped files in runs/{run}/replay/) and the args as --preset
+and --ladder resolved them (a resumed run takes them as its defaults and applies neither again). Updates after a
+resume equal the uninterrupted run's, given the same replay. Not restored, so a resumed run is not the uninterrupted
+one bit for bit: the episodes in progress (the training envs are reset with seed + frame, the acting state starts
+from zeros), the evaluation envs' RNG (reseeded as at the start), and, after a kill, the replay rows written since
+the checkpoint (common/replay.py). A finished run resumed prints its saved summary line. Only --total-timesteps,
+--precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change (RESUMABLE).
 `--save-model` writes the same format without the replay's head to runs/{run}/{exp_name}.pt.
 
 Deviations from the paper / the official code (each also tagged `# DEVIATION` where it happens):
  1. float32 instead of mixed float16 (--precision bf16: the update's forward under bfloat16 autocast, the norms,
-    distributions and losses in float32); a non-finite loss stops the run at the next log.
- 2. Every replayed window starts from the zero state and action (official: the previous batch's last posterior
-    carried over) and may cross episode starts (reset at is_first); DreamerV2 samples chunks within episodes.
+    distributions and losses in float32); a non-finite loss stops the run at the next log (one line, exit 3).
+ 2. Replayed windows may cross episode starts (state and action zeroed at is_first); DreamerV2's replay samples
+    each window inside one episode (minlen = maxlen = length 50). Both start every window from the zero state (there
+    its first step is marked is_first, which zeroes the posterior carried over from the previous batch).
  3. The decoder has its own Adam (same settings) and clip; the official code's model optimiser also holds it, so
     its gradient norm shares the world model's clip of 100 and could rescale world-model steps although A.5 calls
     the decoder visualisation only. With --reconstruction the pixel loss also flows into the features.
@@ -81,10 +84,11 @@ Deviations from the paper / the official code (each also tagged `# DEVIATION` wh
 
 Run:  python blast.py --env-id walker-walk            (full BLAST; --ladder dreamerv2 for the base)
       python blast.py --preset minigrid --env-id minigrid-dynamic-obstacles-6x6-video   (Fig. 3, one bar)
-      python blast.py --resume runs/RUN --total-timesteps 3000000   (continue a run; its other flags are kept)
+      python blast.py --resume runs/RUN   (finish an interrupted run; a larger --total-timesteps grows it)
       python blast.py --eval-checkpoint runs/RUN/checkpoint.pt --eval-episodes 10
 """
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -99,7 +103,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -109,7 +113,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from common.envs import encode_video, env_defaults, is_pixel, make_vector_env
-from common.replay import ReplayBuffer
+from common.replay import ReplayBuffer, check_capacity
 
 LN_EPS = 1e-3  # Keras LayerNormalization epsilon (DreamerV2 GRU)
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # Keras BatchNormalization defaults: eps 1e-3, running = 0.99 running + 0.01 batch
@@ -137,20 +141,19 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """`torch.backends.cudnn.deterministic` (--no-torch-deterministic: cuDNN may pick nondeterministic kernels)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
-    statistics (LayerNorm and BatchNorm), distributions (one-hot, truncated normal), KL, entropies, the unit-Normal
-    losses, the lambda-returns and the decoder's output stay float32; acting and evaluation stay float32. (Default
-    fp32; time both with benchmarks/update_speed.py --agents blast --precisions fp32 bf16.)"""
+    """use CUDA when available (--no-cuda: the CPU)"""
+    precision: str = "fp32"
+    """fp32|bf16: bf16 runs the update's matrix products and convolutions in bfloat16 (torch.autocast); \
+parameters, norm statistics, distributions, KL, entropies, losses, lambda-returns, the decoder's output, acting and \
+evaluation stay float32 (time both: benchmarks/update_speed.py --agents blast --precisions fp32 bf16)"""
     compile: bool = False
-    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the first
-    update compiles them (minutes on a CPU; the console says so). Default off: see the README's Measured table."""
-    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
-    """torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
-    tracing problem from a code-generation one, and for quick tests)"""
+    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the \
+first update compiles them (minutes on a CPU; the console says so); off by default: see the README's Measured table"""
+    compile_backend: str = "inductor"
+    """inductor|aot_eager: torch.compile backend of --compile; aot_eager traces forward and backward without \
+generating code (to tell a tracing problem from a code-generation one, and for quick tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -158,22 +161,22 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
-    agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
+    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the \
+agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
-    --eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which \
+--eval-checkpoint reads)"""
     checkpoint_every: int = 25_000
-    """frames between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
-    replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
-    replay in memory"""
+    """frames between checkpoints in runs/{run_name}/checkpoint.pt (written atomically; also at the end and on \
+Ctrl-C or SIGTERM), with the replay in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full \
+size); 0: no checkpoints, the replay in memory"""
     resume: Optional[str] = None
-    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
-    run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps (to grow it),
-    --precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change"""
+    """continue the run in this run directory (or its checkpoint.pt) from its last checkpoint, in place; every \
+flag defaults to that run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps \
+(to grow it), --precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
-    videos/ beside the file), print the JSON line, and stop"""
+    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in \
+videos/ beside the file), print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 2_000_000
@@ -283,7 +286,8 @@ class Args:
 
     # BLAST modifications (Sec. 3.3), defaults = full BLAST; each consumed in one place marked ABLATION
     reconstruction: bool = False
-    """-recon off: the pixel loss trains the representation as in DreamerV2 (BLAST Sec. 3.3 -recon: no reconstruction)"""
+    """the pixel loss trains the representation, as in DreamerV2 (--no-reconstruction = BLAST Sec. 3.3 -recon: \
+the decoder learns on sg(s_t), for pictures only)"""
     kl_balance: float = 1.0
     """+SG: KL balance alpha, 1.0 = no KL gradient into the posterior (BLAST A.2: kl.balance 1.0; DreamerV2: 0.8)"""
     target_encoder: bool = True
@@ -558,8 +562,8 @@ class RSSM(nn.Module):
         stoch (B, T, S, K), post logits (B, T, S, K); the prior comes afterwards from deter, so that its inputs can be mixed.
         """
         B, T = is_first.shape
-        # DEVIATION: every batch starts from the zero state (official: the last posterior carried over); windows
-        # of the shared replay may cross episode starts (reset at is_first), DreamerV2 samples within episodes
+        # Zero state, as DreamerV2's replay marks each window's first step is_first. DEVIATION: windows may cross
+        # episode starts (reset at is_first); DreamerV2 samples each window within one episode
         deter, stoch = self.initial(B, embed.device)
         prev_action = torch.cat([torch.zeros_like(action[:, :1]), action[:, :-1]], 1)  # a_{t-1}
         deters, stochs, logits = [], [], []
@@ -950,7 +954,10 @@ def check_args(args):
     # unset --action-repeat / --time-limit: the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100)
     args = dataclasses.replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
     a = args
-    for flag, low in (("total_timesteps", 1), ("num_envs", 1), ("eval_episodes", 1), ("eval_every", 1),
+    for flag, choices in (("precision", ("fp32", "bf16")), ("compile_backend", ("inductor", "aot_eager"))):
+        if getattr(a, flag) not in choices:
+            fail(f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(a, flag)}")
+    for flag, low in (("seed", 0), ("total_timesteps", 1), ("num_envs", 1), ("eval_episodes", 1), ("eval_every", 1),
                       ("log_every", 1), ("action_repeat", 1), ("batch_size", 2), ("batch_length", 2),
                       ("prefill", 0), ("pretrain", 0), ("train_every", 1), ("deter", 1), ("hidden", 1),
                       ("stoch", 1), ("classes", 1), ("cnn_depth", 1), ("units", 1), ("mlp_layers", 0),
@@ -1071,8 +1078,30 @@ class Progress:
             self.out.write("\n")
 
 
-def on_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+SIGNALS = {"deferred": False, "pending": None}  # deferred_signals' state
+
+
+def on_signal(signum, frame):
+    """SIGINT / SIGTERM (Ctrl-C, SLURM preemption, kill): KeyboardInterrupt at once, or at the end of the
+    deferred_signals() section running now."""
+    name = signal.Signals(signum).name
+    if not SIGNALS["deferred"]:
+        raise KeyboardInterrupt(name)
+    SIGNALS["pending"] = SIGNALS["pending"] or name
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """A section a signal must not cut in half (an update with its counters, replay.add, a checkpoint write): a
+    SIGINT or SIGTERM arriving inside raises its KeyboardInterrupt when the section ends."""
+    SIGNALS["deferred"] = True
+    try:
+        yield
+    finally:
+        SIGNALS["deferred"] = False
+    name, SIGNALS["pending"] = SIGNALS["pending"], None
+    if name:
+        raise KeyboardInterrupt(name)
 
 
 def close_envs(*envs, kill=False):
@@ -1188,7 +1217,7 @@ def checked_against(args, ck, flag):
         if name not in free and name in saved and saved[name] != value:
             fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
                  f"a saved run keeps its model, environment and schedule")
-    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
+    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"] < ck["args"]["total_timesteps"]:
         fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
              f"pass a larger --total-timesteps to continue it")
 
@@ -1200,7 +1229,7 @@ def saved_defaults(argv):
         for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = os.path.join(value, name) if name else value
+                path = value if not name or os.path.isfile(value) else os.path.join(value, name)
                 try:
                     ck = torch.load(path, map_location="cpu", weights_only=True)
                     if ck["script"] != os.path.basename(__file__):
@@ -1263,16 +1292,30 @@ def main(args: Args) -> dict:
         return evaluate_checkpoint(args)
     ck = None
     if args.resume:
+        if os.path.isfile(args.resume):  # RUN/checkpoint.pt: its folder is the run
+            args = dataclasses.replace(args, resume=os.path.dirname(args.resume) or ".")
         if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory")
+            fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
         ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
         checked_against(args, ck, "--resume")
-    progress = Progress(args.total_timesteps)
-    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
-                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
+        loop = ck["loop"]
+        if loop["global_step"] >= args.total_timesteps and loop.get("eval_step", loop["global_step"]) >= loop["global_step"]:
+            # finished and evaluated (killed before its JSON line): the saved summary, nothing trained
+            summary = {"final_eval_return": loop["eval_return"], "eval_returns": loop["returns"],
+                       "global_step": loop["global_step"], "updates": loop["updates"], "run_dir": args.resume}
+            print(json.dumps(summary))
+            return {**summary, "losses": loop["last_metrics"]}
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", run_name)
     run_name = os.path.basename(os.path.normpath(run_dir))
+    replay_dir = os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None
+    try:  # before anything is built or created (the frames dominate: action_dim 1)
+        check_capacity(args.buffer_size, args.num_envs, (3, 64, 64), path=replay_dir, resume=ck is not None)
+    except (MemoryError, ValueError) as e:
+        fail(e)
+    progress = Progress(args.total_timesteps)
+    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
+                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
     try:
@@ -1287,8 +1330,7 @@ def main(args: Args) -> dict:
     try:
         # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
         replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed,
-                              path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None,
-                              resume=ck is not None)
+                              path=replay_dir, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_envs)
         fail(e)
@@ -1324,12 +1366,13 @@ def main(args: Args) -> dict:
     global_step, updates, train_credit, pretrained, start_time = 0, 0, 0, False, time.time()
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     next_checkpoint = args.checkpoint_every
-    metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
-    returns, interrupted, train_start, projected, saved_step, compiled = [], None, None, False, None, False
+    metric_sums, n_metrics, last_metrics, recent_returns, eval_return, eval_step = {}, 0, {}, [], float("nan"), -1
+    returns, interrupted, error, train_start, projected, saved_step, compiled = [], None, None, None, False, None, False
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
+        loop = restore_checkpoint(ck, nets, opts, replay)
+        eval_step = loop.pop("eval_step", loop["global_step"])  # (older checkpoints: saved after their evaluations)
         (global_step, updates, train_credit, pretrained, next_log, next_eval, next_video, next_checkpoint,
-         metric_sums, n_metrics, last_metrics, recent_returns, eval_return, returns) = restore_checkpoint(
-            ck, nets, opts, replay).values()
+         metric_sums, n_metrics, last_metrics, recent_returns, eval_return, returns) = loop.values()
         next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
         metric_sums = {k: v.to(device) for k, v in metric_sums.items()}
         saved_step = global_step
@@ -1343,7 +1386,20 @@ def main(args: Args) -> dict:
                 "next_log": next_log, "next_eval": next_eval, "next_video": next_video,
                 "next_checkpoint": next_checkpoint, "metric_sums": metric_sums, "n_metrics": n_metrics,
                 "last_metrics": last_metrics, "recent_returns": recent_returns, "eval_return": eval_return,
-                "returns": [float(r) for r in returns]}
+                "returns": [float(r) for r in returns], "eval_step": eval_step}
+
+    def evaluation():  # next_eval advances once it finished: an interrupted evaluation runs again after --resume
+        nonlocal returns, eval_return, eval_step, next_eval
+        phase, progress.phase = progress.phase, "eval"
+        returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, args.capture_video)
+        progress.phase = phase
+        eval_return = float(np.mean(returns))
+        progress.step(global_step, updates, eval_return=eval_return)
+        writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        if frames is not None:
+            encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
+            log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
+        eval_step, next_eval = global_step, next_eval + args.eval_every
 
     obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
@@ -1351,13 +1407,14 @@ def main(args: Args) -> dict:
     state = None  # acting state, zeros once the policy takes over
     prefill = args.action_repeat * max(args.prefill, N * T, B * T)  # frames of random actions (and a batch in replay)
     total = args.pretrain + (args.total_timesteps - prefill) // (args.action_repeat * args.train_every)  # if trained
+    start = f"resumed at frame {global_step}" if ck else f"prefilling {prefill} frames with random actions"
     progress.print(f"cost: {B * T} replayed steps per update, {1 / args.train_every:.3g} updates per policy step, about "
                    f"{total if prefill < args.total_timesteps else 0} updates in all ({args.pretrain} when the prefill ends); "
-                   f"prefilling {prefill} frames with random actions, wall time projected after the first updates")
+                   f"{start}, wall time projected after the first updates")
     progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
     progress.set_phase("prefill", min(prefill, args.total_timesteps))
     progress.start()
-    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: random actions for `prefill` agent steps (and until the replay holds a batch), then the policy
@@ -1371,14 +1428,20 @@ def main(args: Args) -> dict:
             else:
                 action = (F.one_hot(torch.randint(0, action_dim, (N,)), action_dim).float() if discrete
                           else torch.rand(N, action_dim) * 2 - 1)
-            replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
+            with deferred_signals():  # (a row whole)
+                replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
 
             # TRY NOT TO MODIFY: execute the game and log data
             obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
-            agent_steps = int((~autoreset).sum())
-            global_step += args.action_repeat * agent_steps
-            # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
-            is_first, is_terminal, autoreset = autoreset, term, term | trunc
+            with deferred_signals():  # the step's frames and its update credit together
+                agent_steps = int((~autoreset).sum())
+                global_step += args.action_repeat * agent_steps
+                # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
+                is_first, is_terminal, autoreset = autoreset, term, term | trunc
+                # ALGO LOGIC: `pretrain` updates when the prefill ends, then one update every `train_every` agent steps
+                if ready:  # (credit in agent steps; the pretrain burst is pretrain x train_every of it)
+                    train_credit += agent_steps + (0 if pretrained else args.pretrain * args.train_every)
+                    pretrained = True
             if "episode" in infos:
                 for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
                     if m:
@@ -1386,34 +1449,30 @@ def main(args: Args) -> dict:
                         writer.add_scalar("charts/episodic_return", r, global_step)
                         writer.add_scalar("charts/episodic_length", l, global_step)
 
-            # ALGO LOGIC: `pretrain` updates when the prefill ends, then one update every `train_every` agent steps
-            n_updates = 0
-            if ready:
-                train_credit += agent_steps
-                n_updates = train_credit // args.train_every + (0 if pretrained else args.pretrain)
-                train_credit, pretrained = train_credit % args.train_every, True
-                if progress.phase == "prefill":
-                    progress.set_phase("pretrain", updates + n_updates)
-            for _ in range(n_updates):
-                data = batch_to(replay.sample(B, T), device)
+            if ready and progress.phase == "prefill":
+                progress.set_phase("pretrain", updates + train_credit // args.train_every)
+            while train_credit >= args.train_every:
                 if args.compile and not compiled:
-                    progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
+                    progress.print("compiling the update (--compile): the first update takes minutes on a CPU (a "
+                                   "Ctrl-C waits for it)")
                     t_compile = time.time()
-                metrics = update(wm, actor, critic, slow_critic, opts, data, args, updates)
+                with deferred_signals():  # an update and its counters together
+                    data = batch_to(replay.sample(B, T), device)
+                    metrics = update(wm, actor, critic, slow_critic, opts, data, args, updates)
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v
+                    n_metrics, updates, train_credit = n_metrics + 1, updates + 1, train_credit - args.train_every
                 if args.compile and not compiled:  # rates and the projection count from the compiled update on
                     compiled = True
                     progress.print(f"compiled the update in {fmt_time(time.time() - t_compile)}")
-                    progress.step(global_step, updates + 1)
+                    progress.step(global_step, updates)
                     progress.set_phase(progress.phase, progress.phase_end)
                     if train_start:  # (the first update came after the pretrain burst: the train phase's timer)
-                        train_start = (time.time(), global_step, updates + 1)
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v
-                n_metrics, updates = n_metrics + 1, updates + 1
+                        train_start = (time.time(), global_step, updates)
                 progress.step(global_step, updates)  # the pretrain burst can take minutes
                 if args.video_every and global_step >= next_video:
-                    next_video += args.video_every
                     log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), global_step, fps=10)
+                    next_video += args.video_every
             if progress.phase == "pretrain":  # the train phase's rate and the projection start after the pretrain
                 progress.set_phase("train", args.total_timesteps)
                 train_start = (time.time(), global_step, updates)
@@ -1432,8 +1491,8 @@ def main(args: Args) -> dict:
                     last_metrics = dict(zip(metric_sums, means))
                     for k, v in last_metrics.items():
                         if not np.isfinite(v):
-                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at step "
-                                                     f"{global_step}")
+                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at frame "
+                                                     f"{global_step} (update {updates})")
                         writer.add_scalar(k, v, global_step)
                     metric_sums, n_metrics = {}, 0
                 sps = int((global_step - start_step) / (time.time() - start_time))  # (this process's frames)
@@ -1441,45 +1500,51 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/updates", updates, global_step)
                 progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
 
-            if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
-                next_eval += args.eval_every
-                phase, progress.phase = progress.phase, "eval"
-                returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, args.capture_video)
-                progress.phase = phase
-                eval_return = float(np.mean(returns))
-                progress.step(global_step, updates, eval_return=eval_return)
-                writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                if frames is not None:
-                    encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
-                    log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
+            if global_step >= next_eval and global_step < args.total_timesteps:  # (the final one below)
+                evaluation()
 
             # Checkpoint between steps, never inside an update (and one at the end, below)
             if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
-                next_checkpoint += args.checkpoint_every
-                writer.flush()  # the curves up to the checkpoint are on disk before it is
+                with deferred_signals():
+                    next_checkpoint += args.checkpoint_every
+                    writer.flush()  # the curves up to the checkpoint are on disk before it is
+                    save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+                    saved_step = global_step
+
+        if eval_step < global_step:  # the final evaluation (done already when a finished run was resumed for it)
+            evaluation()
+        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
+            with deferred_signals():
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
                 saved_step = global_step
-
-        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
-            saved_step = global_step
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
             save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, loop_state())
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside a deferred_signals() section
+        for sig in old_handlers:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal does not cut the checkpoint or the cleanup
         interrupted = str(e) or "SIGINT"
+        if args.checkpoint_every:  # the state as it is: every section that changes it ran whole
+            writer.flush()
+            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+    except FloatingPointError as e:  # a non-finite loss (at a log step)
+        error = f"{e}; last checkpoint: {os.path.join(run_dir, CHECKPOINT) if saved_step is not None else 'none'}"
     finally:
-        signal.signal(signal.SIGTERM, old_sigterm)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         progress.close()
         close_envs(envs, eval_envs, kill=interrupted is not None)
         writer.close()
         if args.track:
             wandb.finish()
     if interrupted:
-        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
-                  else "")
+        where = (f"checkpoint written: --resume {run_dir} continues from frame {global_step}" if args.checkpoint_every
+                 else "no checkpoint (--checkpoint-every 0)")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
+              f"{where}", file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
+    if error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(3)
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}
     print(json.dumps(summary))

@@ -43,13 +43,14 @@ def assert_finite_scalars(ea, tags):
         assert all(math.isfinite(e.value) for e in ea.Scalars(tag)), tag
 
 
-def assert_cli_error(script, cwd, argv, *needles):
-    """Bad input through the real command line: exit code 2, one line `error: ...` naming `needles`, no traceback."""
+def assert_cli_error(script, cwd, argv, *needles, code=2):
+    """Bad input through the real command line: exit code `code` (2: a command-line error), one line `error: ...`
+    naming `needles`, no traceback."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=300)
     lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2, (argv, out.returncode, out.stderr[-2000:])
+    assert out.returncode == code, (argv, out.returncode, out.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), (argv, out.stderr[-2000:])
     for needle in needles:
         assert needle in lines[0], (argv, needle, lines[0])

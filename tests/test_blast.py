@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 import blast as b
 from smoke import (assert_clean_interrupt, assert_cli_error, assert_close_dicts, assert_finite_scalars,
-                   assert_tracks_offline, eval_checkpoint_cli, events, kill_after_first_checkpoint, resume_cli,
-                   run_cli, truncated_copy)
+                   assert_tracks_offline, eval_checkpoint_cli, events, interrupt_cli, kill_after_first_checkpoint,
+                   resume_cli, run_cli, truncated_copy)
 
 TINY = dict(deter=16, hidden=16, stoch=4, classes=4, ar_steps=4, cnn_depth=2, units=16, mlp_layers=1,
             batch_size=4, batch_length=6, imag_horizon=3, prefill=20, pretrain=2, buffer_size=2000, time_limit=60)
@@ -618,6 +618,10 @@ def test_same_seed_same_losses(tmp_path, monkeypatch, one_thread):
     (["--gamma", "1.5"], ["--gamma", "1.5"]),
     (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every", "got -1"]),
+    (["--precision", "fp16"], ["--precision must be one of fp32, bf16, got fp16"]),
+    (["--compile-backend", "eager"], ["--compile-backend must be one of inductor, aot_eager, got eager"]),
+    (["--seed", "-1"], ["--seed must be >= 0, got -1"]),
+    (["--resume", "nowhere"], ["--resume nowhere: no such run directory (give the run's folder, e.g. runs/NAME)"]),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
     assert_cli_error("blast.py", tmp_path, argv, *needles)
@@ -651,11 +655,57 @@ def test_progress_eta_follows_the_current_phase():
     assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_stops_cleanly_with_events_written(tmp_path, sig):
+def test_interrupt_stops_cleanly_with_events_written(tmp_path):
+    """Ctrl-C with --checkpoint-every 0: one line saying that no checkpoint was written."""
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
-             "eval_episodes": 1, "log_every": 40, "video_every": 0}
-    assert "cost: 24 replayed steps per update" in assert_clean_interrupt("blast.py", tmp_path, flags, sig)
+             "eval_episodes": 1, "log_every": 40, "video_every": 0, "checkpoint_every": 0}
+    assert "cost: 24 replayed steps per update" in assert_clean_interrupt("blast.py", tmp_path, flags, signal.SIGINT)
+    line = open(tmp_path / "err.txt").read().strip()
+    assert line.endswith("; no checkpoint (--checkpoint-every 0)") and not os.path.exists(glob.glob(
+        str(tmp_path / "runs" / "*"))[0] + "/checkpoint.pt"), line
+
+
+def test_sigterm_before_the_first_checkpoint_writes_one_then_resume_finishes(tmp_path):
+    """SIGTERM during [train], before the first periodic checkpoint: the interrupt writes RUN/checkpoint.pt at the
+    frame it stopped, --resume RUN/checkpoint.pt (the file form) finishes with the final JSON line; resumed again,
+    the finished run prints its saved summary and trains nothing."""
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 600, "eval_every": 10**6,
+             "eval_episodes": 1, "log_every": 40, "video_every": 0, "checkpoint_every": 10**6}
+    code, out, err = interrupt_cli("blast.py", tmp_path, flags, signal.SIGTERM)
+    run_dir = glob.glob(str(tmp_path / "runs" / "*"))[0]
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    frame, updates = ck["loop"]["global_step"], ck["loop"]["updates"]
+    rel = os.path.relpath(run_dir, tmp_path)
+    assert code == 143 and err.strip().splitlines() == [
+        f"interrupted (SIGTERM) at frame {frame}/600 after {updates} updates; checkpoint written: --resume {rel} "
+        f"continues from frame {frame}"], err
+    assert 0 < frame < 600 and updates > 0 and ck["replay"]["count"] >= frame // 2
+    resumed = resume_cli("blast.py", tmp_path, os.path.join(run_dir, "checkpoint.pt"))
+    assert f"resumed at frame {frame}" in resumed["stdout"] and "prefilling" not in resumed["stdout"]
+    final = resumed["final"]
+    assert final["global_step"] == 600 and final["updates"] > updates and math.isfinite(final["final_eval_return"])
+    again = resume_cli("blast.py", tmp_path, run_dir)
+    assert again["final"] == final and again["stdout"].strip() == json.dumps(final)  # nothing built or trained
+
+
+def test_resume_of_a_run_cut_in_its_final_evaluation_evaluates_then_finishes(tmp_path, monkeypatch, one_thread):
+    """An evaluation cut by an interrupt runs again after --resume: here the final one, with the frames done."""
+    monkeypatch.chdir(tmp_path)
+    evaluate = b.evaluate
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(b, "evaluate", cut)
+    with pytest.raises(SystemExit) as e:
+        b.main(tiny_main_args(checkpoint_every=10**6))
+    assert e.value.code == 143
+    run_dir = glob.glob("runs/*")[0]
+    loop = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["loop"]
+    assert loop["global_step"] == 80 and loop["eval_step"] == -1
+    monkeypatch.setattr(b, "evaluate", evaluate)
+    final = b.main(dataclasses.replace(b.saved_defaults(["--resume", run_dir]), resume=run_dir))
+    assert final["global_step"] == 80 and final["updates"] == loop["updates"] and len(final["eval_returns"]) == 1
 
 
 def test_track_writes_an_offline_wandb_run(tmp_path):
@@ -770,13 +820,22 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     for kw, needles in ((dict(env_id="walker-walk"), ("--env-id walker-walk", "checkpoint's cartpole-balance")),
                         (dict(ladder="dreamerv2"), ("--ladder dreamerv2", "checkpoint's None")),
                         (dict(reconstruction=True), ("--reconstruction True", "checkpoint's False")),
-                        (dict(total_timesteps=200), ("--total-timesteps 200", "frame 240")),
                         (dict(total_timesteps=400, resume="no/such/dir"), ("--resume no/such/dir", "no such"))):
         with pytest.raises(SystemExit) as e:
             b.main(dataclasses.replace(saved, **{"total_timesteps": 400, **kw}))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
         assert all(n in err[0] for n in needles), (needles, err)
+    # a finished run (killed before its JSON line, say): its saved summary, also with a smaller --total-timesteps;
+    # an unfinished one refuses a --total-timesteps it has passed
+    for total in (240, 200):
+        summary = b.main(dataclasses.replace(saved, total_timesteps=total))
+        assert {k: v for k, v in summary.items() if k != "losses"} == resumed and summary["losses"]
+        assert capsys.readouterr().out.strip() == json.dumps(resumed)
+    ck = {"args": {**dataclasses.asdict(saved), "total_timesteps": 400}, "loop": {"global_step": 240}}
+    with pytest.raises(SystemExit):
+        b.checked_against(dataclasses.replace(saved, total_timesteps=200), ck, "--resume")
+    assert "--total-timesteps 200: the run is already at frame 240" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kw, discrete", [({}, False), ({"ladder": "dreamerv2"}, True)])
@@ -867,7 +926,7 @@ def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
     assert args == {k: v for k, v in ck["args"].items() if k not in ("eval_every", "resume")}
 
 
-def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
+def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread, capsys):
     real_update = b.update
 
     def bad_update(*a, **k):
@@ -877,6 +936,52 @@ def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(b, "update", bad_update)
-    with pytest.raises(FloatingPointError, match=r"losses/kl .* step 80"):
-        b.main(tiny_main_args())
+    with pytest.raises(SystemExit) as e:
+        b.main(tiny_main_args(checkpoint_every=0))
+    assert e.value.code == 3
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: non-finite losses/kl = nan in the updates logged at frame 80 (update 5); last checkpoint: none"]
     assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))
+
+
+def test_non_finite_loss_through_the_cli(tmp_path):
+    """--model-lr 1e30 blows the world model up at its first updates: one line naming the metric, the frame, the
+    update and the last checkpoint, exit code 3, no traceback, the events written. (--log-every 2: the check runs
+    at the log step; a model gone NaN makes NaN actions, which can break the simulator's next step before that.)"""
+    flags = {**TINY, "env_id": "cartpole-balance", "total_timesteps": 400, "eval_every": 10**6, "eval_episodes": 1,
+             "log_every": 2, "video_every": 0, "checkpoint_every": 40, "model_lr": 1e30}
+    line = assert_cli_error("blast.py", tmp_path, [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()],
+                            "error: non-finite losses/", "in the updates logged at frame 50 (update 2); last "
+                            "checkpoint: runs/", "/checkpoint.pt", code=3)
+    assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*")), line
+
+
+def test_too_large_buffer_fails_before_anything_is_built_or_created(tmp_path):
+    assert_cli_error("blast.py", tmp_path, ["--env-id", "cartpole-balance", "--buffer-size", "100000000"],
+                     "--buffer-size 100000000")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_update_and_acting_create_no_tensor_beside_the_parameters(discrete, one_thread):
+    """GPU safety without a GPU: under torch.device("meta") every tensor created without device= lands on meta, and
+    an op mixing it with the CPU parameters fails; two updates and a few acting steps must run. Adam creates its
+    step counters lazily with torch.tensor(), on the CPU also in a CUDA run (torch's design): one update before the
+    meta block creates them."""
+    torch.manual_seed(0)
+    args = b.Args(**TINY)
+    wm, actor, critic, slow_critic, opts = b.make_agent(args, OBS, 2, torch.device("cpu"), discrete)
+    data = batch()
+    if discrete:
+        data["action"] = F.one_hot(data["action"].argmax(-1), 2).float()
+    b.update(wm, actor, critic, slow_critic, opts, data, args, 0)
+    with torch.device("meta"):
+        for u in (1, 2):
+            metrics = b.update(wm, actor, critic, slow_critic, opts, data, args, u)
+        b.set_mode(False, wm, actor)
+        state = b.initial_state(wm, actor, 2, torch.device("cpu"))
+        for t, explore in enumerate((True, True, False)):
+            action, state = b.policy(wm, actor, state, data["obs"][:2, t], data["is_first"][:2, t], explore)
+        b.set_mode(True, wm, actor)
+    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
+    assert action.device.type == "cpu" and action.shape == (2, 2)
