@@ -248,7 +248,9 @@ def test_bad_ids_and_options_give_one_line_errors():
         with pytest.raises(ValueError) as e:
             make_env(bad, 0)
         msg = str(e.value)
-        assert "\n" not in msg and msg.startswith(f"--env-id {bad!r}") and all(i in msg for i in MINIGRID_IDS)
+        assert "\n" not in msg and msg.startswith(f"--env-id {bad!r}") and f"'{MINIGRID_BASE}[-rendering]'" in msg
+    assert "did you mean minigrid-dynamic-obstacles-6x6-color-direction" in str(  # the closest id first
+        pytest.raises(ValueError, make_env, f"{MINIGRID_BASE}-colour-direction", 0).value)
     for options, flag in ((dict(background="natural"), "--background"), (dict(background_mask="segmentation"),
                           "--background-mask"), (dict(background_dir="/tmp"), "--background-dir"),
                           (dict(time_limit=0), "--time-limit"), (dict(action_repeat=0), "--action-repeat")):
