@@ -918,18 +918,19 @@ SCRIPT, CHECKPOINT = os.path.basename(__file__), "checkpoint.pt"
 RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
              "compile", "compile_backend", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video",
              "eval_every", "eval_episodes", "log_every", "video_every")
-# Flag checks, in this order: (flag, condition on its value v and the args a, the error message after `--flag`)
-CHECKS = [(f, lambda v, a, c=c: v in c, f"must be one of {', '.join(c)}, got {{v}}") for f, c in (
-    ("precision", ("fp32", "bf16")), ("compile_backend", ("inductor", "aot_eager")))] + [
-    (f, lambda v, a, low=low: v >= low, f"must be >= {low}, got {{v}}") for f, low in (
-        ("seed", 0), ("total_timesteps", 1), ("num_envs", 1), ("eval_episodes", 1), ("eval_every", 1), ("log_every", 1),
-        ("action_repeat", 1), ("batch_size", 2), ("batch_length", 2), ("prefill", 0), ("pretrain", 0),
-        ("train_every", 1), ("deter", 1), ("hidden", 1), ("stoch", 1), ("classes", 1), ("cnn_depth", 1), ("units", 1),
-        ("mlp_layers", 0), ("ar_steps", 1), ("imag_horizon", 2), ("slow_critic_every", 1), ("video_every", 0))] + [
-    (f, lambda v, a: v > 0, "must be > 0, got {v}") for f in (
-        "model_lr", "actor_lr", "critic_lr", "model_eps", "ac_eps", "actor_min_std", "model_clip", "ac_clip")] + [
-    (f, lambda v, a: 0 <= v <= 1, "must lie in [0, 1], got {v}") for f in ("kl_balance", "target_ema", "target_input_p",
-                                                                           "lam")] + [
+CHECKS = [  # (flag, condition on its value v and the args a, the error after `--flag`), checked in this order
+    ("env_id", lambda v, a: is_pixel(v), "{v} is a state task; " + SCRIPT + " learns from 64x64 pixels (use a DMC id "
+     "such as walker-walk)"),  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
+    ("precision", lambda v, a: v in ("fp32", "bf16"), "must be one of fp32, bf16, got {v}"),
+    ("compile_backend", lambda v, a: v in ("inductor", "aot_eager"), "must be one of inductor, aot_eager, got {v}"),
+    *[(f, lambda v, a, low=low: v >= low, f"must be >= {low}, got {{v}}") for f, low in dict(
+        seed=0, total_timesteps=1, num_envs=1, eval_episodes=1, eval_every=1, log_every=1, action_repeat=1,
+        batch_size=2, batch_length=2, prefill=0, pretrain=0, train_every=1, deter=1, hidden=1, stoch=1, classes=1,
+        cnn_depth=1, units=1, mlp_layers=0, ar_steps=1, imag_horizon=2, slow_critic_every=1, video_every=0).items()],
+    *[(f, lambda v, a: v > 0, "must be > 0, got {v}") for f in (
+        "model_lr", "actor_lr", "critic_lr", "model_eps", "ac_eps", "actor_min_std", "model_clip", "ac_clip")],
+    *[(f, lambda v, a: 0 <= v <= 1, "must lie in [0, 1], got {v}") for f in ("kl_balance", "target_ema",
+                                                                             "target_input_p", "lam")],
     ("checkpoint_every", lambda v, a: v >= 0, "must be >= 0 (0: no checkpoints), got {v}"),
     ("resume", lambda v, a: not (v and a.eval_checkpoint), "and --eval-checkpoint exclude each other"),
     ("video_context", lambda v, a: 0 < v < a.batch_length, "must lie in [1, --batch-length {a.batch_length}), got {v}"),
@@ -940,7 +941,8 @@ CHECKS = [(f, lambda v, a, c=c: v in c, f"must be one of {', '.join(c)}, got {{v
     ("kl_free", lambda v, a: v >= 0, "must be >= 0, got {v}"),
     ("weight_decay", lambda v, a: 0 <= v < 1, "must lie in [0, 1), got {v}"),
     ("reward_clamp", lambda v, a: v in ("identity", "tanh"), "must be identity|tanh, got {v!r}"),
-    ("actor_grad", lambda v, a: v in ("auto", "dynamics", "reinforce"), "must be auto|dynamics|reinforce, got {v!r}")]
+    ("actor_grad", lambda v, a: v in ("auto", "dynamics", "reinforce"), "must be auto|dynamics|reinforce, got {v!r}"),
+]
 
 
 def fail(msg):  # bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback
@@ -973,33 +975,27 @@ def apply_preset(args):
 
 
 def check_args(args):
-    """The env id, then CHECKS (the first bad flag in one line), before any heavy work. Returns args with the env's
-    own --action-repeat / --time-limit where they were left unset (DMC 2 and 1000 frames, MiniGrid 1 and 100)."""
+    """Unset --action-repeat / --time-limit become the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100), then
+    CHECKS in order, before any heavy work: the first bad flag is named with its value."""
     try:
-        pixels = is_pixel(args.env_id)
-    except ValueError as e:
+        args = dataclasses.replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
+    except ValueError as e:  # an unknown --env-id (with the closest valid ids)
         fail(e)
-    if not pixels:  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
-        fail(f"--env-id {args.env_id} is a state task; {SCRIPT} learns from 64x64 pixels (use a DMC id such as "
-             "walker-walk)")
-    args = dataclasses.replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
     for flag, ok, message in CHECKS:
         if not ok(getattr(args, flag), args):
             fail(f"--{flag.replace('_', '-')} " + message.format(v=getattr(args, flag), a=args))
     return args
 
 
-def fmt_time(seconds):  # 12 s, 3.4 min, 5.6 h, or ? when unknown
-    if not np.isfinite(seconds):
-        return "?"
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+def fmt_time(s):  # 12 s, 3.4 min, 5.6 h, or ? when unknown
+    return "?" if not np.isfinite(s) else f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
 class Progress:
-    """The status line: at each log step, and from a heartbeat thread after 30 s without output (also inside a long
-    update or an evaluation); rewritten in place on a terminal, plain lines elsewhere (CI, SLURM logs). Rates and ETA
-    come from the current phase (prefill, pretrain, train) over its last `window_s` seconds, never the run's average;
-    the pretrain phase ends at an update count, the others at a frame count."""
+    """The status line: at each log step and, from a heartbeat thread, after 30 s without output; rewritten in place
+    on a terminal, plain lines elsewhere (CI, SLURM logs). Rates and ETA come from the current phase (prefill,
+    pretrain, train) over its last `window_s` seconds; the pretrain phase ends at an update count, the others at a
+    frame count."""
 
     def __init__(self, total, window_s=120.0, clock=time.monotonic, out=sys.stdout):
         self.total, self.window_s, self.clock, self.out, self.last_print = total, window_s, clock, out, clock()
@@ -1007,24 +1003,24 @@ class Progress:
         self.lock, self.thread = threading.Lock(), threading.Thread(target=self.beat, daemon=True)
         self.set_phase("setup", 0)
 
-    def set_phase(self, phase, end):  # until frame `end` (pretrain: update `end`); rates measured afresh
+    def set_phase(self, phase, end):  # until frame `end` (pretrain: update `end`), its rates measured afresh
         self.phase, self.end, self.samples = phase, end, deque([(self.clock(), self.frames, self.updates)])
 
-    def step(self, frames, updates, recent=None):  # cheap (every env step): a rate sample at most once a second
+    def step(self, frames, updates, recent=None):  # every env step; a rate sample at most once a second
         self.frames, self.updates, self.recent, now = frames, updates, self.recent if recent is None else recent, self.clock()
         if now - self.samples[-1][0] >= 1.0:
             self.samples.append((now, frames, updates))
             while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
                 self.samples.popleft()
 
-    def rates(self):  # (frames/s, updates/s) of the current phase over its recent window
+    def rates(self):  # (frames/s, updates/s) over the phase's recent window
         (t0, f0, u0), dt = self.samples[0], self.clock() - self.samples[0][0]
         return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (np.nan, np.nan)
 
-    def eta(self):  # seconds until the current phase ends, at its rate
-        fps, ups = self.rates()
-        done, rate = (self.updates, ups) if self.phase == "pretrain" else (self.frames, fps)
-        return (self.end - done) / rate if rate > 0 else np.nan
+    def eta(self):  # seconds until the phase ends
+        (fps, ups), pretrain = self.rates(), self.phase == "pretrain"
+        rate, left = (ups, self.end - self.updates) if pretrain else (fps, self.end - self.frames)
+        return left / rate if rate > 0 else np.nan
 
     def line(self):
         (fps, ups), eta = self.rates(), fmt_time(self.eta())
@@ -1032,14 +1028,14 @@ class Progress:
                 f"frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | "
                 + (f"ETA {eta}" if self.phase in ("train", "eval") else f"{self.phase} ends in {eta}"))
 
-    def print(self, text=None, live=False):  # `live` lines are rewritten in place on a terminal
+    def print(self, text=None, live=False):  # `live`: rewritten in place on a terminal
         with self.lock:
             tty = self.out.isatty()
             self.out.write(("\r\033[K" if tty else "") + (text or self.line()) + ("" if live and tty else "\n"))
             self.out.flush()
             self.last_print = self.clock()
 
-    def beat(self):  # the heartbeat thread, from self.thread.start() to close()
+    def beat(self):  # the heartbeat thread, from progress.thread.start() to close()
         while not self.stop.wait(1.0):
             if self.clock() - self.last_print >= 30:
                 self.print(live=True)
@@ -1048,21 +1044,20 @@ class Progress:
         self.stop.set()
         if self.thread.ident:
             self.thread.join()
-        if self.out.isatty():
-            self.out.write("\n")
+        self.out.write("\n" * self.out.isatty())
 
 
 SIGNALS = {"deferred": False, "pending": None}  # deferred_signals' state
 
 
-def on_signal(signum, frame):  # SIGINT / SIGTERM: KeyboardInterrupt now, or at the end of a deferred_signals section
+def on_signal(signum, frame):  # SIGINT / SIGTERM: a KeyboardInterrupt now, or at the end of a deferred section
     if not SIGNALS["deferred"]:
         raise KeyboardInterrupt(signal.Signals(signum).name)
     SIGNALS["pending"] = SIGNALS["pending"] or signal.Signals(signum).name
 
 
 @contextlib.contextmanager
-def deferred_signals():  # a section a signal must not cut in half (an update with its counters, a replay row, a checkpoint)
+def deferred_signals():  # a section a signal must not cut in half: an update and its counters, a replay row, a checkpoint
     SIGNALS["deferred"] = True
     try:
         yield
@@ -1074,11 +1069,11 @@ def deferred_signals():  # a section a signal must not cut in half (an update wi
 
 
 def close_envs(*envs, kill=False):
-    """Close vector envs quietly; `kill` (after a signal, which can cut a step's messages so that a polite close reads
-    a stale reply or waits forever) ends an AsyncVectorEnv's workers instead."""
+    """Close vector envs quietly; `kill` (after a signal, which can cut a step's messages so that a polite close would
+    read a stale reply or wait forever) ends an AsyncVectorEnv's workers instead."""
     for env in envs:
-        if kill and hasattr(env, "processes"):
-            [(p.kill(), p.join()) for p in env.processes]
+        for p in getattr(env, "processes", []) if kill else []:
+            p.kill(), p.join()
             env.closed = True  # nothing left to close, also not at exit
         with warnings.catch_warnings(), contextlib.suppress(BrokenPipeError, ConnectionResetError, EOFError, OSError):
             warnings.simplefilter("ignore")  # gymnasium's warning about a step still pending: it is finished here
@@ -1086,8 +1081,8 @@ def close_envs(*envs, kill=False):
 
 
 def save_checkpoint(path, args, nets, opts, loop, replay=None):
-    """The checkpoint (module docstring), atomically: a temporary file, flushed and fsynced, then os.replace; the
-    replay's memory-mapped files are flushed first (the checkpoint holds their head, count and sampling RNG)."""
+    """The checkpoint (module docstring), atomically: a temporary file, flushed and fsynced, then renamed; the replay's
+    memory-mapped files are flushed first (the checkpoint holds their head, count and sampling RNG)."""
     if replay is not None:
         replay.flush()
     kind, key, *rest = np.random.get_state()
@@ -1137,8 +1132,8 @@ def restore_checkpoint(ck, nets, opts, replay=None):
 
 
 def checked_against(args, ck, flag):
-    """Refuse flags that would change the saved run's model or schedule (RESUMABLE; an evaluation may also pick its
-    own --seed and --num-envs), each named with both values. The saved args are --preset's and --ladder's results."""
+    """Refuse flags that would change the saved run's model or schedule (all but RESUMABLE; an evaluation may also
+    pick its own --seed and --num-envs), each named with both values. The saved args are --preset's and --ladder's."""
     free = RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
     for name, value in asdict(args).items():
         if name not in free and name in ck["args"] and ck["args"][name] != value:
@@ -1164,14 +1159,14 @@ def saved_defaults(argv):
     return None
 
 
-def build_agent(args, obs_shape, action_dim, discrete, device):  # networks by name (as saved) and the four Adams
+def build_agent(args, obs_shape, action_dim, discrete, device):  # the networks by name (as saved), the four Adams
     wm, actor, critic, slow_critic, opts = make_agent(args, obs_shape, action_dim, device, discrete)
     return {"wm": wm, "actor": actor, "critic": critic, "slow_critic": slow_critic}, opts
 
 
 def make_envs(args, split):
     """The training or the evaluation envs (seeds from seed + 10,000; env 0 renders 256x256 video frames with
-    --capture-video) with (obs shape, action dim, discrete); a bad env flag is one error line."""
+    --capture-video), with (obs shape, action dim, discrete); a bad env flag is one error line."""
     n, seed = (args.num_envs, args.seed) if split == "train" else (min(args.num_envs, args.eval_episodes), args.seed + 10_000)
     try:
         envs = make_vector_env(args.env_id, n, seed, split=split, video_size=256 * (split == "eval" and args.capture_video),
@@ -1216,15 +1211,15 @@ def summary(loop, run_dir):  # the final JSON line, printed; main returns it wit
 def main(args: Args) -> dict:
     if not (args.resume or args.eval_checkpoint):  # a saved run's args are resolved already: never applied again
         args = apply_ladder(apply_preset(args))
-    args, ck = check_args(args), None
+    args = check_args(args)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args)
-    if args.resume:
-        if os.path.isfile(args.resume):  # RUN/checkpoint.pt: its folder is the run
-            args = dataclasses.replace(args, resume=os.path.dirname(args.resume) or ".")
-        if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
-        ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
+    if args.resume and os.path.isfile(args.resume):  # RUN/checkpoint.pt: its folder is the run
+        args = dataclasses.replace(args, resume=os.path.dirname(args.resume) or ".")
+    if args.resume and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
+    ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume") if args.resume else None
+    if ck:
         checked_against(args, ck, "--resume")
         if args.total_timesteps <= ck["loop"]["global_step"] <= ck["loop"]["eval_step"]:  # finished and evaluated
             return summary(ck["loop"], args.resume)  # (killed before its JSON line, say): nothing built or trained
@@ -1268,7 +1263,7 @@ def main(args: Args) -> dict:
     loop = SimpleNamespace(global_step=0, updates=0, train_credit=0, pretrained=False, next_log=args.log_every,
                            next_eval=args.eval_every, next_video=args.video_every, metric_sums={}, n_metrics=0,
                            last_metrics={}, recent_returns=[], eval_return=np.nan, returns=[], eval_step=-1)
-    if ck is not None:  # networks, optimisers, counters, RNGs, replay head
+    if ck:  # networks, optimisers, counters, RNGs, replay head
         vars(loop).update(restore_checkpoint(ck, nets, opts, replay))
         loop.metric_sums = {k: v.to(device) for k, v in loop.metric_sums.items()}
         progress.print(f"resumed {run_dir} at frame {loop.global_step} after {loop.updates} updates (replay "
@@ -1302,9 +1297,8 @@ def main(args: Args) -> dict:
     progress.step(loop.global_step, loop.updates)  # (a resumed run's rates start from here)
     progress.set_phase("prefill", min(prefill, args.total_timesteps))
     progress.thread.start()
-    start_time, start_step, start_updates = time.time(), loop.global_step, loop.updates  # (this process's)
-    projected, interrupted, error = False, None, None
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    start_time, start_step, start_updates, projected, code = time.time(), loop.global_step, loop.updates, False, None
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while loop.global_step < args.total_timesteps:
             # ALGO LOGIC: random actions for `prefill` agent steps (and until the replay holds a batch), then the policy
@@ -1332,11 +1326,12 @@ def main(args: Args) -> dict:
                 if ready:  # (credit in agent steps; the pretrain burst is pretrain x train_every of it)
                     loop.train_credit += agent_steps + (0 if loop.pretrained else args.pretrain * args.train_every)
                     loop.pretrained = True
-            for r, l, m in zip(*(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]) if "episode" in infos else ()):
-                if m:
-                    loop.recent_returns = (loop.recent_returns + [float(r)])[-10:]
-                    writer.add_scalar("charts/episodic_return", r, loop.global_step)
-                    writer.add_scalar("charts/episodic_length", l, loop.global_step)
+            if "episode" in infos:
+                for r, l, done in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
+                    if done:
+                        loop.recent_returns = (loop.recent_returns + [float(r)])[-10:]
+                        writer.add_scalar("charts/episodic_return", r, loop.global_step)
+                        writer.add_scalar("charts/episodic_length", l, loop.global_step)
 
             if ready and progress.phase == "prefill":
                 progress.set_phase("pretrain", loop.updates + loop.train_credit // args.train_every)
@@ -1363,12 +1358,12 @@ def main(args: Args) -> dict:
             if progress.phase == "pretrain":  # the train phase's rate and the projection start after the pretrain
                 progress.set_phase("train", args.total_timesteps)
             progress.step(loop.global_step, loop.updates, np.mean(loop.recent_returns or [np.nan]))
-            (t0, f0, u0), now = progress.samples[0], progress.clock()
-            if progress.phase == "train" and not projected and loop.updates - u0 >= 10 and now - t0 >= 20:
-                projected, rest = True, (args.total_timesteps - loop.global_step) * (now - t0) / max(loop.global_step - f0, 1)
-                progress.print(f"measured: {(now - t0) / (loop.updates - u0):.2f} s per update with acting; projected "
-                               f"wall time of the run{' from here' if ck else ''} "
-                               f"{fmt_time(time.time() - start_time + rest)} (evaluations extra)")
+            t0, _, u0 = progress.samples[0]  # (the train phase's start, or its last 2 minutes)
+            if progress.phase == "train" and not projected and loop.updates - u0 >= 10 and progress.clock() - t0 >= 20:
+                projected = True  # rest of the run at the train phase's rate
+                progress.print(f"measured: {1 / progress.rates()[1]:.2f} s per update with acting; projected wall "
+                               f"time of the run{' from here' if ck else ''} "
+                               f"{fmt_time(time.time() - start_time + progress.eta())} (evaluations extra)")
 
             if loop.global_step >= loop.next_log:
                 loop.next_log += args.log_every
@@ -1396,31 +1391,29 @@ def main(args: Args) -> dict:
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
             save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, vars(loop))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside a deferred_signals() section
-        for sig in old_handlers:
+        for sig in handlers:
             signal.signal(sig, signal.SIG_IGN)  # a second signal does not cut the checkpoint or the cleanup
-        interrupted = str(e) or "SIGINT"
         if args.checkpoint_every:  # the state as it is: every section that changes it ran whole
             checkpoint()
+        name, where = str(e) or "SIGINT", (f"checkpoint written: --resume {run_dir} continues from frame "
+                                           f"{loop.global_step}" if args.checkpoint_every else
+                                           "no checkpoint (--checkpoint-every 0)")
+        code, message = 130 if name == "SIGINT" else 143, (f"interrupted ({name}) at frame {loop.global_step}/"
+                                                           f"{args.total_timesteps} after {loop.updates} updates; {where}")
     except FloatingPointError as e:  # a non-finite loss (at a log step)
         path = os.path.join(run_dir, CHECKPOINT)
-        error = f"{e}; last checkpoint: {path if os.path.isfile(path) else 'none'}"
+        code, message = 3, f"error: {e}; last checkpoint: {path if os.path.isfile(path) else 'none'}"
     finally:
-        for sig, handler in old_handlers.items():
+        for sig, handler in handlers.items():
             signal.signal(sig, handler)
         progress.close()
-        close_envs(envs, eval_envs, kill=interrupted is not None)
+        close_envs(envs, eval_envs, kill=code in (130, 143))
         writer.close()
         if args.track:
             wandb.finish()
-    if interrupted:
-        where = (f"checkpoint written: --resume {run_dir} continues from frame {loop.global_step}"
-                 if args.checkpoint_every else "no checkpoint (--checkpoint-every 0)")
-        print(f"interrupted ({interrupted}) at frame {loop.global_step}/{args.total_timesteps} after {loop.updates} "
-              f"updates; {where}", file=sys.stderr, flush=True)
-        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
-    if error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(3)
+    if code:  # (an interrupt: 128 + the signal's number, as a shell reports it)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(code)
     return summary(vars(loop), run_dir)
 
 
