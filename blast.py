@@ -1,6 +1,14 @@
 """BLAST: "Latent Dynamics Models from Bootstrapping", Paster, McKinney, McIlraith, Ba 2021, arXiv:2111.04387
 (NeurIPS 2021 Deep RL workshop; code keirp/blast@8d9c3a5, a fork of danijar/dreamerv2).
 
+Map of this file (a reader who came for the paper can stop at `# --- Main`):
+    Args                                every flag; defaults are the paper's values, each help names its source
+    # --- Small math helpers            KL with balance and free nats, lambda-returns, truncated normal, one-hot
+    # --- Networks                      encoder and decoder, RSSM with the AR prior, world model, actor, critic
+    # --- Losses and the update step    [BLAST Eq. 2.4] world model loss, imagination, actor-critic loss, update()
+    # --- Acting, evaluation, pictures  the policy, evaluation episodes, the open-loop video
+    # --- Main                          run machinery: flag checks, progress line, signals, checkpoints, main()
+
 DreamerV2 (discrete RSSM, actor-critic in imagination) with five changes that let the world model learn
 without reconstruction (Sec. 3.3): -recon (no pixel loss; a decoder learns on sg(s_t) for pictures only),
 +SG (KL balance 1: the posterior gets no gradient from the KL), +EMA (an EMA target encoder gives the KL
@@ -146,15 +154,11 @@ class Args:
     cuda: bool = True
     """use CUDA when available (--no-cuda: the CPU)"""
     precision: str = "fp32"
-    """fp32|bf16: bf16 runs the update's matrix products and convolutions in bfloat16 (torch.autocast); \
-parameters, norm statistics, distributions, KL, entropies, losses, lambda-returns, the decoder's output, acting and \
-evaluation stay float32 (time both: benchmarks/update_speed.py --agents blast --precisions fp32 bf16)"""
+    """fp32|bf16: bf16 runs the update's matrix products and convolutions under bfloat16 autocast, the rest float32"""
     compile: bool = False
-    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the \
-first update compiles them (minutes on a CPU; the console says so); off by default: see the README's Measured table"""
+    """torch.compile the update's two loss functions (the first update compiles them: minutes on a CPU)"""
     compile_backend: str = "inductor"
-    """inductor|aot_eager: torch.compile backend of --compile; aot_eager traces forward and backward without \
-generating code (to tell a tracing problem from a code-generation one, and for quick tests)"""
+    """inductor|aot_eager: the backend of --compile (aot_eager traces without generating code: quick, for tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -162,22 +166,15 @@ generating code (to tell a tracing problem from a code-generation one, and for q
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the \
-agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
+    """if toggled, record one episode at every evaluation: a 256x256 mp4 in videos/ and a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which \
---eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (--eval-checkpoint reads it)"""
     checkpoint_every: int = 25_000
-    """frames between checkpoints in runs/{run_name}/checkpoint.pt (written atomically; also at the end and on \
-Ctrl-C or SIGTERM), with the replay in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full \
-size); 0: no checkpoints, the replay in memory"""
+    """frames between checkpoints in runs/{run_name}/checkpoint.pt (also at the end and on Ctrl-C); 0: none"""
     resume: Optional[str] = None
-    """continue the run in this run directory (or its checkpoint.pt) from its last checkpoint, in place; every \
-flag defaults to that run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps \
-(to grow it), --precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change"""
+    """continue the run in this run directory (or its checkpoint.pt); its saved flags are the defaults"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in \
-videos/ beside the file), print the JSON line, and stop"""
+    """evaluate the agent in this checkpoint file for --eval-episodes episodes, print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 2_000_000
@@ -287,8 +284,7 @@ videos/ beside the file), print the JSON line, and stop"""
 
     # BLAST modifications (Sec. 3.3), defaults = full BLAST; each consumed in one place marked ABLATION
     reconstruction: bool = False
-    """the pixel loss trains the representation, as in DreamerV2 (--no-reconstruction = BLAST Sec. 3.3 -recon: \
-the decoder learns on sg(s_t), for pictures only)"""
+    """the pixel loss trains the representation as in DreamerV2 (--no-reconstruction: BLAST Sec. 3.3 -recon)"""
     kl_balance: float = 1.0
     """+SG: KL balance alpha, 1.0 = no KL gradient into the posterior (BLAST A.2: kl.balance 1.0; DreamerV2: 0.8)"""
     target_encoder: bool = True
