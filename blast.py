@@ -1,6 +1,14 @@
 """BLAST: "Latent Dynamics Models from Bootstrapping", Paster, McKinney, McIlraith, Ba 2021, arXiv:2111.04387
 (NeurIPS 2021 Deep RL workshop; code keirp/blast@8d9c3a5, a fork of danijar/dreamerv2).
 
+Map of this file (a reader who came for the paper can stop at `# --- Main`):
+    Args                                every flag; defaults are the paper's values, each help names its source
+    # --- Small math helpers            KL with balance and free nats, lambda-returns, truncated normal, one-hot
+    # --- Networks                      encoder and decoder, RSSM with the AR prior, world model, actor, critic
+    # --- Losses and the update step    [BLAST Eq. 2.4] world model loss, imagination, actor-critic loss, update()
+    # --- Acting, evaluation, pictures  the policy, evaluation episodes, the open-loop video
+    # --- Main                          run machinery: flag checks, progress line, signals, checkpoints, main()
+
 DreamerV2 (discrete RSSM, actor-critic in imagination) with five changes that let the world model learn
 without reconstruction (Sec. 3.3): -recon (no pixel loss; a decoder learns on sg(s_t) for pictures only),
 +SG (KL balance 1: the posterior gets no gradient from the KL), +EMA (an EMA target encoder gives the KL
@@ -103,6 +111,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -145,15 +154,11 @@ class Args:
     cuda: bool = True
     """use CUDA when available (--no-cuda: the CPU)"""
     precision: str = "fp32"
-    """fp32|bf16: bf16 runs the update's matrix products and convolutions in bfloat16 (torch.autocast); \
-parameters, norm statistics, distributions, KL, entropies, losses, lambda-returns, the decoder's output, acting and \
-evaluation stay float32 (time both: benchmarks/update_speed.py --agents blast --precisions fp32 bf16)"""
+    """fp32|bf16: bf16 runs the update's matrix products and convolutions under bfloat16 autocast, the rest float32"""
     compile: bool = False
-    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the \
-first update compiles them (minutes on a CPU; the console says so); off by default: see the README's Measured table"""
+    """torch.compile the update's two loss functions (the first update compiles them: minutes on a CPU)"""
     compile_backend: str = "inductor"
-    """inductor|aot_eager: torch.compile backend of --compile; aot_eager traces forward and backward without \
-generating code (to tell a tracing problem from a code-generation one, and for quick tests)"""
+    """inductor|aot_eager: the backend of --compile (aot_eager traces without generating code: quick, for tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -161,22 +166,15 @@ generating code (to tell a tracing problem from a code-generation one, and for q
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the \
-agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
+    """if toggled, record one episode at every evaluation: a 256x256 mp4 in videos/ and a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which \
---eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (--eval-checkpoint reads it)"""
     checkpoint_every: int = 25_000
-    """frames between checkpoints in runs/{run_name}/checkpoint.pt (written atomically; also at the end and on \
-Ctrl-C or SIGTERM), with the replay in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full \
-size); 0: no checkpoints, the replay in memory"""
+    """frames between checkpoints in runs/{run_name}/checkpoint.pt (also at the end and on Ctrl-C); 0: none"""
     resume: Optional[str] = None
-    """continue the run in this run directory (or its checkpoint.pt) from its last checkpoint, in place; every \
-flag defaults to that run's (as --preset and --ladder resolved them, not re-applied), and only --total-timesteps \
-(to grow it), --precision, --compile, --compile-backend and the logging, evaluation and tracking flags may change"""
+    """continue the run in this run directory (or its checkpoint.pt); its saved flags are the defaults"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in \
-videos/ beside the file), print the JSON line, and stop"""
+    """evaluate the agent in this checkpoint file for --eval-episodes episodes, print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 2_000_000
@@ -286,8 +284,7 @@ videos/ beside the file), print the JSON line, and stop"""
 
     # BLAST modifications (Sec. 3.3), defaults = full BLAST; each consumed in one place marked ABLATION
     reconstruction: bool = False
-    """the pixel loss trains the representation, as in DreamerV2 (--no-reconstruction = BLAST Sec. 3.3 -recon: \
-the decoder learns on sg(s_t), for pictures only)"""
+    """the pixel loss trains the representation as in DreamerV2 (--no-reconstruction: BLAST Sec. 3.3 -recon)"""
     kl_balance: float = 1.0
     """+SG: KL balance alpha, 1.0 = no KL gradient into the posterior (BLAST A.2: kl.balance 1.0; DreamerV2: 0.8)"""
     target_encoder: bool = True
@@ -911,8 +908,40 @@ def log_video(writer, tag, frames, step, fps, path=None):
 
 
 # --- Main ------------------------------------------------------------------------------------
-def fail(msg):
-    """Bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback."""
+SCRIPT, CHECKPOINT = os.path.basename(__file__), "checkpoint.pt"
+# Flags a resumed run may change: they touch neither the model nor the training schedule (evaluations and videos
+# draw from the torch RNG, so changing their flags changes the later random draws, not what the run is).
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
+             "compile", "compile_backend", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video",
+             "eval_every", "eval_episodes", "log_every", "video_every")
+CHECKS = [  # (flag, condition on its value v and the args a, the error after `--flag`), checked in this order
+    ("env_id", lambda v, a: is_pixel(v), "{v} is a state task; " + SCRIPT + " learns from 64x64 pixels (use a DMC id "
+     "such as walker-walk)"),  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
+    ("precision", lambda v, a: v in ("fp32", "bf16"), "must be one of fp32, bf16, got {v}"),
+    ("compile_backend", lambda v, a: v in ("inductor", "aot_eager"), "must be one of inductor, aot_eager, got {v}"),
+    *[(f, lambda v, a, low=low: v >= low, f"must be >= {low}, got {{v}}") for f, low in dict(
+        seed=0, total_timesteps=1, num_envs=1, eval_episodes=1, eval_every=1, log_every=1, action_repeat=1,
+        batch_size=2, batch_length=2, prefill=0, pretrain=0, train_every=1, deter=1, hidden=1, stoch=1, classes=1,
+        cnn_depth=1, units=1, mlp_layers=0, ar_steps=1, imag_horizon=2, slow_critic_every=1, video_every=0).items()],
+    *[(f, lambda v, a: v > 0, "must be > 0, got {v}") for f in (
+        "model_lr", "actor_lr", "critic_lr", "model_eps", "ac_eps", "actor_min_std", "model_clip", "ac_clip")],
+    *[(f, lambda v, a: 0 <= v <= 1, "must lie in [0, 1], got {v}") for f in ("kl_balance", "target_ema",
+                                                                             "target_input_p", "lam")],
+    ("checkpoint_every", lambda v, a: v >= 0, "must be >= 0 (0: no checkpoints), got {v}"),
+    ("resume", lambda v, a: not (v and a.eval_checkpoint), "and --eval-checkpoint exclude each other"),
+    ("video_context", lambda v, a: 0 < v < a.batch_length, "must lie in [1, --batch-length {a.batch_length}), got {v}"),
+    ("buffer_size", lambda v, a: v >= a.batch_size * a.batch_length,
+     "must hold one batch (--batch-size {a.batch_size} x --batch-length {a.batch_length} steps), got {v}"),
+    ("ar_steps", lambda v, a: a.stoch % v == 0, "must divide --stoch {a.stoch}, got {v}"),
+    ("gamma", lambda v, a: 0 < v <= 1, "must lie in (0, 1], got {v}"),
+    ("kl_free", lambda v, a: v >= 0, "must be >= 0, got {v}"),
+    ("weight_decay", lambda v, a: 0 <= v < 1, "must lie in [0, 1), got {v}"),
+    ("reward_clamp", lambda v, a: v in ("identity", "tanh"), "must be identity|tanh, got {v!r}"),
+    ("actor_grad", lambda v, a: v in ("auto", "dynamics", "reinforce"), "must be auto|dynamics|reinforce, got {v!r}"),
+]
+
+
+def fail(msg):  # bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -942,158 +971,89 @@ def apply_preset(args):
 
 
 def check_args(args):
-    """Every flag checked on its own, before any heavy work; the first bad one is named with its value. Returns
-    args with the env's own --action-repeat / --time-limit where they were left unset."""
+    """Unset --action-repeat / --time-limit become the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100), then
+    CHECKS in order, before any heavy work: the first bad flag is named with its value."""
     try:
-        pixels = is_pixel(args.env_id)
-    except ValueError as e:
+        args = dataclasses.replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
+    except ValueError as e:  # an unknown --env-id (with the closest valid ids)
         fail(e)
-    if not pixels:  # DreamerV2's conv encoder/decoder are built for 64x64 pixels
-        fail(f"--env-id {args.env_id} is a state task; {os.path.basename(__file__)} learns from 64x64 pixels "
-             "(use a DMC id such as walker-walk)")
-    # unset --action-repeat / --time-limit: the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100)
-    args = dataclasses.replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
-    a = args
-    for flag, choices in (("precision", ("fp32", "bf16")), ("compile_backend", ("inductor", "aot_eager"))):
-        if getattr(a, flag) not in choices:
-            fail(f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(a, flag)}")
-    for flag, low in (("seed", 0), ("total_timesteps", 1), ("num_envs", 1), ("eval_episodes", 1), ("eval_every", 1),
-                      ("log_every", 1), ("action_repeat", 1), ("batch_size", 2), ("batch_length", 2),
-                      ("prefill", 0), ("pretrain", 0), ("train_every", 1), ("deter", 1), ("hidden", 1),
-                      ("stoch", 1), ("classes", 1), ("cnn_depth", 1), ("units", 1), ("mlp_layers", 0),
-                      ("ar_steps", 1), ("imag_horizon", 2), ("slow_critic_every", 1), ("video_every", 0)):
-        if getattr(a, flag) < low:
-            fail(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(a, flag)}")
-    for flag in ("model_lr", "actor_lr", "critic_lr", "model_eps", "ac_eps", "actor_min_std", "model_clip", "ac_clip"):
-        if not getattr(a, flag) > 0:
-            fail(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
-    for flag in ("kl_balance", "target_ema", "target_input_p", "lam"):
-        if not 0 <= getattr(a, flag) <= 1:
-            fail(f"--{flag.replace('_', '-')} must lie in [0, 1], got {getattr(a, flag)}")
-    checks = [
-        (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}"),
-        (not (a.resume and a.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),
-        (0 < a.video_context < a.batch_length,
-         f"--video-context must lie in [1, --batch-length {a.batch_length}), got {a.video_context}"),
-        (a.buffer_size >= a.batch_size * a.batch_length,
-         f"--buffer-size must hold one batch (--batch-size x --batch-length = {a.batch_size * a.batch_length} "
-         f"steps), got {a.buffer_size}"),
-        (a.stoch % a.ar_steps == 0, f"--ar-steps must divide --stoch {a.stoch}, got {a.ar_steps}"),
-        (0 < a.gamma <= 1, f"--gamma must lie in (0, 1], got {a.gamma}"),
-        (a.kl_free >= 0, f"--kl-free must be >= 0, got {a.kl_free}"),
-        (0 <= a.weight_decay < 1, f"--weight-decay must lie in [0, 1), got {a.weight_decay}"),
-        (a.reward_clamp in ("identity", "tanh"), f"--reward-clamp must be identity|tanh, got {a.reward_clamp!r}"),
-        (a.actor_grad in ("auto", "dynamics", "reinforce"),
-         f"--actor-grad must be auto|dynamics|reinforce, got {a.actor_grad!r}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            fail(msg)
+    for flag, ok, message in CHECKS:
+        if not ok(getattr(args, flag), args):
+            fail(f"--{flag.replace('_', '-')} " + message.format(v=getattr(args, flag), a=args))
     return args
 
 
-def fmt_time(seconds):
-    """12 s, 3.4 min, 5.6 h, or ? when unknown."""
-    if not np.isfinite(seconds):
-        return "?"
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+def fmt_time(s):  # 12 s, 3.4 min, 5.6 h, or ? when unknown
+    return "?" if not np.isfinite(s) else f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
 class Progress:
-    """What the run is doing, on the console: a status line at every log step and, from a background thread,
-    at least every `every_s` seconds (also during a long update or an evaluation). On a terminal the status
-    line is rewritten in place; elsewhere (CI, SLURM logs) it is a plain line. The rates and the ETA come
-    from the current phase only (prefill, pretrain, train), over its last `window_s` seconds, never the run's
-    average; the pretrain phase ends at an update count, the others at a frame count.
-    """
+    """The status line: at each log step and, from a heartbeat thread, after 30 s without output; rewritten in place
+    on a terminal, plain lines elsewhere (CI, SLURM logs). Rates and ETA come from the current phase (prefill,
+    pretrain, train) over its last `window_s` seconds; the pretrain phase ends at an update count, the others at a
+    frame count."""
 
-    def __init__(self, total, every_s=30.0, window_s=120.0, clock=time.monotonic, out=sys.stdout):
-        self.total, self.every_s, self.window_s, self.clock, self.out = total, every_s, window_s, clock, out
-        self.tty = out.isatty()
-        self.frames, self.updates, self.recent, self.eval = 0, 0, float("nan"), float("nan")
-        self.phase, self.phase_end, self.samples = "setup", 0, deque()
-        self.last_print, self.lock, self.stop = clock(), threading.RLock(), threading.Event()
-        self.thread = None
+    def __init__(self, total, window_s=120.0, clock=time.monotonic, out=sys.stdout):
+        self.total, self.window_s, self.clock, self.out, self.last_print = total, window_s, clock, out, clock()
+        self.frames, self.updates, self.recent, self.eval, self.stop = 0, 0, np.nan, np.nan, threading.Event()
+        self.lock, self.thread = threading.Lock(), threading.Thread(target=self.beat, daemon=True)
+        self.set_phase("setup", 0)
 
-    def set_phase(self, phase, end):
-        """Enter `phase`, which lasts until frame `end` (pretrain: update `end`); its rate is measured afresh."""
-        with self.lock:
-            self.phase, self.phase_end = phase, end
-            self.samples = deque([(self.clock(), self.frames, self.updates)])
+    def set_phase(self, phase, end):  # until frame `end` (pretrain: update `end`), its rates measured afresh
+        self.phase, self.end, self.samples = phase, end, deque([(self.clock(), self.frames, self.updates)])
 
-    def step(self, frames, updates, recent=None, eval_return=None):
-        """Record the counters (cheap: call it every env step); a rate sample at most once a second."""
-        self.frames, self.updates = frames, updates
-        self.recent = self.recent if recent is None else recent
-        self.eval = self.eval if eval_return is None else eval_return
-        now = self.clock()
-        with self.lock:
-            if now - self.samples[-1][0] >= 1.0:
-                self.samples.append((now, frames, updates))
-                while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
-                    self.samples.popleft()
+    def step(self, frames, updates, recent=None):  # every env step; a rate sample at most once a second
+        self.frames, self.updates, self.recent, now = frames, updates, self.recent if recent is None else recent, self.clock()
+        if now - self.samples[-1][0] >= 1.0:
+            self.samples.append((now, frames, updates))
+            while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+                self.samples.popleft()
 
-    def rates(self):
-        """(frames/s, updates/s) of the current phase over its recent window."""
-        with self.lock:
-            t0, f0, u0 = self.samples[0]
-        dt = self.clock() - t0
-        return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (float("nan"), float("nan"))
+    def rates(self):  # (frames/s, updates/s) over the phase's recent window
+        (t0, f0, u0), dt = self.samples[0], self.clock() - self.samples[0][0]
+        return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (np.nan, np.nan)
 
-    def eta(self):
-        """Seconds until the current phase ends, at its recent frame rate (pretrain: update rate)."""
-        fps, ups = self.rates()
-        done, rate = (self.updates, ups) if self.phase == "pretrain" else (self.frames, fps)
-        return (self.phase_end - done) / rate if rate > 0 else float("nan")
+    def eta(self):  # seconds until the phase ends
+        (fps, ups), pretrain = self.rates(), self.phase == "pretrain"
+        rate, left = (ups, self.end - self.updates) if pretrain else (fps, self.end - self.frames)
+        return left / rate if rate > 0 else np.nan
 
     def line(self):
-        fps, ups = self.rates()
-        eta = f"ETA {fmt_time(self.eta())}" if self.phase in ("train", "eval") else f"{self.phase} ends in {fmt_time(self.eta())}"
-        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | "
-                f"{fps:.1f} frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | {eta}")
+        (fps, ups), eta = self.rates(), fmt_time(self.eta())
+        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | {fps:.1f} "
+                f"frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | "
+                + (f"ETA {eta}" if self.phase in ("train", "eval") else f"{self.phase} ends in {eta}"))
 
-    def print(self, text=None, live=False):
-        """Print `text` (default: the status line); `live` lines are rewritten in place on a terminal."""
+    def print(self, text=None, live=False):  # `live`: rewritten in place on a terminal
         with self.lock:
-            text = self.line() if text is None else text
-            end = "" if live and self.tty else "\n"
-            self.out.write(("\r\033[K" if self.tty else "") + text + end)
+            tty = self.out.isatty()
+            self.out.write(("\r\033[K" if tty else "") + (text or self.line()) + ("" if live and tty else "\n"))
             self.out.flush()
             self.last_print = self.clock()
 
-    def start(self):
-        """Heartbeat thread: the status line whenever nothing was printed for `every_s` seconds."""
-        def beat():
-            while not self.stop.wait(1.0):
-                if self.clock() - self.last_print >= self.every_s:
-                    self.print(live=True)
-        self.thread = threading.Thread(target=beat, daemon=True)
-        self.thread.start()
+    def beat(self):  # the heartbeat thread, from progress.thread.start() to close()
+        while not self.stop.wait(1.0):
+            if self.clock() - self.last_print >= 30:
+                self.print(live=True)
 
     def close(self):
         self.stop.set()
-        if self.thread is not None:
+        if self.thread.ident:
             self.thread.join()
-        if self.tty:
-            self.out.write("\n")
+        self.out.write("\n" * self.out.isatty())
 
 
 SIGNALS = {"deferred": False, "pending": None}  # deferred_signals' state
 
 
-def on_signal(signum, frame):
-    """SIGINT / SIGTERM (Ctrl-C, SLURM preemption, kill): KeyboardInterrupt at once, or at the end of the
-    deferred_signals() section running now."""
-    name = signal.Signals(signum).name
+def on_signal(signum, frame):  # SIGINT / SIGTERM: a KeyboardInterrupt now, or at the end of a deferred section
     if not SIGNALS["deferred"]:
-        raise KeyboardInterrupt(name)
-    SIGNALS["pending"] = SIGNALS["pending"] or name
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    SIGNALS["pending"] = SIGNALS["pending"] or signal.Signals(signum).name
 
 
 @contextlib.contextmanager
-def deferred_signals():
-    """A section a signal must not cut in half (an update with its counters, replay.add, a checkpoint write): a
-    SIGINT or SIGTERM arriving inside raises its KeyboardInterrupt when the section ends."""
+def deferred_signals():  # a section a signal must not cut in half: an update and its counters, a replay row, a checkpoint
     SIGNALS["deferred"] = True
     try:
         yield
@@ -1105,117 +1065,75 @@ def deferred_signals():
 
 
 def close_envs(*envs, kill=False):
-    """Close vector envs; workers that already stopped are fine. Ctrl-C or SIGTERM (which the workers ignore) can
-    strike between the messages of a step, and a polite close would then take a stale reply for the workers' answer
-    or wait forever: `kill` ends the workers of an AsyncVectorEnv instead. Gymnasium's warning about a step still
-    pending is not shown: it is finished here."""
+    """Close vector envs quietly; `kill` (after a signal, which can cut a step's messages so that a polite close would
+    read a stale reply or wait forever) ends an AsyncVectorEnv's workers instead."""
     for env in envs:
-        if kill and hasattr(env, "processes"):
-            for process in env.processes:
-                process.kill(), process.join()
+        for p in getattr(env, "processes", []) if kill else []:
+            p.kill(), p.join()
             env.closed = True  # nothing left to close, also not at exit
-            continue
-        try:
-            with warnings.catch_warnings():  # (action="ignore" needs Python 3.11)
-                warnings.simplefilter("ignore")
-                env.close()
-        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
-            pass
-
-
-CHECKPOINT = "checkpoint.pt"
-# Flags a resumed run may change: they touch neither the model nor the training schedule (evaluations and videos
-# draw from the torch RNG, so changing their flags changes the later random draws, not what the run is).
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
-             "compile", "compile_backend", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video",
-             "eval_every", "eval_episodes", "log_every", "video_every")
-
-
-def rng_state():
-    """Every random number generator the run draws from (the replay's own is in its state_dict)."""
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
-                                                    cached),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        with warnings.catch_warnings(), contextlib.suppress(BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            warnings.simplefilter("ignore")  # gymnasium's warning about a step still pending: it is finished here
+            env.close()
 
 
 def save_checkpoint(path, args, nets, opts, loop, replay=None):
-    """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
-    os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
-    are flushed first; the checkpoint holds only their head, count and sampling RNG. `nets` holds the world model
-    (encoder, target encoder if any, RSSM with the AR prior, reward head, decoder; BatchNorm running statistics
-    are state_dict buffers), actor, critic and slow critic; `opts` the model, actor, critic and decoder Adams in
-    that order (an absent one would be stored as None, keeping the positions)."""
+    """The checkpoint (module docstring), atomically: a temporary file, flushed and fsynced, then renamed; the replay's
+    memory-mapped files are flushed first (the checkpoint holds their head, count and sampling RNG)."""
     if replay is not None:
         replay.flush()
-    payload = {"script": os.path.basename(__file__), "args": asdict(args),
-               "nets": {k: m.state_dict() for k, m in nets.items()},
-               "opts": [o.state_dict() if o is not None else None for o in opts],
-               "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
+    kind, key, *rest = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), *rest),
+           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    with open(path + ".tmp", "wb") as f:
+        torch.save({"script": SCRIPT, "args": asdict(args), "nets": {k: m.state_dict() for k, m in nets.items()},
+                    "opts": [o.state_dict() for o in opts], "loop": loop, "rng": rng,
+                    "replay": replay.state_dict() if replay is not None else None}, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
+    os.fsync(fd)  # the rename itself survives a power cut
+    os.close(fd)
 
 
-def load_checkpoint(path, flag):
-    """The checkpoint at `path` as a dict, or one clear error naming `flag` and the file."""
+def load_checkpoint(path, flag):  # the checkpoint at `path` as a dict, or one clear error naming `flag` and the file
     if not os.path.isfile(path):
-        fail(f"{flag}: no checkpoint {path}" + (" (was the run started with --checkpoint-every 0?)"
-                                                 if flag == "--resume" else ""))
+        fail(f"{flag}: no checkpoint {path}" + " (was the run started with --checkpoint-every 0?)" * (flag == "--resume"))
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated (EOFError, RuntimeError), or not a checkpoint at all (UnpicklingError)
         fail(f"{flag}: {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    script = os.path.basename(__file__)
-    if not isinstance(ck, dict) or ck.get("script") != script:
+    if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
         fail(f"{flag}: {path} is a checkpoint of {ck.get('script') if isinstance(ck, dict) else 'nothing known'}, "
-             f"not of {script}")
+             f"not of {SCRIPT}")
     return ck
 
 
 def restore_checkpoint(ck, nets, opts, replay=None):
-    """Put a saved run back: every network (with the target encoder, the slow critic and the BatchNorm
-    statistics) and optimiser, the replay's head and sampling RNG, every global RNG (last, so nothing drawn while
-    restoring shifts them). Returns the saved loop counters (with `updates`, which schedules the slow critic's
-    hard copies and the target encoder's first copy: the next update copies exactly when the uninterrupted run's
-    would have)."""
+    """Networks, optimisers, the replay's head and sampling RNG, then every global RNG (last: nothing drawn while
+    restoring shifts them). Returns the loop counters (`updates` schedules the slow critic's and target's copies)."""
     for k, m in nets.items():
         m.load_state_dict(ck["nets"][k])
-    assert len(opts) == len(ck["opts"]), (len(opts), len(ck["opts"]))
-    for o, sd in zip(opts, ck["opts"]):
-        if o is not None:
-            o.load_state_dict(sd)
+    for o, state in zip(opts, ck["opts"], strict=True):
+        o.load_state_dict(state)
     if replay is not None:
         replay.load_state_dict(ck["replay"])
-    set_rng_state(ck["rng"])
+    rng, (kind, key, *rest) = ck["rng"], ck["rng"]["numpy"]
+    random.setstate(rng["python"])
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return ck["loop"]
 
 
 def checked_against(args, ck, flag):
-    """Refuse flags that would change the saved run's model or schedule (each named with both values); an
-    evaluation may also pick its own --seed and --num-envs. `args` are compared as resolved: the saved args are
-    --preset's and --ladder's results, and a resumed run does not apply them again (main)."""
-    saved, free = ck["args"], RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
+    """Refuse flags that would change the saved run's model or schedule (all but RESUMABLE; an evaluation may also
+    pick its own --seed and --num-envs), each named with both values. The saved args are --preset's and --ladder's."""
+    free = RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
     for name, value in asdict(args).items():
-        if name not in free and name in saved and saved[name] != value:
-            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
+        if name not in free and name in ck["args"] and ck["args"][name] != value:
+            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {ck['args'][name]} ({flag}); "
                  f"a saved run keeps its model, environment and schedule")
     if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"] < ck["args"]["total_timesteps"]:
         fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
@@ -1223,65 +1141,67 @@ def checked_against(args, ck, flag):
 
 
 def saved_defaults(argv):
-    """With --resume RUN_DIR or --eval-checkpoint PATH, the saved run's flags become the defaults of the command
-    line (None without them, or when the checkpoint cannot be read: main then says why)."""
+    """With --resume RUN or --eval-checkpoint PATH, the saved run's flags as the command line's defaults (None without
+    them or when the file cannot be read: main then says why)."""
     for i, a in enumerate(argv):
-        for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
+        for flag in ("--resume", "--eval-checkpoint"):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
-                value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = value if not name or os.path.isfile(value) else os.path.join(value, name)
-                try:
-                    ck = torch.load(path, map_location="cpu", weights_only=True)
-                    if ck["script"] != os.path.basename(__file__):
-                        return None  # another script's flags: main's load_checkpoint says so in one line
-                    saved = ck["args"]
-                    return Args(**{k: v for k, v in saved.items()
-                                   if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
-                except Exception:
-                    return None
+                path = argv[i + 1] if a == flag else a.split("=", 1)[1]
+                path = os.path.join(path, CHECKPOINT) if flag == "--resume" and not os.path.isfile(path) else path
+                with contextlib.suppress(Exception):  # (another script's: main's load_checkpoint says so)
+                    saved = torch.load(path, map_location="cpu", weights_only=True)
+                    return Args(**{k: v for k, v in saved["args"].items() if k in Args.__dataclass_fields__
+                                   and k not in ("resume", "eval_checkpoint")}) if saved["script"] == SCRIPT else None
     return None
 
 
-def build_agent(args, obs_shape, action_dim, discrete, device):
-    """make_agent's networks as a dict by name (what a checkpoint holds) and its four optimisers."""
+def build_agent(args, obs_shape, action_dim, discrete, device):  # the networks by name (as saved), the four Adams
     wm, actor, critic, slow_critic, opts = make_agent(args, obs_shape, action_dim, device, discrete)
     return {"wm": wm, "actor": actor, "critic": critic, "slow_critic": slow_critic}, opts
 
 
-def evaluate_checkpoint(args):
-    """--eval-checkpoint: the saved agent on --eval-episodes fresh evaluation episodes; prints the JSON line."""
-    path = args.eval_checkpoint
-    ck = load_checkpoint(path, "--eval-checkpoint")
-    checked_against(args, ck, "--eval-checkpoint")
-    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
-                      background_dir=args.background_dir, background_mask=args.background_mask)
+def make_envs(args, split):
+    """The training or the evaluation envs (seeds from seed + 10,000; env 0 renders 256x256 video frames with
+    --capture-video), with (obs shape, action dim, discrete); a bad env flag is one error line."""
+    n, seed = (args.num_envs, args.seed) if split == "train" else (min(args.num_envs, args.eval_episodes), args.seed + 10_000)
     try:
-        envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                               split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
+        envs = make_vector_env(args.env_id, n, seed, split=split, video_size=256 * (split == "eval" and args.capture_video),
+                               action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                               background_dir=args.background_dir, background_mask=args.background_mask)
     except (ValueError, TypeError) as e:
         fail(e)
-    space = envs.single_action_space
-    discrete = hasattr(space, "n")  # gymnasium Discrete (DreamerV2's test)
-    action_dim = int(space.n) if discrete else int(np.prod(space.shape))
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    space, discrete = envs.single_action_space, hasattr(envs.single_action_space, "n")  # Discrete: one-hot actions
+    return envs, (envs.single_observation_space.shape, int(space.n) if discrete else int(np.prod(space.shape)), discrete)
+
+
+def evaluate_checkpoint(args):
+    """--eval-checkpoint: the saved agent on --eval-episodes fresh evaluation episodes; prints the JSON line."""
+    path, ck = args.eval_checkpoint, load_checkpoint(args.eval_checkpoint, "--eval-checkpoint")
+    checked_against(args, ck, "--eval-checkpoint")
+    (envs, spec), device = make_envs(args, "eval"), torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.manual_seed(args.seed)
-    nets, _ = build_agent(args, envs.single_observation_space.shape, action_dim, discrete, device)
+    nets, _ = build_agent(args, *spec, device)
     for k, m in nets.items():
         m.load_state_dict(ck["nets"][k])
     step = ck["loop"]["global_step"]
-    print(f"{os.path.basename(__file__)}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} "
-          f"episodes ...", flush=True)
+    print(f"{SCRIPT}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} episodes ...", flush=True)
     try:
         returns, frames = evaluate(nets["wm"], nets["actor"], envs, args.eval_episodes, device, args.capture_video)
     finally:
         close_envs(envs)
-    summary = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step,
-               "checkpoint": path}
+    out = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step, "checkpoint": path}
     if frames is not None:
-        summary["video"] = os.path.join(os.path.dirname(path), "videos", f"eval_checkpoint_{step}.mp4")
-        encode_video(summary["video"], frames, fps=30)
-    print(json.dumps(summary))
-    return summary
+        out["video"] = os.path.join(os.path.dirname(path), "videos", f"eval_checkpoint_{step}.mp4")
+        encode_video(out["video"], frames, fps=30)
+    print(json.dumps(out))
+    return out
+
+
+def summary(loop, run_dir):  # the final JSON line, printed; main returns it with the last losses
+    out = {"final_eval_return": loop["eval_return"], "eval_returns": loop["returns"], "global_step": loop["global_step"],
+           "updates": loop["updates"], "run_dir": run_dir}
+    print(json.dumps(out))
+    return {**out, "losses": loop["last_metrics"]}
 
 
 def main(args: Args) -> dict:
@@ -1290,63 +1210,40 @@ def main(args: Args) -> dict:
     args = check_args(args)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args)
-    ck = None
-    if args.resume:
-        if os.path.isfile(args.resume):  # RUN/checkpoint.pt: its folder is the run
-            args = dataclasses.replace(args, resume=os.path.dirname(args.resume) or ".")
-        if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
-        ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
+    if args.resume and os.path.isfile(args.resume):  # RUN/checkpoint.pt: its folder is the run
+        args = dataclasses.replace(args, resume=os.path.dirname(args.resume) or ".")
+    if args.resume and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
+    ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume") if args.resume else None
+    if ck:
         checked_against(args, ck, "--resume")
-        loop = ck["loop"]
-        if loop["global_step"] >= args.total_timesteps and loop.get("eval_step", loop["global_step"]) >= loop["global_step"]:
-            # finished and evaluated (killed before its JSON line): the saved summary, nothing trained
-            summary = {"final_eval_return": loop["eval_return"], "eval_returns": loop["returns"],
-                       "global_step": loop["global_step"], "updates": loop["updates"], "run_dir": args.resume}
-            print(json.dumps(summary))
-            return {**summary, "losses": loop["last_metrics"]}
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join("runs", run_name)
-    run_name = os.path.basename(os.path.normpath(run_dir))
-    replay_dir = os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None
+        if args.total_timesteps <= ck["loop"]["global_step"] <= ck["loop"]["eval_step"]:  # finished and evaluated
+            return summary(ck["loop"], args.resume)  # (killed before its JSON line, say): nothing built or trained
+    run_dir = args.resume or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    replay_dir = os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None  # memory-mapped files
     try:  # before anything is built or created (the frames dominate: action_dim 1)
         check_capacity(args.buffer_size, args.num_envs, (3, 64, 64), path=replay_dir, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         fail(e)
     progress = Progress(args.total_timesteps)
-    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
-                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
-    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
-                      background_dir=args.background_dir, background_mask=args.background_mask)
+    progress.print(f"{SCRIPT}: {args.env_id}, {args.total_timesteps} frames; building {args.num_envs} + "
+                   f"{min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
+    (envs, (obs_shape, action_dim, discrete)), (eval_envs, _) = make_envs(args, "train"), make_envs(args, "eval")
     try:
-        envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
-        eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                                    split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
-    except (ValueError, TypeError) as e:
-        fail(e)
-    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
-    discrete = hasattr(act_space, "n")  # gymnasium Discrete (DreamerV2's test)
-    action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
-    try:
-        # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
-        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed,
-                              path=replay_dir, resume=ck is not None)
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed, path=replay_dir,
+                              resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_envs)
         fail(e)
-
     if args.track:
         import wandb  # only when asked; syncs the TensorBoard scalars, images and text below
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step): those
-    # after its frame, as the points at that frame (a log or evaluation there, the end of a finished run) came
-    # before it was saved, and a resumed run's first point comes after its first env step, at a later frame
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=os.path.basename(os.path.normpath(run_dir)), save_code=True)
+    # on resume TensorBoard drops the points after the checkpoint's frame (those at it came before it was saved)
     writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
     if ck is None:
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=1)
 
@@ -1356,69 +1253,52 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # Agent: world model (+ target encoder, decoder), actor, critic and its slow copy, optimisers
     nets, opts = build_agent(args, obs_shape, action_dim, discrete, device)
-    wm, actor, critic, slow_critic = nets.values()
-    B, T, N = args.batch_size, args.batch_length, args.num_envs
+    (wm, actor, critic, slow_critic), B, T, N = nets.values(), args.batch_size, args.batch_length, args.num_envs
+    # Every loop counter in one namespace, which a checkpoint saves and restores whole
+    loop = SimpleNamespace(global_step=0, updates=0, train_credit=0, pretrained=False, next_log=args.log_every,
+                           next_eval=args.eval_every, next_video=args.video_every, metric_sums={}, n_metrics=0,
+                           last_metrics={}, recent_returns=[], eval_return=np.nan, returns=[], eval_step=-1)
+    if ck:  # networks, optimisers, counters, RNGs, replay head
+        vars(loop).update(restore_checkpoint(ck, nets, opts, replay))
+        loop.metric_sums = {k: v.to(device) for k, v in loop.metric_sums.items()}
+        progress.print(f"resumed {run_dir} at frame {loop.global_step} after {loop.updates} updates (replay "
+                       f"{len(replay)} steps); the episodes in progress when it stopped start afresh")
+    loop.next_checkpoint = loop.global_step + args.checkpoint_every  # (--checkpoint-every may have changed)
 
-    # TRY NOT TO MODIFY: start the game
-    global_step, updates, train_credit, pretrained, start_time = 0, 0, 0, False, time.time()
-    next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
-    next_checkpoint = args.checkpoint_every
-    metric_sums, n_metrics, last_metrics, recent_returns, eval_return, eval_step = {}, 0, {}, [], float("nan"), -1
-    returns, interrupted, error, train_start, projected, saved_step, compiled = [], None, None, None, False, None, False
-    if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
-        loop = restore_checkpoint(ck, nets, opts, replay)
-        eval_step = loop.pop("eval_step", loop["global_step"])  # (older checkpoints: saved after their evaluations)
-        (global_step, updates, train_credit, pretrained, next_log, next_eval, next_video, next_checkpoint,
-         metric_sums, n_metrics, last_metrics, recent_returns, eval_return, returns) = loop.values()
-        next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
-        metric_sums = {k: v.to(device) for k, v in metric_sums.items()}
-        saved_step = global_step
-        progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
-                       f"steps); the episodes in progress when it stopped start afresh")
-
-    start_step = global_step  # (a resumed run's frames per second count from here)
-
-    def loop_state():  # the counters a checkpoint holds, in the order they are restored above
-        return {"global_step": global_step, "updates": updates, "train_credit": train_credit, "pretrained": pretrained,
-                "next_log": next_log, "next_eval": next_eval, "next_video": next_video,
-                "next_checkpoint": next_checkpoint, "metric_sums": metric_sums, "n_metrics": n_metrics,
-                "last_metrics": last_metrics, "recent_returns": recent_returns, "eval_return": eval_return,
-                "returns": [float(r) for r in returns], "eval_step": eval_step}
-
-    def evaluation():  # next_eval advances once it finished: an interrupted evaluation runs again after --resume
-        nonlocal returns, eval_return, eval_step, next_eval
+    def evaluation():  # next_eval advances once it finished: an evaluation cut by a signal runs again after --resume
         phase, progress.phase = progress.phase, "eval"
-        returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, args.capture_video)
-        progress.phase = phase
-        eval_return = float(np.mean(returns))
-        progress.step(global_step, updates, eval_return=eval_return)
-        writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        loop.returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, args.capture_video)
+        loop.eval_return = progress.eval = float(np.mean(loop.returns))
+        writer.add_scalar("eval/episodic_return", loop.eval_return, loop.global_step)
         if frames is not None:
-            encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
-            log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
-        eval_step, next_eval = global_step, next_eval + args.eval_every
+            encode_video(os.path.join(run_dir, "videos", f"eval_{loop.global_step}.mp4"), frames, fps=30)
+            log_video(writer, "eval/video", frames[:, ::4, ::4], loop.global_step, fps=30)
+        progress.phase, loop.eval_step, loop.next_eval = phase, loop.global_step, loop.next_eval + args.eval_every
 
-    obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
+    def checkpoint():  # between env steps, never inside an update; the curves up to it are on disk before it is
+        with deferred_signals():
+            writer.flush()
+            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, vars(loop), replay)
+
+    obs, _ = envs.reset(seed=args.seed + loop.global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
-    autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
-    state = None  # acting state, zeros once the policy takes over
+    autoreset, state = np.zeros(N, bool), None  # envs whose next step only resets (no frames); the acting state
     prefill = args.action_repeat * max(args.prefill, N * T, B * T)  # frames of random actions (and a batch in replay)
     total = args.pretrain + (args.total_timesteps - prefill) // (args.action_repeat * args.train_every)  # if trained
-    start = f"resumed at frame {global_step}" if ck else f"prefilling {prefill} frames with random actions"
+    start = f"resumed at frame {loop.global_step}" if ck else f"prefilling {prefill} frames with random actions"
     progress.print(f"cost: {B * T} replayed steps per update, {1 / args.train_every:.3g} updates per policy step, about "
-                   f"{total if prefill < args.total_timesteps else 0} updates in all ({args.pretrain} when the prefill ends); "
-                   f"{start}, wall time projected after the first updates")
-    progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
+                   f"{total if prefill < args.total_timesteps else 0} updates in all ({args.pretrain} when the prefill "
+                   f"ends); {start}, wall time projected after the first updates")
+    progress.step(loop.global_step, loop.updates)  # (a resumed run's rates start from here)
     progress.set_phase("prefill", min(prefill, args.total_timesteps))
-    progress.start()
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    progress.thread.start()
+    start_time, start_step, start_updates, projected, code = time.time(), loop.global_step, loop.updates, False, None
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while global_step < args.total_timesteps:
+        while loop.global_step < args.total_timesteps:
             # ALGO LOGIC: random actions for `prefill` agent steps (and until the replay holds a batch), then the policy
-            ready = global_step >= args.prefill * args.action_repeat and replay.count >= T and len(replay) >= B * T
+            ready = loop.global_step >= args.prefill * args.action_repeat and replay.count >= T and len(replay) >= B * T
             if ready:
                 set_mode(False, wm, actor)
                 state = initial_state(wm, actor, N, device) if state is None else state
@@ -1435,120 +1315,102 @@ def main(args: Args) -> dict:
             obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
             with deferred_signals():  # the step's frames and its update credit together
                 agent_steps = int((~autoreset).sum())
-                global_step += args.action_repeat * agent_steps
+                loop.global_step += args.action_repeat * agent_steps
                 # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
                 is_first, is_terminal, autoreset = autoreset, term, term | trunc
                 # ALGO LOGIC: `pretrain` updates when the prefill ends, then one update every `train_every` agent steps
                 if ready:  # (credit in agent steps; the pretrain burst is pretrain x train_every of it)
-                    train_credit += agent_steps + (0 if pretrained else args.pretrain * args.train_every)
-                    pretrained = True
+                    loop.train_credit += agent_steps + (0 if loop.pretrained else args.pretrain * args.train_every)
+                    loop.pretrained = True
             if "episode" in infos:
-                for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
-                    if m:
-                        recent_returns = (recent_returns + [float(r)])[-10:]
-                        writer.add_scalar("charts/episodic_return", r, global_step)
-                        writer.add_scalar("charts/episodic_length", l, global_step)
+                for r, l, done in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
+                    if done:
+                        loop.recent_returns = (loop.recent_returns + [float(r)])[-10:]
+                        writer.add_scalar("charts/episodic_return", r, loop.global_step)
+                        writer.add_scalar("charts/episodic_length", l, loop.global_step)
 
             if ready and progress.phase == "prefill":
-                progress.set_phase("pretrain", updates + train_credit // args.train_every)
-            while train_credit >= args.train_every:
-                if args.compile and not compiled:
+                progress.set_phase("pretrain", loop.updates + loop.train_credit // args.train_every)
+            while loop.train_credit >= args.train_every:
+                compiling = args.compile and loop.updates == start_updates  # (this process's first update)
+                if compiling:
                     progress.print("compiling the update (--compile): the first update takes minutes on a CPU (a "
                                    "Ctrl-C waits for it)")
                     t_compile = time.time()
                 with deferred_signals():  # an update and its counters together
                     data = batch_to(replay.sample(B, T), device)
-                    metrics = update(wm, actor, critic, slow_critic, opts, data, args, updates)
-                    for k, v in metrics.items():
-                        metric_sums[k] = metric_sums.get(k, 0.0) + v
-                    n_metrics, updates, train_credit = n_metrics + 1, updates + 1, train_credit - args.train_every
-                if args.compile and not compiled:  # rates and the projection count from the compiled update on
-                    compiled = True
+                    for k, v in update(wm, actor, critic, slow_critic, opts, data, args, loop.updates).items():
+                        loop.metric_sums[k] = loop.metric_sums.get(k, 0.0) + v
+                    loop.n_metrics, loop.updates = loop.n_metrics + 1, loop.updates + 1
+                    loop.train_credit -= args.train_every
+                progress.step(loop.global_step, loop.updates)  # the pretrain burst can take minutes
+                if compiling:  # rates and the projection count from the compiled update on
                     progress.print(f"compiled the update in {fmt_time(time.time() - t_compile)}")
-                    progress.step(global_step, updates)
-                    progress.set_phase(progress.phase, progress.phase_end)
-                    if train_start:  # (the first update came after the pretrain burst: the train phase's timer)
-                        train_start = (time.time(), global_step, updates)
-                progress.step(global_step, updates)  # the pretrain burst can take minutes
-                if args.video_every and global_step >= next_video:
-                    log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), global_step, fps=10)
-                    next_video += args.video_every
+                    progress.set_phase(progress.phase, progress.end)
+                if args.video_every and loop.global_step >= loop.next_video:
+                    log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), loop.global_step,
+                              fps=10)
+                    loop.next_video += args.video_every
             if progress.phase == "pretrain":  # the train phase's rate and the projection start after the pretrain
                 progress.set_phase("train", args.total_timesteps)
-                train_start = (time.time(), global_step, updates)
-            progress.step(global_step, updates, np.mean(recent_returns or [np.nan]))
-            if train_start and not projected and updates - train_start[2] >= 10 and time.time() - train_start[0] >= 20:
-                projected, elapsed = True, time.time() - train_start[0]
-                rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
-                progress.print(f"measured: {elapsed / (updates - train_start[2]):.2f} s per update with acting; projected "
-                               f"wall time of the run{' from here' if ck else ''} "
-                               f"{fmt_time(time.time() - start_time + rest)} (evaluations extra)")
+            progress.step(loop.global_step, loop.updates, np.mean(loop.recent_returns or [np.nan]))
+            t0, _, u0 = progress.samples[0]  # (the train phase's start, or its last 2 minutes)
+            if progress.phase == "train" and not projected and loop.updates - u0 >= 10 and progress.clock() - t0 >= 20:
+                projected = True  # rest of the run at the train phase's rate
+                progress.print(f"measured: {1 / progress.rates()[1]:.2f} s per update with acting; projected wall "
+                               f"time of the run{' from here' if ck else ''} "
+                               f"{fmt_time(time.time() - start_time + progress.eta())} (evaluations extra)")
 
-            if global_step >= next_log:
-                next_log += args.log_every
-                if n_metrics:
-                    means = torch.stack(list(metric_sums.values())).div(n_metrics).tolist()  # the one sync per log
-                    last_metrics = dict(zip(metric_sums, means))
-                    for k, v in last_metrics.items():
+            if loop.global_step >= loop.next_log:
+                loop.next_log += args.log_every
+                if loop.n_metrics:  # the one host-device sync per log
+                    means = torch.stack(list(loop.metric_sums.values())).div(loop.n_metrics).tolist()
+                    loop.last_metrics, loop.metric_sums, loop.n_metrics = dict(zip(loop.metric_sums, means)), {}, 0
+                    for k, v in loop.last_metrics.items():
                         if not np.isfinite(v):
                             raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at frame "
-                                                     f"{global_step} (update {updates})")
-                        writer.add_scalar(k, v, global_step)
-                    metric_sums, n_metrics = {}, 0
-                sps = int((global_step - start_step) / (time.time() - start_time))  # (this process's frames)
-                writer.add_scalar("charts/SPS", sps, global_step)
-                writer.add_scalar("charts/updates", updates, global_step)
-                progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
-
-            if global_step >= next_eval and global_step < args.total_timesteps:  # (the final one below)
+                                                     f"{loop.global_step} (update {loop.updates})")
+                        writer.add_scalar(k, v, loop.global_step)
+                sps = int((loop.global_step - start_step) / (time.time() - start_time))  # (this process's frames)
+                writer.add_scalar("charts/SPS", sps, loop.global_step)
+                writer.add_scalar("charts/updates", loop.updates, loop.global_step)
+                progress.print(progress.line() + f" | wm loss {loop.last_metrics.get('losses/world_model', np.nan):.2f}")
+            if loop.next_eval <= loop.global_step < args.total_timesteps:  # (the final one below)
                 evaluation()
-
-            # Checkpoint between steps, never inside an update (and one at the end, below)
-            if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
-                with deferred_signals():
-                    next_checkpoint += args.checkpoint_every
-                    writer.flush()  # the curves up to the checkpoint are on disk before it is
-                    save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
-                    saved_step = global_step
-
-        if eval_step < global_step:  # the final evaluation (done already when a finished run was resumed for it)
+            if args.checkpoint_every and loop.next_checkpoint <= loop.global_step < args.total_timesteps:
+                loop.next_checkpoint += args.checkpoint_every
+                checkpoint()
+        if loop.eval_step < loop.global_step:  # the final evaluation (done already if a finished run was resumed for it)
             evaluation()
         if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
-            with deferred_signals():
-                save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
-                saved_step = global_step
+            checkpoint()
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
-            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, loop_state())
+            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, vars(loop))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside a deferred_signals() section
-        for sig in old_handlers:
+        for sig in handlers:
             signal.signal(sig, signal.SIG_IGN)  # a second signal does not cut the checkpoint or the cleanup
-        interrupted = str(e) or "SIGINT"
         if args.checkpoint_every:  # the state as it is: every section that changes it ran whole
-            writer.flush()
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+            checkpoint()
+        name, where = str(e) or "SIGINT", (f"checkpoint written: --resume {run_dir} continues from frame "
+                                           f"{loop.global_step}" if args.checkpoint_every else
+                                           "no checkpoint (--checkpoint-every 0)")
+        code, message = 130 if name == "SIGINT" else 143, (f"interrupted ({name}) at frame {loop.global_step}/"
+                                                           f"{args.total_timesteps} after {loop.updates} updates; {where}")
     except FloatingPointError as e:  # a non-finite loss (at a log step)
-        error = f"{e}; last checkpoint: {os.path.join(run_dir, CHECKPOINT) if saved_step is not None else 'none'}"
+        path = os.path.join(run_dir, CHECKPOINT)
+        code, message = 3, f"error: {e}; last checkpoint: {path if os.path.isfile(path) else 'none'}"
     finally:
-        for sig, handler in old_handlers.items():
+        for sig, handler in handlers.items():
             signal.signal(sig, handler)
         progress.close()
-        close_envs(envs, eval_envs, kill=interrupted is not None)
+        close_envs(envs, eval_envs, kill=code in (130, 143))
         writer.close()
         if args.track:
             wandb.finish()
-    if interrupted:
-        where = (f"checkpoint written: --resume {run_dir} continues from frame {global_step}" if args.checkpoint_every
-                 else "no checkpoint (--checkpoint-every 0)")
-        print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"{where}", file=sys.stderr, flush=True)
-        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
-    if error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(3)
-    summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
-               "updates": updates, "run_dir": run_dir}
-    print(json.dumps(summary))
-    return {**summary, "losses": last_metrics}
+    if code:  # (an interrupt: 128 + the signal's number, as a shell reports it)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(code)
+    return summary(vars(loop), run_dir)
 
 
 if __name__ == "__main__":
