@@ -187,4 +187,9 @@ DREAMER_BAD_INPUTS = [
     (["--batch-length", "1"], ["--batch-length", "got 1"]),
     (["--buffer-size", "10"], ["--buffer-size", "got 10"]),
     (["--gamma", "1.5"], ["--gamma", "1.5"]),
+    (["--precision", "fp16"], ["--precision must be one of fp32, bf16, got fp16"]),
+    (["--compile-backend", "cudagraphs"], ["--compile-backend must be one of inductor, aot_eager, got cudagraphs"]),
+    (["--seed", "-1"], ["--seed must be >= 0, got -1"]),
+    (["--resume", "no/such/dir"], ["--resume no/such/dir: no such run directory (give the run's folder"]),
+    (["--env-id", "cartpole-balance", "--buffer-size", "100000000000"], ["--buffer-size 100000000000"]),
 ]

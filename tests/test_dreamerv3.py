@@ -15,7 +15,8 @@ import torch
 import dreamerv3 as d
 from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_cli_error, assert_close_dicts,
                    assert_finite_scalars, assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay,
-                   kill_after_first_checkpoint, random_pixel_batch, resume_cli, run_cli, truncated_copy)
+                   interrupt_cli, kill_after_first_checkpoint, random_pixel_batch, resume_cli, run_cli,
+                   truncated_copy)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -385,12 +386,89 @@ def test_compiled_update_equals_eager(one_thread, inductor_fallback_random, monk
 @pytest.mark.parametrize("argv, needles", DREAMER_BAD_INPUTS)
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
     assert_cli_error("dreamerv3.py", tmp_path, argv, *needles)
+    assert not (tmp_path / "runs").exists()  # refused before anything was built or created
 
 
 def test_sigint_stops_cleanly_with_events_written(tmp_path):
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
              "eval_episodes": 1, "log_every": 40, "video_every": 0}
     assert_clean_interrupt("dreamerv3.py", tmp_path, flags, signal.SIGINT)
+    line = open(tmp_path / "err.txt").read().strip()
+    assert "; checkpoint written: --resume runs/" in line  # no periodic checkpoint yet: the interrupt wrote one
+    assert glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))
+
+
+def test_sigterm_before_the_first_checkpoint_writes_one_then_resume_finishes(tmp_path):
+    """SIGTERM during [train], before the first periodic checkpoint: the interrupt writes RUN/checkpoint.pt at the
+    frame it stopped, --resume RUN/checkpoint.pt (the file form) finishes with the final JSON line; resumed again,
+    the finished run prints its saved summary and trains nothing. With --checkpoint-every 0 the line says so."""
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 300, "eval_every": 10**6,
+             "eval_episodes": 1, "log_every": 40, "video_every": 0, "checkpoint_every": 10**6}
+    code, out, err = interrupt_cli("dreamerv3.py", tmp_path, flags, signal.SIGTERM)
+    run_dir = glob.glob(str(tmp_path / "runs" / "*"))[0]
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    frame, updates = ck["loop"]["global_step"], ck["loop"]["updates"]
+    rel = os.path.relpath(run_dir, tmp_path)
+    assert code == 143 and err.strip().splitlines() == [
+        f"interrupted (SIGTERM) at frame {frame}/300 after {updates} updates; checkpoint written: --resume {rel} "
+        f"continues from frame {frame}"], err
+    assert 0 < frame < 300 and updates > 0 and ck["replay"]["count"] >= frame // 2
+    resumed = resume_cli("dreamerv3.py", tmp_path, os.path.join(run_dir, "checkpoint.pt"))
+    assert f"resumed at frame {frame}" in resumed["stdout"] and "prefilling" not in resumed["stdout"]
+    final = resumed["final"]
+    assert final["global_step"] == 300 and final["updates"] > updates and math.isfinite(final["final_eval_return"])
+    again = resume_cli("dreamerv3.py", tmp_path, run_dir)
+    assert again["final"] == final and again["stdout"].strip() == json.dumps(final)  # nothing built or trained
+    shutil.rmtree(tmp_path / "runs")
+    code, out, err = interrupt_cli("dreamerv3.py", tmp_path, {**flags, "checkpoint_every": 0}, signal.SIGTERM)
+    assert code == 143 and err.strip().endswith("; no checkpoint (--checkpoint-every 0)"), err
+
+
+def test_resume_of_a_run_cut_in_its_final_evaluation_evaluates_then_finishes(tmp_path, monkeypatch, one_thread):
+    """An evaluation cut by an interrupt runs again after --resume: here the final one, with the frames done."""
+    monkeypatch.chdir(tmp_path)
+    evaluate = d.evaluate
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(d, "evaluate", cut)
+    args = d.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
+                  eval_every=10**6, eval_episodes=1, log_every=40, video_every=0)
+    with pytest.raises(SystemExit) as e:
+        d.main(args)
+    assert e.value.code == 143
+    run_dir = glob.glob(str(tmp_path / "runs" / "*"))[0]
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["loop"]["global_step"] == 80
+    monkeypatch.setattr(d, "evaluate", evaluate)
+    out = d.main(d.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
+                        eval_every=10**6, eval_episodes=1, log_every=40, video_every=0, resume=run_dir))
+    assert out["global_step"] == 80 and math.isfinite(out["final_eval_return"]) and len(out["eval_returns"]) == 1
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_update_and_acting_create_no_tensor_beside_the_parameters(discrete, one_thread):
+    """GPU safety without a GPU: under torch.device("meta") every tensor created without device= lands on meta, and
+    an op mixing it with the CPU parameters fails; two updates and a few acting steps must run. Adam creates its
+    step counters lazily with torch.tensor() (on the CPU in a CUDA run too: torch's design), so one update comes first."""
+    torch.manual_seed(0)
+    a = d.Args(**{k: v for k, v in TINY.items() if k in d.Args.__dataclass_fields__})
+    nets, opts = d.build_agent(a, (3, 16, 16), 2, discrete, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    data = random_pixel_batch(2, 4, g)
+    if discrete:
+        data["action"] = torch.nn.functional.one_hot(data["action"].argmax(-1), 2).float()
+    d.update(*nets.values(), opts, data, a)
+    with torch.device("meta"):
+        for _ in range(2):
+            metrics = d.update(*nets.values(), opts, data, a)
+        d.set_mode(False, nets["wm"], nets["actor"])
+        state = d.initial_state(nets["wm"], nets["actor"], 2, torch.device("cpu"))
+        for t in range(3):
+            action, state = d.policy(nets["wm"], nets["actor"], state, data["obs"][:, t], data["is_first"][:, t])
+        d.set_mode(True, nets["wm"], nets["actor"])
+    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
+    assert action.device.type == "cpu" and action.shape == (2, 2)
 
 
 def test_track_writes_an_offline_wandb_run(tmp_path):
@@ -444,6 +522,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # (the CLI with both
     assert out.returncode == 0, out.stderr[-2000:]  # switches: a resumed run may change them)
     assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates" in out.stdout
+    assert "resumed at frame 160" in out.stdout and "prefilling" not in out.stdout  # the cost: line
     assert "compiling the update (--compile)" in out.stdout and "compiled the update in" in out.stdout
     resumed = json.loads(out.stdout.strip().splitlines()[-1])
     assert resumed["global_step"] == 240 and resumed["updates"] > final["updates"]
@@ -456,8 +535,8 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     # bad input: a changed model flag, a corrupt file, a missing run dir, a run that is already that long
     assert_cli_error("dreamerv3.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "400",
                                                 "--deter", "32"], "--deter 32", "checkpoint")
-    assert_cli_error("dreamerv3.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
-                     "--total-timesteps 200", "frame 240")
+    again = resume_cli("dreamerv3.py", tmp_path, final["run_dir"], "--total-timesteps", "200")  # a finished run
+    assert again["final"] == resumed and again["stdout"].strip() == json.dumps(resumed)  # prints its line, no more
     assert_cli_error("dreamerv3.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
     bad = truncated_copy(os.path.join(run_dir, "checkpoint.pt"), tmp_path / "bad.pt")
     assert_cli_error("dreamerv3.py", tmp_path, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
@@ -571,7 +650,7 @@ def test_help_documents_every_hyperparameter(capsys):
         assert source in text, source
 
 
-def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
+def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys, one_thread):
     real_update = d.update
 
     def bad_update(*a, **k):
@@ -583,6 +662,10 @@ def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(d, "update", bad_update)
     args = d.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
                   eval_every=10**6, eval_episodes=1, log_every=40, video_every=0)
-    with pytest.raises(FloatingPointError, match=r"losses/reward .* step 40"):
+    with pytest.raises(SystemExit) as e:
         d.main(args)
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: non-finite losses/reward = nan in the updates logged at frame 40 (update ")
+    assert err[0].endswith("; last checkpoint: none"), err
     assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))  # what was written is kept
