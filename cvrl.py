@@ -1,6 +1,14 @@
 """CVRL: "Contrastive Variational Model-Based Reinforcement Learning for Complex Observations", Ma, Chen,
 Hsu, Lee, CoRL 2020, arXiv:2008.02430 (official TF2 code: Yusufma03/CVRL, a fork of Dreamer v1).
 
+Map of this file (a reader who came for the paper can stop at `# --- Main`):
+    Args                                every flag; defaults are the paper's values, each help names its source
+    # --- Small math helpers            Gaussian KL, tanh-Gaussian log-prob, lambda-returns, InfoNCE, init
+    # --- Networks                      encoder, decoder, Gaussian RSSM, contrastive critic, actor, twin-Q SAC
+    # --- Losses and the update step    [CVRL Eqs. 5-8] CELBO, Dreamer actor and value, SAC, update()
+    # --- Acting, evaluation, pictures  latent-guided MPC (A.3), the policy, evaluation episodes, GIFs
+    # --- Main                          run machinery: flag checks, progress line, signals, checkpoints, main()
+
 A Dreamer v1 agent (Gaussian RSSM, tanh-Gaussian actor, value net, lambda-returns, backprop through the
 dynamics) with the paper's three changes, each switchable as in Table 2:
   1. CELBO (Eqs. 5-6): InfoNCE between every posterior state and all B*T observations of the batch, with the
