@@ -1,6 +1,14 @@
 """CVRL: "Contrastive Variational Model-Based Reinforcement Learning for Complex Observations", Ma, Chen,
 Hsu, Lee, CoRL 2020, arXiv:2008.02430 (official TF2 code: Yusufma03/CVRL, a fork of Dreamer v1).
 
+Map of this file (a reader who came for the paper can stop at `# --- Main`):
+    Args                                every flag; defaults are the paper's values, each help names its source
+    # --- Small math helpers            Gaussian KL, tanh-Gaussian log-prob, lambda-returns, InfoNCE, init
+    # --- Networks                      encoder, decoder, Gaussian RSSM, contrastive critic, actor, twin-Q SAC
+    # --- Losses and the update step    [CVRL Eqs. 5-8] CELBO, Dreamer actor and value, SAC, update()
+    # --- Acting, evaluation, pictures  latent-guided MPC (A.3), the policy, evaluation episodes, GIFs
+    # --- Main                          run machinery: flag checks, progress line, signals, checkpoints, main()
+
 A Dreamer v1 agent (Gaussian RSSM, tanh-Gaussian actor, value net, lambda-returns, backprop through the
 dynamics) with the paper's three changes, each switchable as in Table 2:
   1. CELBO (Eqs. 5-6): InfoNCE between every posterior state and all B*T observations of the batch, with the
@@ -41,12 +49,16 @@ Deviations from the paper / the official code (each also tagged `# DEVIATION` wh
     by the actor optimiser; the SAC optimiser steps the twin Q nets and the temperature. (App. B has the SAC
     optimiser step the actor too; two Adams on one set of weights would make alpha almost irrelevant.)
  4. alpha (Eq. 8) = 1.0: neither the paper nor the code gives one (our choice: both actor losses are on the
-    return scale). Initial SAC temperature 0.1: SAC-AE's DMC value (none in CVRL); -|A| and tau 0.005: code.
+    return scale). SAC temperature: the code initialises log-alpha to 0 (temperature 1.0, used in its Q targets)
+    and never updates it; ours is learned (deviation 3) and starts at 0.1, SAC-AE's DMC value (the paper gives
+    none). -|A| and tau 0.005: code.
  5. MPC follows A.3: the whole H-step sequence is optimised for V_lambda(s_t), for every env; the code takes
     one step on the first action only, for returns[0] = V_lambda(s_{t+1}), for env 0 only. --mpc-iterations
-    defaults to the code's 1 (the paper gives no count; with one step both give the same first action). One
-    latent noise sample serves all iterations of a call; actions are clipped to [-1, 1] after each step
-    (the code clips only after adding the exploration noise).
+    defaults to the code's 1 (the paper gives no count). Even one step from the same proposal moves the first
+    action differently, as the objectives differ: d V_lambda(s_t) / d a_0 = gamma ((1 - lam) d v(s_{t+1}) / d a_0
+    + lam d V_lambda(s_{t+1}) / d a_0), not the code's d V_lambda(s_{t+1}) / d a_0. One latent noise sample
+    serves all iterations of a call; actions are clipped to [-1, 1] after each step (the code clips only after
+    adding the exploration noise).
  6. Eq. 7 sums over tau = t..t+H; as in Dreamer v1's code (kept by CVRL's) the actor and value losses use
     s_{t+1}..s_{t+H-1}, weighted 1, gamma, ..., and v(s_{t+H}) is the bootstrap.
  7. Evaluation acts from tanh(mean) (Dreamer v1's mode is the likeliest of 100 samples; the CVRL code's MPC
@@ -62,23 +74,28 @@ Deviations from the paper / the official code (each also tagged `# DEVIATION` wh
 The paper's encoder channels "32, 65, 128, 256" (App. B) are a typo for 32-64-128-256 (its code, Dreamer v1).
 
 Run:  python cvrl.py --env-id walker-walk --background natural
-      python cvrl.py --resume runs/RUN [--total-timesteps N]     (continue a run from its last checkpoint)
+      python cvrl.py --resume runs/RUN   (finish an interrupted run; a larger --total-timesteps grows it)
       python cvrl.py --eval-checkpoint runs/RUN/checkpoint.pt    (evaluate a saved agent; prints a JSON line)
 
 Checkpoints (--checkpoint-every frames, between training cycles; runs/RUN/checkpoint.pt, and with --save-model
-runs/RUN/cvrl.pt, in the same format) hold every network (world model with its contrastive critic or decoder,
+runs/RUN/cvrl.pt, in the same format; also written on Ctrl-C or SIGTERM, exit 130 / 143: a signal inside an update
+with its counters, a replay row or a checkpoint write waits for its end, and an evaluation it cuts runs again after
+--resume, which takes RUN or RUN/checkpoint.pt; a finished run resumed prints its saved JSON line) hold every network (world model with its contrastive critic or decoder,
 actor, value net, twin Q nets AND their soft targets, the SAC temperature log_temperature), the four Adam states
 (model, value, actor, sac: a fixed list, None for SAC's under --no-sac), the loop counters (frames, updates, the
 frame of the next training round, which is None until the pretrain updates are done, next log / evaluation /
-checkpoint frames, metric sums, recent returns), the Python, NumPy, torch (and CUDA) RNG states, the replay's
+checkpoint frames, the frame of the last finished evaluation, metric sums, recent returns), the Python, NumPy, torch (and CUDA) RNG states, the replay's
 write head, row count and sampling RNG (its rows stay in runs/RUN/replay/), and the args. The MPC planner keeps
 no state between acting steps (its latent noise is drawn per call, from the restored torch RNG). A resumed run
 makes exactly the updates the uninterrupted one would make from the same replay, but it cannot continue the
 environments themselves: the episodes in progress start afresh (the training envs reset with seed + frame, the
 evaluation envs are rebuilt with their original seed, so their episodes repeat those of the run's first
-evaluation), and from there on the two runs differ.
+evaluation), and from there on the two runs differ. A non-finite loss stops the run at the next log with one
+line naming the metric, the frame and the last checkpoint (exit 3).
 """
 
+import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -91,7 +108,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -101,7 +118,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from common.envs import encode_video, is_dmc, make_vector_env
-from common.replay import ReplayBuffer
+from common.replay import ReplayBuffer, check_capacity
 
 
 @dataclass
@@ -111,20 +128,19 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """`torch.backends.cudnn.deterministic` (--no-torch-deterministic: cuDNN may pick nondeterministic kernels)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, Gaussians and
-    their KL, tanh-Gaussian log-probs, the InfoNCE logits, lambda-returns, the squared errors and the decoder's
-    output stay float32; acting (the MPC planner, the actor) stays float32. (Default fp32: see the README's
-    Measured table for the speed on each machine.)"""
+    """use CUDA when available (--no-cuda: the CPU)"""
+    precision: str = "fp32"
+    """fp32|bf16: bf16 runs the update's matrix products and convolutions in bfloat16 (torch.autocast); \
+parameters, Gaussians and their KL, tanh-Gaussian log-probs, the InfoNCE logits, lambda-returns, the squared errors, \
+the decoder's output and acting (the MPC planner, the actor) stay float32 (speed: the README's Measured table)"""
     compile: bool = False
-    """torch.compile the update's loss functions, forward and backward (loops unrolled, fixed shapes); the first
-    update compiles them (minutes on a CPU; the console says so). Default off: see the README's Measured table."""
-    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
-    """torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
-    tracing problem from a code-generation one, and for quick tests)"""
+    """torch.compile the update's loss functions, forward and backward (loops unrolled, fixed shapes); the \
+first update compiles them (minutes on a CPU; the console says so); off by default: see the README's Measured table"""
+    compile_backend: str = "inductor"
+    """inductor|aot_eager: torch.compile backend of --compile; aot_eager traces forward and backward without \
+generating code (to tell a tracing problem from a code-generation one, and for quick tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -132,24 +148,22 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
-    agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
+    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the \
+agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
-    --eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which \
+--eval-checkpoint reads)"""
     checkpoint_every: int = 25_000
-    """frames between checkpoints (25 training cycles at the defaults): runs/{run_name}/checkpoint.pt, written
-    atomically, plus one at the end. Taken only between cycles: right after a round of updates (the pretrain
-    one or a cycle's), the first at or after each multiple of this, so none during the prefill. The replay then
-    lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none, replay in
-    memory"""
+    """frames between checkpoints in runs/{run_name}/checkpoint.pt (written atomically, right after a round of \
+updates, so none during the prefill; also at the end and on Ctrl-C or SIGTERM), with the replay in memory-mapped \
+files in runs/{run_name}/replay/ (disk: the replay's full size); 0: no checkpoints, the replay in memory"""
     resume: Optional[str] = None
-    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
-    run's, and only --total-timesteps (to grow it), --precision, --compile and the logging, evaluation and tracking
-    flags may change"""
+    """continue the run in this run directory (or its checkpoint.pt) from its last checkpoint, in place; every \
+flag defaults to that run's, and only --total-timesteps (to grow it), --precision, --compile, --compile-backend and \
+the logging, evaluation and tracking flags may change"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
-    videos/ beside the file), print the JSON line, and stop"""
+    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in \
+videos/ beside the file), print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task)"""
     total_timesteps: int = 5_000_000
@@ -250,8 +264,8 @@ class Args:
     """SAC (Q nets and temperature) Adam learning rate (CVRL App. B: 8e-5)"""
     sac_tau: float = 0.005
     """soft target update rate of the Q nets (CVRL code: 0.005)"""
-    sac_init_temperature: float = 0.1  # DEVIATION: no value in CVRL; SAC-AE's DMC one (deviation 4)
-    """initial SAC entropy temperature (not in CVRL; SAC-AE's DMC setting: 0.1)"""
+    sac_init_temperature: float = 0.1  # DEVIATION: CVRL code: 1.0, never updated; ours learned from 0.1 (deviation 4)
+    """initial SAC entropy temperature, then learned (CVRL code: 1.0, never updated; SAC-AE's DMC value: 0.1)"""
 
     # Latent-guided MPC (CVRL A.3, App. B)
     mpc_lr: float = 0.003
@@ -264,10 +278,10 @@ class Args:
     """Dreamer v1's pixel decoder instead of InfoNCE (Table 2 "CVRL-generative")"""
     reward_only: bool = False
     """no observation term: reward and KL only (Table 2 "CVRL-reward-only")"""
-    no_sac: bool = False
-    """no SAC term in the actor loss (Table 2 "CVRL-no-SAC")"""
-    no_mpc: bool = False
-    """act with the actor alone, no latent-guided MPC (Table 2 "CVRL-no-MPC")"""
+    sac: bool = True
+    """the SAC term in the actor loss (--no-sac: Table 2 "CVRL-no-SAC")"""
+    mpc: bool = True
+    """act by latent-guided MPC (--no-mpc: the actor alone, Table 2 "CVRL-no-MPC")"""
 
 
 # --- Small math helpers ----------------------------------------------------------------------
@@ -814,6 +828,11 @@ def fail(msg):
 def check_args(args):
     """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
     a = args
+    for flag, choices in (("precision", ("fp32", "bf16")), ("compile_backend", ("inductor", "aot_eager"))):
+        if getattr(a, flag) not in choices:
+            fail(f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(a, flag)}")
+    if a.seed < 0:
+        fail(f"--seed must be >= 0, got {a.seed}")
     for flag in ("total_timesteps", "num_envs", "eval_episodes", "eval_every", "log_every", "action_repeat",
                  "time_limit", "batch_size", "train_every", "stoch", "deter", "hidden", "cnn_depth", "units",
                  "proj_dim"):
@@ -867,7 +886,7 @@ def build_agent(args, obs_shape, action_dim, device):
                   args.actor_min_std)
     value = mlp(feat_dim, args.units, args.value_layers, 1)  # [CVRL App. B, Dreamer v1] 3 x 400 ELU, output 1
     value.apply(init_weights)
-    sac = None if args.no_sac else SAC(feat_dim, action_dim, args.units, args.value_layers,  # ABLATION(no_sac)
+    sac = None if not args.sac else SAC(feat_dim, action_dim, args.units, args.value_layers,  # ABLATION(sac)
                                        args.sac_init_temperature)
     agent = Agent(wm, actor, value, sac).to(device)
     adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps)  # noqa: E731
@@ -876,7 +895,7 @@ def build_agent(args, obs_shape, action_dim, device):
     if sac is not None:
         opts["sac"] = adam(sac.trainable(), args.sac_lr)
     mpc = dict(horizon=args.imag_horizon, gamma=args.gamma, lam=args.lam, lr=args.mpc_lr,
-               iterations=0 if args.no_mpc else args.mpc_iterations, expl_noise=args.expl_noise)  # ABLATION(no_mpc)
+               iterations=args.mpc_iterations if args.mpc else 0, expl_noise=args.expl_noise)  # ABLATION(mpc)
     return agent, opts, mpc
 
 
@@ -974,8 +993,30 @@ class Progress:
             self.out.write("\n")
 
 
-def on_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+SIGNALS = {"deferred": False, "pending": None}  # deferred_signals' state
+
+
+def on_signal(signum, frame):
+    """SIGINT / SIGTERM (Ctrl-C, SLURM preemption, kill): KeyboardInterrupt at once, or at the end of the
+    deferred_signals() section running now."""
+    name = signal.Signals(signum).name
+    if not SIGNALS["deferred"]:
+        raise KeyboardInterrupt(name)
+    SIGNALS["pending"] = SIGNALS["pending"] or name
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """A section a signal must not cut in half (an update with its counters, replay.add, a checkpoint write): a
+    SIGINT or SIGTERM arriving inside raises its KeyboardInterrupt when the section ends."""
+    SIGNALS["deferred"] = True
+    try:
+        yield
+    finally:
+        SIGNALS["deferred"] = False
+    name, SIGNALS["pending"] = SIGNALS["pending"], None
+    if name:
+        raise KeyboardInterrupt(name)
 
 
 def close_envs(*envs, kill=False):
@@ -1093,7 +1134,7 @@ def checked_against(args, ck, flag):
         if name not in free and name in saved and saved[name] != value:
             fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
                  f"a saved run keeps its model, environment and schedule")
-    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
+    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"] < ck["args"]["total_timesteps"]:
         fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
              f"pass a larger --total-timesteps to continue it")
 
@@ -1105,7 +1146,7 @@ def saved_defaults(argv):
         for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = os.path.join(value, name) if name else value
+                path = value if not name or os.path.isfile(value) else os.path.join(value, name)
                 try:
                     ck = torch.load(path, map_location="cpu", weights_only=True)
                     if ck["script"] != os.path.basename(__file__):  # its flags may not even fit these fields
@@ -1158,16 +1199,30 @@ def main(args: Args) -> dict:
         return evaluate_checkpoint(args)
     ck = None
     if args.resume:
+        if os.path.isfile(args.resume):  # RUN/checkpoint.pt: its folder is the run
+            args = dataclasses.replace(args, resume=os.path.dirname(args.resume) or ".")
         if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory")
+            fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
         ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
         checked_against(args, ck, "--resume")
-    progress = Progress(args.total_timesteps)
-    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
-                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
+        loop, done = ck["loop"], ck["loop"]["global_step"]
+        if done >= args.total_timesteps and loop.get("eval_step", done) >= done:
+            # finished and evaluated (killed before its JSON line): the saved summary, nothing trained
+            summary = {"final_eval_return": loop["eval_return"], "eval_returns": loop["returns"],
+                       "global_step": loop["global_step"], "updates": loop["updates"], "run_dir": args.resume}
+            print(json.dumps(summary))
+            return {**summary, "losses": loop["last_metrics"]}
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", run_name)
     run_name = os.path.basename(os.path.normpath(run_dir))
+    replay_dir = os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None
+    try:  # before anything is built or created (the frames dominate)
+        check_capacity(args.buffer_size, args.num_envs, (3, 64, 64), path=replay_dir, resume=ck is not None)
+    except (MemoryError, ValueError) as e:
+        fail(e)
+    progress = Progress(args.total_timesteps)
+    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
+                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
     # DEVIATION: natural backgrounds are common/envs.py's (DreamerPro protocol), not CVRL's Natural Mujoco
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
@@ -1181,8 +1236,7 @@ def main(args: Args) -> dict:
     try:
         # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
         replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed,
-                              path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None,
-                              resume=ck is not None)
+                              path=replay_dir, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_envs)
         fail(e)
@@ -1216,12 +1270,14 @@ def main(args: Args) -> dict:
     # next_train: frame of the next training round, None until the pretrain updates are done (the pretrain flag)
     global_step, updates, updates_due, next_train, start_time = 0, 0, 0, None, time.time()
     next_log, next_eval, next_checkpoint = args.log_every, args.eval_every, args.checkpoint_every
-    sums, last_metrics, recent_returns, eval_return, returns = {}, {}, [], float("nan"), []
+    sums, last_metrics, recent_returns, eval_return, returns, eval_step = {}, {}, [], float("nan"), [], -1
     interrupted, projected, train_start, saved_step, step_frames = None, False, None, None, args.action_repeat * N
-    compiled = False  # --compile: whether the first (compiling) update is done
+    compiled, error = False, None  # --compile: whether the first (compiling) update is done
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
+        loop = restore_checkpoint(ck, agent, opts, replay)
+        eval_step = loop.pop("eval_step", loop["global_step"])  # (older checkpoints: saved after their evaluations)
         (global_step, updates, updates_due, next_train, next_log, next_eval, next_checkpoint, sums, last_metrics,
-         recent_returns, eval_return, returns) = restore_checkpoint(ck, agent, opts, replay).values()
+         recent_returns, eval_return, returns) = loop.values()
         next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
         sums = {k: (torch.as_tensor(v).to(device), n) for k, (v, n) in sums.items()}
         saved_step = global_step
@@ -1234,7 +1290,20 @@ def main(args: Args) -> dict:
         return {"global_step": global_step, "updates": updates, "updates_due": updates_due, "next_train": next_train,
                 "next_log": next_log, "next_eval": next_eval, "next_checkpoint": next_checkpoint, "sums": sums,
                 "last_metrics": last_metrics, "recent_returns": recent_returns, "eval_return": eval_return,
-                "returns": [float(r) for r in returns]}
+                "returns": [float(r) for r in returns], "eval_step": eval_step}
+
+    def evaluation():  # next_eval advances once it finished: an interrupted evaluation runs again after --resume
+        nonlocal returns, eval_return, eval_step, next_eval
+        phase, progress.phase = progress.phase, "eval"
+        returns, frames = evaluate(agent, eval_envs, args.eval_episodes, device, mpc, args.capture_video)
+        progress.phase = phase
+        eval_return = float(np.mean(returns))
+        progress.step(global_step, updates, eval_return=eval_return)
+        writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        if frames is not None:
+            encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
+            log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
+        eval_step, next_eval = global_step, next_eval + args.eval_every
 
     obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
@@ -1245,19 +1314,20 @@ def main(args: Args) -> dict:
     rounds = max((args.total_timesteps - prefill - step_frames) // args.train_every, 0)
     planned = args.pretrain + rounds * args.train_steps if prefill < args.total_timesteps else 0
     per_step = args.train_steps * args.action_repeat / args.train_every
-    acting = ("the actor alone" if args.no_mpc else
+    acting = ("the actor alone" if not args.mpc else
               f"MPC ({args.mpc_iterations} gradient step(s) on {args.imag_horizon} imagined steps)")
+    start = f"resumed at frame {global_step}" if ck else f"prefilling {prefill} frames with random actions"
     progress.print(f"cost: {B * T} replayed steps per update; {args.pretrain} updates after the prefill, then "
                    f"{args.train_steps} every {args.train_every} frames ({per_step:.3g} per policy step): about "
-                   f"{planned} updates in all; acting: {acting} per policy step; prefilling {prefill} frames with "
-                   f"random actions, wall time projected after the first training cycle")
+                   f"{planned} updates in all; acting: {acting} per policy step; {start}, wall time projected after "
+                   f"the first training cycle")
     progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
     if next_train is None:
         progress.set_phase("prefill", min(prefill, args.total_timesteps))
     else:  # resumed after the pretrain updates: the projection waits for the first whole cycle from here
         progress.set_phase("train", args.total_timesteps, by_cycle=True)
     progress.start()
-    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: prefill with uniform random actions, then act with MPC (or the actor)
@@ -1269,13 +1339,22 @@ def main(args: Args) -> dict:
                 accumulate(sums, act_metrics)
             else:
                 action = torch.rand(N, action_dim) * 2 - 1
-            replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
+            with deferred_signals():  # (a row whole)
+                replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
 
             # TRY NOT TO MODIFY: execute the game and log data
             obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
-            global_step += args.action_repeat * int((~autoreset).sum())
-            # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
-            is_first, is_terminal, autoreset = autoreset, term, term | trunc
+            with deferred_signals():  # the step's frames and the training schedule together
+                global_step += args.action_repeat * int((~autoreset).sum())
+                # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
+                is_first, is_terminal, autoreset = autoreset, term, term | trunc
+                # ALGO LOGIC: [Dreamer v1 schedule] `pretrain` updates once, then `train_steps` every `train_every`
+                cycle_end = ready and next_train is not None and global_step >= next_train
+                round_end = cycle_end or ready and next_train is None  # a round of updates (pretrain or cycle) now
+                if ready and next_train is None:
+                    updates_due, next_train = args.pretrain, global_step + args.train_every
+                elif cycle_end:
+                    updates_due, next_train = updates_due + args.train_steps, next_train + args.train_every
             if "episode" in infos:
                 for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
                     if m:
@@ -1283,21 +1362,17 @@ def main(args: Args) -> dict:
                         writer.add_scalar("charts/episodic_return", r, global_step)
                         writer.add_scalar("charts/episodic_length", l, global_step)
 
-            # ALGO LOGIC: [Dreamer v1 schedule] `pretrain` updates once, then `train_steps` every `train_every` frames
-            cycle_end = ready and next_train is not None and global_step >= next_train
-            round_end = cycle_end or ready and next_train is None  # a round of updates (pretrain or cycle) now
-            if ready and next_train is None:
-                updates_due, next_train = args.pretrain, global_step + args.train_every
+            if round_end and not cycle_end:  # the pretrain round
                 progress.set_phase("pretrain", args.pretrain)
-            elif cycle_end:
-                updates_due, next_train = updates_due + args.train_steps, next_train + args.train_every
             while updates_due > 0:
-                data = batch_to(replay.sample(B, T), device)  # DEVIATION: 8
                 if args.compile and not compiled:
-                    progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
+                    progress.print("compiling the update (--compile): the first update takes minutes on a CPU (a "
+                                   "Ctrl-C waits for it)")
                     t_compile = time.time()
-                accumulate(sums, update(agent, opts, data, args))
-                updates, updates_due = updates + 1, updates_due - 1
+                with deferred_signals():  # an update and its counters together
+                    data = batch_to(replay.sample(B, T), device)  # DEVIATION: 8
+                    accumulate(sums, update(agent, opts, data, args))
+                    updates, updates_due = updates + 1, updates_due - 1
                 progress.step(global_step, updates)
                 if args.compile and not compiled:  # rates and the projection count from the compiled update on
                     compiled = True
@@ -1330,8 +1405,8 @@ def main(args: Args) -> dict:
                     last_metrics = dict(zip(sums, means))
                     for k, v in last_metrics.items():
                         if not np.isfinite(v):
-                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at step "
-                                                     f"{global_step}")
+                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at frame "
+                                                     f"{global_step} (update {updates})")
                         writer.add_scalar(k, v, global_step)
                     sums = {}
                 sps = int((global_step - start_step) / (time.time() - start_time))  # (this process's frames)
@@ -1339,47 +1414,53 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/updates", updates, global_step)
                 progress.print(progress.line() + f" | model loss {last_metrics.get('losses/model', np.nan):.2f}")
 
-            if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
-                next_eval += args.eval_every
-                phase, progress.phase = progress.phase, "eval"
-                returns, frames = evaluate(agent, eval_envs, args.eval_episodes, device, mpc, args.capture_video)
-                progress.phase = phase
-                eval_return = float(np.mean(returns))
-                progress.step(global_step, updates, eval_return=eval_return)
-                writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                if frames is not None:
-                    encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
-                    log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
+            if global_step >= next_eval and global_step < args.total_timesteps:  # (the final one below)
+                evaluation()
 
             # Checkpoint only between cycles: right after a round of updates, never inside one (and one at the end)
             if (args.checkpoint_every and round_end and global_step >= next_checkpoint
                     and global_step < args.total_timesteps):
-                next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
-                writer.flush()  # the TensorBoard points up to the checkpoint are on disk before it is
+                with deferred_signals():
+                    next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
+                    writer.flush()  # the TensorBoard points up to the checkpoint are on disk before it is
+                    save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
+                    saved_step = global_step
+
+        if eval_step < global_step:  # the final evaluation (done already when a finished run was resumed for it)
+            evaluation()
+        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
+            with deferred_signals():
+                writer.flush()
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
                 saved_step = global_step
-
-        if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
-            writer.flush()
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
-            saved_step = global_step
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
             save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, agent, opts, loop_state())
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside a deferred_signals() section
+        for sig in old_handlers:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal does not cut the checkpoint or the cleanup
         interrupted = str(e) or "SIGINT"
+        if args.checkpoint_every:  # the state as it is: every section that changes it ran whole
+            writer.flush()
+            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
+    except FloatingPointError as e:  # a non-finite loss (at a log step)
+        error = f"{e}; last checkpoint: {os.path.join(run_dir, CHECKPOINT) if saved_step is not None else 'none'}"
     finally:
-        signal.signal(signal.SIGTERM, old_sigterm)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         progress.close()
         close_envs(envs, eval_envs, kill=interrupted is not None)
         writer.close()
         if args.track:
             wandb.finish()
     if interrupted:
-        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
-                  else "")
+        where = (f"checkpoint written: --resume {run_dir} continues from frame {global_step}" if args.checkpoint_every
+                 else "no checkpoint (--checkpoint-every 0)")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
+              f"{where}", file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
+    if error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(3)
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}
     print(json.dumps(summary))

@@ -52,7 +52,7 @@ def setup(device, precision="fp32", size="S", compile=False):
 
 
 def setup_act(device, mpc=True, num_envs=1):
-    args = c.Args(no_mpc=not mpc)
+    args = c.Args(mpc=mpc)
     torch.manual_seed(0)
     agent, _, act_cfg = c.build_agent(args, OBS, A, device)
     obs = torch.randint(0, 256, (num_envs, *OBS), dtype=torch.uint8, device=device)

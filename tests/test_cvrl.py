@@ -15,8 +15,8 @@ import torch
 
 import cvrl as c
 from smoke import (assert_clean_interrupt, assert_cli_error, assert_close_dicts, assert_finite_scalars,
-                   assert_tracks_offline, eval_checkpoint_cli, events, kill_after_first_checkpoint, resume_cli,
-                   run_cli, truncated_copy)
+                   assert_tracks_offline, eval_checkpoint_cli, events, interrupt_cli, kill_after_first_checkpoint,
+                   resume_cli, run_cli, truncated_copy)
 
 TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
             actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
@@ -375,8 +375,8 @@ def test_mpc_raises_v_lambda_and_leaves_every_parameter_untouched(one_thread):
     ({}, {"losses/infonce", "losses/sac_q", "mpc/value"}, {"losses/image"}),
     ({"generative": True}, {"losses/image", "losses/sac_q", "mpc/value"}, {"losses/infonce"}),
     ({"reward_only": True}, {"losses/reward", "mpc/value"}, {"losses/infonce", "losses/image"}),
-    ({"no_sac": True}, {"losses/infonce", "mpc/value"}, {"losses/sac_q", "losses/sac_actor"}),
-    ({"no_mpc": True}, {"losses/infonce", "losses/sac_q"}, {"mpc/value"}),
+    ({"sac": False}, {"losses/infonce", "mpc/value"}, {"losses/sac_q", "losses/sac_actor"}),
+    ({"mpc": False}, {"losses/infonce", "losses/sac_q"}, {"mpc/value"}),
 ])
 def test_every_table2_switch_runs(switch, present, absent, one_thread):
     args, agent, opts, mpc = tiny_build(**switch)
@@ -443,8 +443,11 @@ def assert_error_in_process(capsys, argv, *needles):
 def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
     """A finished run continues with a larger --total-timesteps from its end-of-run checkpoint (replay files kept,
     counters and the training schedule continued, no temporary file left); --eval-checkpoint prints its JSON
-    line; bad input (changed flags, a run already that long, a missing dir, a truncated file, another script's
-    checkpoint) gives one error line."""
+    line; resumed without a larger --total-timesteps, the finished run prints its saved summary; bad input
+    (changed flags, a run already past the --total-timesteps it still had to reach, a missing dir, a truncated
+    file, another script's checkpoint) gives one error line."""
+    import tyro
+
     final, run_dir, _ = run_cli("cvrl.py", tmp_path, {**CK, "total_timesteps": 80})
     assert final["updates"] == 3 + 2  # pretrain at 40, a cycle at 80
     ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
@@ -474,8 +477,18 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
                                            "walker-walk"], "--env-id walker-walk", "cartpole-balance")
     # ... and the rest through the same code in this process
     monkeypatch.chdir(tmp_path)
-    assert_error_in_process(capsys, ["--resume", final["run_dir"], "--total-timesteps", "120"],
-                            "--total-timesteps 120", "frame 160")
+    # a finished run (killed before its JSON line, say) prints its saved summary, also with a smaller
+    # --total-timesteps; an unfinished one refuses a --total-timesteps it has passed
+    for total in ("160", "120"):
+        capsys.readouterr()
+        summary = c.main(tyro.cli(c.Args, args=["--resume", final["run_dir"], "--total-timesteps", total],
+                                  default=c.saved_defaults(["--resume", final["run_dir"]])))
+        assert {k: v for k, v in summary.items() if k != "losses"} == out["final"] and summary["losses"]
+        assert capsys.readouterr().out.strip() == json.dumps(out["final"])
+    ck = {"args": {"total_timesteps": 400}, "loop": {"global_step": 160}}
+    with pytest.raises(SystemExit):
+        c.checked_against(dataclasses.replace(c.Args(**TINY), total_timesteps=120), ck, "--resume")
+    assert "--total-timesteps 120: the run is already at frame 160" in capsys.readouterr().err
     assert_error_in_process(capsys, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
     bad = truncated_copy(path, tmp_path / "bad.pt")
     assert_error_in_process(capsys, ["--eval-checkpoint", str(bad)], "truncated or corrupt", "bad.pt")
@@ -487,7 +500,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
                             "checkpoint of dreamerv3.py", "not of cvrl.py")
 
 
-@pytest.mark.parametrize("overrides", [{}, {"no_sac": True}])
+@pytest.mark.parametrize("overrides", [{}, {"sac": False}])
 def test_update_after_restore_equals_the_uninterrupted_update(tmp_path, overrides, one_thread):
     """Save after two updates, make a third; a fresh agent (other init) restored from the checkpoint, with the
     replay reopened from its files, draws the same batch and makes exactly the same third update: every network
@@ -597,6 +610,10 @@ def test_help_documents_every_hyperparameter_with_its_source(capsys):
     (["--checkpoint-every", "-1"], ["--checkpoint-every", "got -1"]),
     (["--resume", "runs/x", "--eval-checkpoint", "x.pt"], ["--resume", "--eval-checkpoint"]),
     (["--background", "natural", "--background-dir", "/nonexistent/videos"], ["--background-dir"]),
+    (["--precision", "fp16"], ["--precision must be one of fp32, bf16, got fp16"]),
+    (["--compile-backend", "eager"], ["--compile-backend must be one of inductor, aot_eager, got eager"]),
+    (["--seed", "-1"], ["--seed must be >= 0, got -1"]),
+    (["--resume", "nowhere"], ["--resume nowhere: no such run directory (give the run's folder, e.g. runs/NAME)"]),
 ])
 def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
     assert_cli_error("cvrl.py", tmp_path, argv, *needles)
@@ -641,9 +658,55 @@ def test_progress_eta_follows_the_current_phase_and_whole_training_cycles():
 
 
 def test_sigint_stops_cleanly_with_events_written(tmp_path):
+    """Ctrl-C with --checkpoint-every 0: one line saying that no checkpoint was written."""
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
-             "eval_episodes": 1, "log_every": 40}
-    assert_clean_interrupt("cvrl.py", tmp_path, flags, signal.SIGINT)
+             "eval_episodes": 1, "log_every": 40, "checkpoint_every": 0}
+    assert "prefilling" in assert_clean_interrupt("cvrl.py", tmp_path, flags, signal.SIGINT)
+    line = open(tmp_path / "err.txt").read().strip()
+    assert line.endswith("; no checkpoint (--checkpoint-every 0)") and not os.path.exists(glob.glob(
+        str(tmp_path / "runs" / "*"))[0] + "/checkpoint.pt"), line
+
+
+def test_sigterm_before_the_first_checkpoint_writes_one_then_resume_finishes(tmp_path):
+    """SIGTERM during [train], before the first periodic checkpoint: the interrupt writes RUN/checkpoint.pt at the
+    frame it stopped, --resume RUN/checkpoint.pt (the file form) finishes with the final JSON line; resumed again,
+    the finished run prints its saved summary and trains nothing."""
+    flags = {**CK, "total_timesteps": 400, "checkpoint_every": 10**6}
+    code, out, err = interrupt_cli("cvrl.py", tmp_path, flags, signal.SIGTERM)
+    run_dir = glob.glob(str(tmp_path / "runs" / "*"))[0]
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    frame, updates = ck["loop"]["global_step"], ck["loop"]["updates"]
+    rel = os.path.relpath(run_dir, tmp_path)
+    assert code == 143 and err.strip().splitlines() == [
+        f"interrupted (SIGTERM) at frame {frame}/400 after {updates} updates; checkpoint written: --resume {rel} "
+        f"continues from frame {frame}"], err
+    assert 0 < frame < 400 and updates >= 3 and ck["replay"]["count"] >= frame // 2
+    resumed = resume_cli("cvrl.py", tmp_path, os.path.join(run_dir, "checkpoint.pt"))
+    assert f"resumed at frame {frame}" in resumed["stdout"] and "prefilling" not in resumed["stdout"]
+    final = resumed["final"]
+    assert final["global_step"] == 400 and final["updates"] > updates and math.isfinite(final["final_eval_return"])
+    again = resume_cli("cvrl.py", tmp_path, run_dir)
+    assert again["final"] == final and again["stdout"].strip() == json.dumps(final)  # nothing built or trained
+
+
+def test_resume_of_a_run_cut_in_its_final_evaluation_evaluates_then_finishes(tmp_path, monkeypatch, one_thread):
+    """An evaluation cut by an interrupt runs again after --resume: here the final one, with the frames done."""
+    monkeypatch.chdir(tmp_path)
+    evaluate = c.evaluate
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(c, "evaluate", cut)
+    with pytest.raises(SystemExit) as e:
+        c.main(c.Args(**{**CK, "total_timesteps": 80, "mpc": False}))
+    assert e.value.code == 143
+    run_dir = glob.glob("runs/*")[0]
+    loop = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["loop"]
+    assert loop["global_step"] == 80 and loop["eval_step"] == -1 and loop["updates"] == 3 + 2
+    monkeypatch.setattr(c, "evaluate", evaluate)
+    final = c.main(dataclasses.replace(c.saved_defaults(["--resume", run_dir]), resume=run_dir))
+    assert final["global_step"] == 80 and final["updates"] == loop["updates"] and len(final["eval_returns"]) == 1
 
 
 def test_track_writes_an_offline_wandb_run(tmp_path):
@@ -652,7 +715,7 @@ def test_track_writes_an_offline_wandb_run(tmp_path):
     assert_tracks_offline("cvrl.py", tmp_path, flags)
 
 
-def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
+def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread, capsys):
     real_update = c.update
 
     def bad_update(*a, **k):
@@ -663,7 +726,66 @@ def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(c, "update", bad_update)
     args = c.Args(**{**TINY, "time_limit": 40, "prefill": 40}, env_id="cartpole-balance", total_timesteps=120,
-                  eval_every=10 ** 6, eval_episodes=1, log_every=80, no_mpc=True)
-    with pytest.raises(FloatingPointError, match=r"losses/reward .* step 80"):
+                  eval_every=10 ** 6, eval_episodes=1, log_every=80, mpc=False, checkpoint_every=40)
+    with pytest.raises(SystemExit) as e:
         c.main(args)
+    assert e.value.code == 3
+    path = os.path.join(glob.glob("runs/*")[0], "checkpoint.pt")  # written after the pretrain round at frame 40
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: non-finite losses/reward = nan in the updates logged at frame 80 (update 3); last checkpoint: {path}"]
     assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))  # what was written is kept
+
+
+def test_non_finite_loss_through_the_cli(tmp_path):
+    """--model-lr 1e30 blows the world model up at its first updates: one line naming the metric, the frame, the
+    update and the last checkpoint, exit code 3, no traceback, the events written. (--log-every 2: the log right after
+    the pretrain round at frame 42 catches it, before that round's checkpoint and before a model gone NaN acts NaN,
+    which would break the simulator.)"""
+    flags = {**CK, "total_timesteps": 400, "checkpoint_every": 40, "model_lr": 1e30, "log_every": 2,
+             "time_limit": 100}
+    line = assert_cli_error("cvrl.py", tmp_path, [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + ["--no-mpc"],
+                            "error: non-finite losses/", "in the updates logged at frame 42 (update 3); last "
+                            "checkpoint: none", code=3)
+    assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*")), line
+
+
+def test_too_large_buffer_fails_before_anything_is_built_or_created(tmp_path):
+    assert_cli_error("cvrl.py", tmp_path, ["--env-id", "cartpole-balance", "--buffer-size", "100000000"],
+                     "--buffer-size 100000000")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_help_reads_naturally(capsys):
+    """--help: no double negative, no "if toggled" on a switch that defaults to True, --sac / --no-sac and
+    --mpc / --no-mpc shown in both forms (and --no-mpc still parses)."""
+    import tyro
+
+    with pytest.raises(SystemExit):
+        tyro.cli(c.Args, args=["--help"])
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "--no-no-" not in text and "--sac, --no-sac" in text and "--mpc, --no-mpc" in text
+    for field in dataclasses.fields(c.Args):
+        if field.default is True:
+            i = text.index(f"--{field.name.replace('_', '-')}, --no-")
+            assert "toggle" not in text[i:text.index("(default: True)", i)], field.name
+    assert tyro.cli(c.Args, args=["--no-mpc", "--no-sac"]) == c.Args(mpc=False, sac=False)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"generative": True}])
+def test_update_and_acting_create_no_tensor_beside_the_parameters(overrides, one_thread):
+    """GPU safety without a GPU: under torch.device("meta") every tensor created without device= lands on meta, and
+    an op mixing it with the CPU parameters fails; two updates and a few acting steps (MPC and the actor alone,
+    exploring and not) must run. Adam creates its step counters lazily with torch.tensor(), on the CPU also in a
+    CUDA run (torch's design): one update before the meta block creates them."""
+    args, agent, opts, mpc = tiny_build(**overrides)
+    data = batch()
+    c.update(agent, opts, data, args)
+    with torch.device("meta"):
+        for _ in range(2):
+            metrics = c.update(agent, opts, data, args)
+        for acting in (mpc, {**mpc, "iterations": 0}):
+            state = c.initial_state(agent, 2, torch.device("cpu"))
+            for t, training in enumerate((True, True, False)):
+                action, state, _ = c.policy(agent, state, data["obs"][:, t], data["is_first"][:, t], training, acting)
+    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
+    assert action.device.type == "cpu" and action.shape == (2, 2)
