@@ -61,6 +61,7 @@ Run:  python mudreamer.py --env-id walker-run
 """
 
 import copy
+import contextlib
 import io
 import json
 import os
@@ -72,7 +73,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, Optional
+from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -83,7 +84,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from common.envs import encode_video, env_defaults, is_pixel, make_vector_env
-from common.replay import ReplayBuffer
+from common.replay import ReplayBuffer, check_capacity
 
 LN_EPS = 1e-3  # LayerNorm epsilon of the DreamerV3 2023 code
 BINS_LIMIT = 20.0  # two-hot bins span [-20, 20] in symlog space (DreamerV3 2023 code)
@@ -96,18 +97,18 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """`torch.backends.cudnn.deterministic` (--no-torch-deterministic: cuDNN may pick nondeterministic kernels)"""
     cuda: bool = True
-    """if toggled, cuda will be enabled when available"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
+    """use CUDA when available (--no-cuda: the CPU)"""
+    precision: str = "fp32"
+    """fp32 or bf16. bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
     statistics (LayerNorm and BatchNorm), distributions, KL, two-hot log-softmax and return percentiles stay
     float32. (Default fp32: see the README's Measured table for the speed on each machine.)"""
     compile: bool = False
     """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the first
     update compiles them (minutes on a CPU; the console says so). Default off: see the README's Measured table."""
-    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
-    """torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
+    compile_backend: str = "inductor"
+    """inductor or aot_eager: the torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
     tracing problem from a code-generation one, and for quick tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
@@ -124,9 +125,10 @@ class Args:
     checkpoint_every: int = 25_000
     """frames between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
     replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
-    replay in memory"""
+    replay in memory. Ctrl-C / SIGTERM also write one before the run stops"""
     resume: Optional[str] = None
-    """continue the run in this run directory from its last checkpoint, in place; every flag defaults to that
+    """continue the run in this run directory (or from its checkpoint.pt) in place; a finished run prints its JSON
+    line again; every flag defaults to that
     run's, and only --total-timesteps (to grow it), --precision, --compile and the logging, evaluation and tracking
     flags may change"""
     eval_checkpoint: Optional[str] = None
@@ -251,12 +253,12 @@ class Args:
     """context frames of the open-loop video (MuDreamer Fig. 5: 5)"""
 
     # Ablations (MuDreamer Table 3; KL pairs via --kl-dyn --kl-rep)
-    no_value_predictor: bool = False
-    """drop the value prediction loss (Table 3 "No Value Predictor")"""
-    no_action_predictor: bool = False
-    """drop the action prediction loss (Table 3 "No Action Predictor")"""
-    no_batch_norm: bool = False
-    """LayerNorm instead of BatchNorm in the representation network (Table 3 "No Batch Normalization")"""
+    value_predictor: bool = True
+    """the value prediction loss (Eq. 5); --no-value-predictor drops it (Table 3 "No Value Predictor")"""
+    action_predictor: bool = True
+    """the action prediction loss; --no-action-predictor drops it (Table 3 "No Action Predictor")"""
+    batch_norm: bool = True
+    """BatchNorm in the representation network; --no-batch-norm: LayerNorm (Table 3 "No Batch Normalization")"""
 
 
 # --- Small math helpers ----------------------------------------------------------------------
@@ -770,9 +772,9 @@ def update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, 
     # World model
     loss_scales = {"reward": args.pred_scale * args.reward_loss_scale, "cont": args.pred_scale,
                    "kl_dyn": args.kl_dyn, "kl_rep": args.kl_rep}
-    if not args.no_value_predictor:  # ABLATION(no_value_predictor)
+    if args.value_predictor:  # ABLATION(value_predictor)
         loss_scales["value"] = args.pred_scale
-    if not args.no_action_predictor:  # ABLATION(no_action_predictor)
+    if args.action_predictor:  # ABLATION(action_predictor)
         loss_scales["action"] = args.pred_scale
     device_type, low = data["obs"].device.type, args.precision == "bf16"  # --precision bf16: autocast the forward
     with torch.autocast(device_type, torch.bfloat16, enabled=low):
@@ -958,6 +960,10 @@ def check_args(args):
         if getattr(a, flag) < 0:
             fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     checks = [
+        (a.seed >= 0, f"--seed must be >= 0, got {a.seed}"),
+        (a.precision in ("fp32", "bf16"), f"--precision must be one of fp32, bf16, got {a.precision}"),
+        (a.compile_backend in ("inductor", "aot_eager"),
+         f"--compile-backend must be one of inductor, aot_eager, got {a.compile_backend}"),
         (a.video_every >= 0, f"--video-every must be >= 0 (0: no video), got {a.video_every}"),
         (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}"),
         (not (a.resume and a.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),
@@ -1074,8 +1080,29 @@ class Progress:
             self.out.write("\n")
 
 
-def on_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")  # stop like Ctrl-C (SLURM preemption, kill)
+SIGNALS = {"deferred": False, "pending": None}  # deferred_signals' state
+
+
+def on_signal(signum, frame):  # SIGINT / SIGTERM: a KeyboardInterrupt now, or at the end of a deferred section
+    if not SIGNALS["deferred"]:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    SIGNALS["pending"] = SIGNALS["pending"] or signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def deferred_signals():  # a section a signal must not cut in half: an update and its counters, a replay row, a checkpoint
+    SIGNALS["deferred"] = True
+    try:
+        yield
+    finally:
+        SIGNALS["deferred"] = False
+    name, SIGNALS["pending"] = SIGNALS["pending"], None
+    if name:
+        raise KeyboardInterrupt(name)
+
+
+class NonFinite(Exception):
+    """A logged loss or metric is NaN or infinite: the run stops with one `error:` line, exit code 3."""
 
 
 def close_envs(*envs, kill=False):
@@ -1128,6 +1155,11 @@ def save_checkpoint(path, args, nets, opts, loop, replay=None):
     are flushed first; the checkpoint holds only their head, count and sampling RNG. The state_dicts hold the
     BatchNorm running statistics (buffers); the decoder's optimiser slot is None without a decoder, so the four
     positions stay stable."""
+    with deferred_signals():
+        _save_checkpoint(path, args, nets, opts, loop, replay)
+
+
+def _save_checkpoint(path, args, nets, opts, loop, replay):
     if replay is not None:
         replay.flush()
     payload = {"script": os.path.basename(__file__), "args": asdict(args),
@@ -1145,6 +1177,11 @@ def save_checkpoint(path, args, nets, opts, loop, replay=None):
         os.fsync(fd)  # the rename itself survives a power cut
     finally:
         os.close(fd)
+
+
+def run_folder(path):
+    """--resume takes the run's folder or its checkpoint.pt."""
+    return os.path.dirname(path) or "." if os.path.basename(path) == CHECKPOINT and os.path.isfile(path) else path
 
 
 def load_checkpoint(path, flag):
@@ -1186,9 +1223,15 @@ def checked_against(args, ck, flag):
         if name not in free and name in saved and saved[name] != value:
             fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
                  f"a saved run keeps its model, environment and schedule")
-    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"]:
+    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"] < ck["args"]["total_timesteps"]:
         fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
              f"pass a larger --total-timesteps to continue it")
+
+
+def finished(ck):
+    """The saved run reached its --total-timesteps and made its final evaluation."""
+    loop = ck["loop"]
+    return loop["global_step"] >= ck["args"]["total_timesteps"] and loop.get("eval_step", -1) >= loop["global_step"]
 
 
 def saved_defaults(argv):
@@ -1198,7 +1241,7 @@ def saved_defaults(argv):
         for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
                 value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = os.path.join(value, name) if name else value
+                path = os.path.join(run_folder(value), name) if name else value
                 try:
                     ck = torch.load(path, map_location="cpu", weights_only=True)
                     if ck["script"] != os.path.basename(__file__):
@@ -1217,7 +1260,7 @@ def build_agent(args, obs_shape, action_dim, discrete, device):
     None with --no-decoder)."""
     wm = WorldModel(obs_shape, action_dim, args.deter, args.stoch, args.classes, args.units, args.mlp_layers,
                     args.cnn_depth, args.unimix, args.reward_bins, discrete, args.actor_min_std, args.actor_max_std,
-                    not args.no_batch_norm, args.bn_momentum, args.decoder).to(device)  # ABLATION(no_batch_norm)
+                    args.batch_norm, args.bn_momentum, args.decoder).to(device)  # ABLATION(batch_norm)
     slow_value = copy.deepcopy(wm.heads["value"]).requires_grad_(False)  # v' of Eq. 5, starts as a copy
     feat_dim = args.deter + args.stoch * args.classes
     actor = Actor(feat_dim, action_dim, args.units, args.mlp_layers, discrete, args.actor_min_std,
@@ -1281,16 +1324,28 @@ def main(args: Args) -> dict:
         return evaluate_checkpoint(args)
     ck = None
     if args.resume:
+        args = replace(args, resume=run_folder(args.resume))
         if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory")
+            fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
         ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
         checked_against(args, ck, "--resume")
-    progress = Progress(args.total_timesteps)
-    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
-                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
+        if finished(ck) and args.total_timesteps <= ck["loop"]["global_step"]:  # nothing to do: its JSON line again
+            loop = ck["loop"]
+            summary = {"final_eval_return": loop["eval_return"], "eval_returns": loop["returns"],
+                       "global_step": loop["global_step"], "updates": loop["updates"], "run_dir": args.resume}
+            print(json.dumps(summary))
+            return {**summary, "losses": loop["last_metrics"]}
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or os.path.join("runs", run_name)
     run_name = os.path.basename(os.path.normpath(run_dir))
+    try:  # the replay's size, before anything is built or created (the frames dominate: 3 x 64 x 64 bytes each)
+        check_capacity(args.buffer_size, args.num_envs, (3, 64, 64),
+                       path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None, resume=ck is not None)
+    except (MemoryError, ValueError) as e:
+        fail(e)
+    progress = Progress(args.total_timesteps)
+    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
+                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
     env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
                       background_dir=args.background_dir, background_mask=args.background_mask)
     try:
@@ -1342,11 +1397,12 @@ def main(args: Args) -> dict:
     next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
     next_checkpoint = args.checkpoint_every
     metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
-    returns, interrupted, projected, saved_step, data, compiled = [], None, False, None, None, False
+    returns, interrupted, projected, saved_step, data, compiled, error, eval_step = [], None, False, None, None, False, None, -1
     if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
+        loop = {**restore_checkpoint(ck, nets, opts, replay)}
+        loop.setdefault("eval_step", -1)  # (older checkpoints)
         (global_step, updates, updates_due, next_log, next_eval, next_video, next_checkpoint, metric_sums,
-         n_metrics, last_metrics, recent_returns, eval_return, returns, data) = restore_checkpoint(ck, nets, opts,
-                                                                                                    replay).values()
+         n_metrics, last_metrics, recent_returns, eval_return, returns, data, eval_step) = loop.values()
         next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
         metric_sums = {k: v.to(device) for k, v in metric_sums.items()}
         data = {k: v.to(device) for k, v in data.items()} if data is not None else None
@@ -1362,7 +1418,7 @@ def main(args: Args) -> dict:
                 "next_eval": next_eval, "next_video": next_video, "next_checkpoint": next_checkpoint,
                 "metric_sums": metric_sums, "n_metrics": n_metrics, "last_metrics": last_metrics,
                 "recent_returns": recent_returns, "eval_return": eval_return, "returns": [float(r) for r in returns],
-                "data": data if n_metrics else None}
+                "data": data if n_metrics else None, "eval_step": eval_step}
 
     obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
@@ -1370,13 +1426,26 @@ def main(args: Args) -> dict:
     state = None  # acting state, from the learned initial state once the policy takes over
     prefill = B * T * args.action_repeat  # frames of random actions until the replay holds one batch
     per_frame = args.train_ratio / (B * T * args.action_repeat)  # updates per frame once training
+    start = (f"resumed at frame {global_step}" if ck else f"prefilling {prefill} frames with random actions")
     progress.print(f"cost: {B * T} replayed steps per update, {per_frame * args.action_repeat:.3g} updates per policy "
-                   f"step, about {int(max(args.total_timesteps - prefill, 0) * per_frame)} updates in all; "
-                   f"prefilling {prefill} frames with random actions, wall time projected after the first updates")
+                   f"step, about {int(max(args.total_timesteps - max(prefill, global_step), 0) * per_frame)} updates "
+                   f"{'to go' if ck else 'in all'}; {start}, wall time projected after the first updates")
     progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
     progress.set_phase("prefill", min(prefill, args.total_timesteps))
     progress.start()
-    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def run_evaluation():  # evaluation episodes; an evaluation cut by a signal runs again after --resume
+        nonlocal returns, eval_return, eval_step
+        phase, progress.phase = progress.phase, "eval"
+        returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete, args.capture_video)
+        progress.phase, eval_return, eval_step = phase, float(np.mean(returns)), global_step
+        progress.step(global_step, updates, eval_return=eval_return)
+        writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        if frames is not None:
+            encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
+            log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
+
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: prefill with random actions until the replay holds one batch, then act with the policy
@@ -1390,7 +1459,8 @@ def main(args: Args) -> dict:
             else:
                 action = (F.one_hot(torch.randint(0, action_dim, (N,)), action_dim).float() if discrete
                           else torch.rand(N, action_dim) * 2 - 1)
-            replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
+            with deferred_signals():
+                replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
 
             # TRY NOT TO MODIFY: execute the game and log data
             obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
@@ -1415,15 +1485,16 @@ def main(args: Args) -> dict:
                 if args.compile and not compiled:
                     progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
                     t_compile = time.time()
-                metrics = update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args)
+                with deferred_signals():  # an update and its counters, whole or not at all
+                    metrics = update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args)
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v
+                    n_metrics, updates, updates_due = n_metrics + 1, updates + 1, updates_due - 1
                 if args.compile and not compiled:  # rates and the projection count from the compiled update on
                     compiled = True
                     progress.print(f"compiled the update in {fmt_time(time.time() - t_compile)}")
                     progress.set_phase("train", args.total_timesteps)
-                    train_start = (time.time(), global_step, updates + 1)
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v
-                n_metrics, updates, updates_due = n_metrics + 1, updates + 1, updates_due - 1
+                    train_start = (time.time(), global_step, updates)
                 if args.video_every and args.decoder and global_step >= next_video:
                     next_video += args.video_every
                     frames = openloop_video(wm, actor, data, args.video_context)
@@ -1443,8 +1514,8 @@ def main(args: Args) -> dict:
                     last_metrics = dict(zip(metric_sums, means))
                     for k, v in last_metrics.items():
                         if not np.isfinite(v):
-                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at step "
-                                                     f"{global_step}")
+                            raise NonFinite(f"non-finite {k} = {v} in the updates logged at frame {global_step} "
+                                            f"(update {updates})")
                         writer.add_scalar(k, v, global_step)
                     metric_sums, n_metrics = {}, 0
                     for k, v in collapse_monitor(wm, data).items():
@@ -1454,17 +1525,9 @@ def main(args: Args) -> dict:
                 writer.add_scalar("charts/updates", updates, global_step)
                 progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
 
-            if global_step >= next_eval or global_step >= args.total_timesteps:  # and a final evaluation
+            if global_step >= next_eval and global_step < args.total_timesteps:  # (the final one: after the loop)
+                run_evaluation()
                 next_eval += args.eval_every
-                phase, progress.phase = progress.phase, "eval"
-                returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete, args.capture_video)
-                progress.phase = phase
-                eval_return = float(np.mean(returns))
-                progress.step(global_step, updates, eval_return=eval_return)
-                writer.add_scalar("eval/episodic_return", eval_return, global_step)
-                if frames is not None:
-                    encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
-                    log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
 
             # Checkpoint between steps, never inside an update (and one at the end, below)
             if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
@@ -1473,25 +1536,40 @@ def main(args: Args) -> dict:
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
                 saved_step = global_step
 
+        if eval_step < global_step:  # the final evaluation
+            run_evaluation()
         if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
             save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
             saved_step = global_step
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
             save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, loop_state())
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_sigterm
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_signal: a checkpoint of the run as it stands
         interrupted = str(e) or "SIGINT"
+        for s in old_handlers:
+            signal.signal(s, signal.SIG_IGN)  # one checkpoint, not cut by a second signal
+        if args.checkpoint_every and global_step > (saved_step if saved_step is not None else -1):
+            writer.flush()
+            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
+            saved_step = global_step
+    except NonFinite as e:
+        error = str(e)
     finally:
-        signal.signal(signal.SIGTERM, old_sigterm)
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
         progress.close()
         close_envs(envs, eval_envs, kill=interrupted is not None)
         writer.close()
         if args.track:
             wandb.finish()
+    if error:
+        last = os.path.join(run_dir, CHECKPOINT) if saved_step is not None else "none"
+        print(f"error: {error}; last checkpoint: {last}", file=sys.stderr, flush=True)
+        raise SystemExit(3)
     if interrupted:
-        resume = (f"; --resume {run_dir} continues from its checkpoint at frame {saved_step}" if saved_step is not None
-                  else "")
+        resume = (f"checkpoint written: --resume {run_dir} continues from frame {saved_step}" if saved_step is not None
+                  else "no checkpoint (--checkpoint-every 0)")
         print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"the events written so far are in {run_dir}{resume}", file=sys.stderr, flush=True)
+              f"{resume}", file=sys.stderr, flush=True)
         raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
     summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
                "updates": updates, "run_dir": run_dir}

@@ -666,6 +666,7 @@ def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys, one_thread
         d.main(args)
     assert e.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: non-finite losses/reward = nan in the updates logged at frame 40 (update ")
+    assert len(err) == 1 and err[0].startswith(
+        "error: non-finite losses/reward = nan in the updates logged at frame 40 (update ")
     assert err[0].endswith("; last checkpoint: none"), err
     assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))  # what was written is kept

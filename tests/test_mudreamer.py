@@ -8,8 +8,10 @@ finished run and after SIGKILL), --eval-checkpoint, bad checkpoints, and the upd
 
 import copy
 import glob
+import json
 import math
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -20,7 +22,8 @@ import torch.nn as nn
 import mudreamer as m
 from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_close_dicts, assert_cli_error,
                    assert_finite_scalars, assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay,
-                   kill_after_first_checkpoint, random_pixel_batch, resume_cli, run_cli, truncated_copy)
+                   interrupt_cli, kill_after_first_checkpoint, random_pixel_batch, resume_cli, run_cli,
+                   truncated_copy)
 
 TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
             imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
@@ -62,7 +65,7 @@ def test_paper_defaults():
     assert (a.kl_dyn, a.kl_rep, a.free_bits, a.pred_scale, a.reward_loss_scale) == (0.95, 0.05, 1.0, 1.0, 1.0)
     assert (a.value_ema_decay, a.bn_momentum, a.gamma, a.lam) == (0.99, 0.9, 0.997, 0.95)
     assert (a.batch_size, a.batch_length, a.train_ratio, a.num_envs, a.deter, a.stoch, a.classes) == (16, 64, 512, 4, 512, 32, 32)
-    assert not (a.no_value_predictor or a.no_action_predictor or a.no_batch_norm)
+    assert a.value_predictor and a.action_predictor and a.batch_norm
     # Table 8: Linear + BatchNorm + SiLU in the representation network, torch momentum 1 - 0.9; LayerNorm elsewhere.
     rssm = m.RSSM(deter=8, stoch=2, classes=3, units=8, action_dim=2, embed_dim=4, unimix=0.01)
     bn = [x for x in rssm.modules() if isinstance(x, nn.BatchNorm1d)]
@@ -354,6 +357,81 @@ def test_sigint_stops_cleanly_with_events_written(tmp_path):
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
              "eval_episodes": 1, "log_every": 40, "video_every": 0}
     assert_clean_interrupt("mudreamer.py", tmp_path, flags, signal.SIGINT)
+    assert "; checkpoint written: --resume runs/" in open(tmp_path / "err.txt").read()
+
+
+def test_sigterm_before_the_first_checkpoint_writes_one_then_resume_finishes(tmp_path):
+    """SIGTERM during [train], before the first periodic checkpoint: the interrupt writes RUN/checkpoint.pt at the
+    frame it stopped, --resume RUN/checkpoint.pt (the file form) finishes with the final JSON line; resumed again,
+    the finished run prints its saved summary and trains nothing. With --checkpoint-every 0 the line says so."""
+    flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 300, "eval_every": 10**6,
+             "eval_episodes": 1, "log_every": 40, "video_every": 0, "checkpoint_every": 10**6}
+    code, out, err = interrupt_cli("mudreamer.py", tmp_path, flags, signal.SIGTERM)
+    run_dir = glob.glob(str(tmp_path / "runs" / "*"))[0]
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    frame, updates = ck["loop"]["global_step"], ck["loop"]["updates"]
+    rel = os.path.relpath(run_dir, tmp_path)
+    assert code == 143 and err.strip().splitlines() == [
+        f"interrupted (SIGTERM) at frame {frame}/300 after {updates} updates; checkpoint written: --resume {rel} "
+        f"continues from frame {frame}"], err
+    assert 0 < frame < 300 and updates > 0 and ck["replay"]["count"] >= frame // 2
+    resumed = resume_cli("mudreamer.py", tmp_path, os.path.join(run_dir, "checkpoint.pt"))
+    assert f"resumed at frame {frame}" in resumed["stdout"] and "prefilling" not in resumed["stdout"]
+    final = resumed["final"]
+    assert final["global_step"] == 300 and final["updates"] > updates and math.isfinite(final["final_eval_return"])
+    again = resume_cli("mudreamer.py", tmp_path, run_dir)
+    assert again["final"] == final and again["stdout"].strip() == json.dumps(final)  # nothing built or trained
+    shutil.rmtree(tmp_path / "runs")
+    code, out, err = interrupt_cli("mudreamer.py", tmp_path, {**flags, "checkpoint_every": 0}, signal.SIGTERM)
+    assert code == 143 and err.strip().endswith("; no checkpoint (--checkpoint-every 0)"), err
+
+
+def test_resume_of_a_run_cut_in_its_final_evaluation_evaluates_then_finishes(tmp_path, monkeypatch, one_thread):
+    """An evaluation cut by an interrupt runs again after --resume: here the final one, with the frames done."""
+    monkeypatch.chdir(tmp_path)
+    evaluate = m.evaluate
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(m, "evaluate", cut)
+    args = m.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
+                  eval_every=10**6, eval_episodes=1, log_every=40, video_every=0)
+    with pytest.raises(SystemExit) as e:
+        m.main(args)
+    assert e.value.code == 143
+    run_dir = glob.glob(str(tmp_path / "runs" / "*"))[0]
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["loop"]["global_step"] == 80
+    monkeypatch.setattr(m, "evaluate", evaluate)
+    out = m.main(m.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
+                        eval_every=10**6, eval_episodes=1, log_every=40, video_every=0, resume=run_dir))
+    assert out["global_step"] == 80 and math.isfinite(out["final_eval_return"]) and len(out["eval_returns"]) == 1
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_update_and_acting_create_no_tensor_beside_the_parameters(discrete, one_thread):
+    """GPU safety without a GPU: under torch.device("meta") every tensor created without device= lands on meta, and
+    an op mixing it with the CPU parameters fails; two updates (decoder on) and a few acting steps must run. Adam
+    creates its step counters lazily with torch.tensor() (on the CPU in a CUDA run too), so one update comes first."""
+    torch.manual_seed(0)
+    a = _tiny_args()
+    nets, opts = m.build_agent(a, (3, 16, 16), 2, discrete, torch.device("cpu"))
+    data = _batch(B=4)
+    if discrete:
+        data["action"] = torch.nn.functional.one_hot(data["action"].argmax(-1), 2).float()
+    m.update(*nets.values(), opts, data, a)
+    with torch.device("meta"):
+        for _ in range(2):
+            metrics = m.update(*nets.values(), opts, data, a)
+        m.set_mode(False, nets["wm"], nets["actor"])
+        state = m.initial_state(nets["wm"], nets["actor"], 2, torch.device("cpu"))
+        for t in range(3):
+            action, state = m.policy(nets["wm"], nets["actor"], state, data["obs"][:2, t], data["is_first"][:2, t])
+        m.set_mode(True, nets["wm"], nets["actor"])
+    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
+    assert action.device.type == "cpu" and action.shape == (2, 2)
+
+
 
 
 def test_track_writes_an_offline_wandb_run(tmp_path):
@@ -362,9 +440,9 @@ def test_track_writes_an_offline_wandb_run(tmp_path):
     assert_tracks_offline("mudreamer.py", tmp_path, flags)
 
 
-@pytest.mark.parametrize("flags", [dict(no_value_predictor=True), dict(no_action_predictor=True),
-                                   dict(no_batch_norm=True), dict(kl_dyn=1.0, kl_rep=0.0),
-                                   dict(no_value_predictor=True, no_action_predictor=True, decoder=False)])
+@pytest.mark.parametrize("flags", [dict(value_predictor=False), dict(action_predictor=False),
+                                   dict(batch_norm=False), dict(kl_dyn=1.0, kl_rep=0.0),
+                                   dict(value_predictor=False, action_predictor=False, decoder=False)])
 def test_ablation_smoke(flags, tmp_path, monkeypatch, one_thread):
     """Each Table 3 ablation (and the run without decoder) trains in main(); acting always in eval mode; the
     replay rows follow common/replay.py (the obs after an episode's last one is first, with reward 0)."""
@@ -389,14 +467,14 @@ def test_ablation_smoke(flags, tmp_path, monkeypatch, one_thread):
     out = m.main(args)
     assert out["updates"] > 0 and all(math.isfinite(v) for v in out["losses"].values())
     losses = out["losses"]
-    assert ("losses/value" in losses) != bool(flags.get("no_value_predictor"))
-    assert ("losses/action" in losses) != bool(flags.get("no_action_predictor"))
+    assert ("losses/value" in losses) == flags.get("value_predictor", True)
+    assert ("losses/action" in losses) == flags.get("action_predictor", True)
     assert ("losses/image" in losses) == flags.get("decoder", True)
     firsts = [i for i, (_, first) in enumerate(rows) if first]
     assert firsts == list(range(0, len(rows), 20 // 2 + 1)) and all(rows[i][0] == 0 for i in firsts)  # 10 steps + reset obs
     assert all(r > 0 for i, (r, _) in enumerate(rows) if i not in firsts)  # cartpole-balance pays every step
     norm = seen[0].rssm.obs_out[0]
-    assert isinstance(norm, nn.LayerNorm if flags.get("no_batch_norm") else nn.BatchNorm1d)
+    assert isinstance(norm, nn.BatchNorm1d if flags.get("batch_norm", True) else nn.LayerNorm)
     if "kl_rep" in flags:
         assert losses["losses/world_model"] == pytest.approx(
             losses["losses/reward"] + losses["losses/cont"] + losses["losses/value"] + losses["losses/action"]
@@ -449,6 +527,7 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     assert "compiling the update (--compile)" in out["stdout"] and "compiled the update in" in out["stdout"]
     assert f"resumed {final['run_dir']} at frame 160 after {final['updates']} updates (replay {rows} steps)" \
         in out["stdout"]
+    assert "resumed at frame 160" in out["stdout"] and "prefilling" not in out["stdout"]  # the cost: line
     assert out["final"]["global_step"] == 240 and out["final"]["updates"] > final["updates"]
     assert out["final"]["run_dir"] == final["run_dir"]  # in place
     np.testing.assert_array_equal(_replay_obs(run_dir, rows), before)
@@ -468,8 +547,8 @@ def test_resume_and_eval_checkpoint_cli(tmp_path):
     assert_cli_error("mudreamer.py", tmp_path, resume + ["--no-decoder"], "--decoder False", "checkpoint's True")
     assert_cli_error("mudreamer.py", tmp_path, resume + ["--env-id", "walker-walk"], "--env-id walker-walk",
                      "cartpole-balance")
-    assert_cli_error("mudreamer.py", tmp_path, ["--resume", final["run_dir"], "--total-timesteps", "200"],
-                     "--total-timesteps 200", "frame 240")
+    again = resume_cli("mudreamer.py", tmp_path, final["run_dir"], "--total-timesteps", "200")  # a finished run
+    assert again["final"] == out["final"] and again["stdout"].strip() == json.dumps(out["final"])  # its line, no more
     assert_cli_error("mudreamer.py", tmp_path, ["--resume", "no/such/dir"], "--resume", "no/such/dir")
     (tmp_path / "cut").mkdir()
     truncated_copy(os.path.join(run_dir, "checkpoint.pt"), tmp_path / "cut" / "checkpoint.pt")
@@ -566,3 +645,25 @@ def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
                 "mudreamer/embed_std", "mudreamer/deter_std"):
         at = lambda acc: [e.value for e in acc.Scalars(tag) if e.step == 124]  # noqa: E731
         assert at(ea) == at(whole) and len(at(ea)) == 1, (tag, at(ea), at(whole))
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys, one_thread):
+    real_update = m.update
+
+    def bad_update(*a, **k):
+        metrics = real_update(*a, **k)
+        metrics["losses/reward"] = metrics["losses/reward"] * float("nan")
+        return metrics
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(m, "update", bad_update)
+    args = m.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
+                  eval_every=10**6, eval_episodes=1, log_every=40, video_every=0)
+    with pytest.raises(SystemExit) as e:
+        m.main(args)
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: non-finite losses/reward = nan in the updates logged at frame 40 (update ")
+    assert err[0].endswith("; last checkpoint: none"), err
+    assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))  # what was written is kept
