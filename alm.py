@@ -4,6 +4,15 @@ Paper: "Simplifying Model-based RL: Learning Representations, Latent-space Model
 One Objective", Ghugare, Bharadhwaj, Eysenbach, Levine, Salakhutdinov, ICLR 2023, arXiv:2209.08466
 (the text in shared/papers/alm.txt). Official code read, never copied: RajGhugare19/alm@3b70f5b.
 
+Map of this file (a reader who came for the paper can stop at `# --- Main`):
+    Args                               every flag; Table 3's values as defaults, Fig. 5's ablations last
+    # --- Small math helpers           exploration schedule, Gaussian sample and KL, log-odds, lambda-returns
+    # --- Networks                     encoder, latent model, actor, reward, classifier, twin critic (App. D)
+    # --- Losses and the update step   Eq. 7-11 and one ALM update (Algorithm 1), the four Adams
+    # --- Acting, evaluation, pictures acting with exploration noise, evaluation episodes
+    # --- Main                         run machinery: flag checks, progress line, signals, checkpoints and
+                                       resume, --eval-checkpoint, the loop (collect, train, log, evaluate)
+
 One objective, a lower bound on the return, trains the encoder e(z|s), the latent model m(z'|z,a) and
 the policy pi(a|z): replayed K-step sequences train encoder and model (Eq. 7: predicted rewards along
 the model rollout minus KL(m || target encoder), plus Q at the end); on-policy K-step model rollouts
@@ -62,11 +71,11 @@ memory-mapped files in runs/{run}/replay/ (disk: the replay's full size, 10 MB f
 for Humanoid's 1e6). The checkpoint holds every network with its buffers (encoder, model, actor with the action
 box, reward, classifier, twin critic, target encoder, target critic), the four Adams by group name, every counter
 (the env step, which is also the position of the exploration-std schedule and of the warm-up; updates; the next
-log, eval and checkpoint steps; the last update's metrics and the non-finite record; recent returns; the last
-evaluation; the final JSON line once the run finished), every RNG (python, numpy, torch, cuda, the warm-up
-actions' generator, the evaluation env's generator, the replay's sampling generator), the replay's head and the
-args. 10_000 steps: a kill loses at most 2% of the
-default 500_000-step run (minutes of GPU time at UTD 1) for a checkpoint of about 40 MB at the default sizes.
+log and eval steps, the last checkpoint's; the last update's metrics and the non-finite record; recent returns;
+the last evaluation; the final JSON line once the run finished), every RNG (python, numpy, torch, cuda, the
+warm-up actions' generator, the evaluation env's generator, the replay's sampling generator), the replay's head
+and the args. 10_000 steps: a kill loses at most 2% of the default 500_000-step run (minutes of GPU time at UTD 1)
+for a checkpoint of about 40 MB at the default sizes.
     --resume RUN_DIR      continue that run in place from its checkpoint (RUN_DIR/checkpoint.pt also names it; its
                           flags become the defaults; only --total-timesteps, to grow it, and the logging, evaluation
                           and tracking flags may change); a finished run prints its final JSON line again
@@ -132,23 +141,15 @@ class Args:
     capture_video: bool = False
     """not supported by alm.py (gymnasium state tasks are built without a render mode)"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
-    --eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (read by --eval-checkpoint)"""
     checkpoint_every: int = 10_000
-    """env steps between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end and one
-    on Ctrl-C / SIGTERM; the replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the
-    replay's full size). 0: none, replay in memory"""
+    """env steps between checkpoints to runs/{run_name}/checkpoint.pt (the replay then lives on disk); 0: none"""
     resume: Optional[str] = None
-    """continue the run in this run directory (or from its checkpoint.pt) in place, from its last checkpoint (a
-    periodic one, the end of the run, or the one written on Ctrl-C / SIGTERM); every flag defaults to that run's,
-    and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change; a finished
-    run prints its final JSON line again"""
+    """continue this run dir (or its checkpoint.pt) in place; only --total-timesteps and logging flags may change"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (no video: alm.py refuses
-    --capture-video), print the JSON line, and stop"""
+    """evaluate the agent in this checkpoint file for --eval-episodes episodes, print the JSON line, and stop"""
     env_id: str = "HalfCheetah-v5"
-    """a gymnasium MuJoCo id (HalfCheetah-v5, Hopper-v5, Walker2d-v5, Ant-v5, Humanoid-v5,
-    AntTruncatedObs-v5, HumanoidTruncatedObs-v5, InvertedPendulum-v5, ...)"""
+    """a gymnasium MuJoCo id (HalfCheetah-v5, Hopper-v5, Walker2d-v5, Ant-v5, Humanoid-v5, ...)"""
     total_timesteps: int = 500_000
     """environment steps in total, warm-up included (official config num_train_steps)"""
     num_envs: int = 1
