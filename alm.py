@@ -517,13 +517,12 @@ RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "chec
              "wandb_project_name", "wandb_entity", "capture_video", "eval_every", "eval_episodes", "log_every")
 CHECKS = [  # (flag, bad(value, args), message after "--flag ", formatted with the value v and check_args' names)
     ("seed", lambda v, a: v < 0, "must be >= 0, got {v}"),
-    *[(f, lambda v, a: v < 1, "must be >= 1, got {v}") for f in ("total_timesteps", "num_envs", "eval_every",
-      "eval_episodes", "log_every", "batch_size", "latent_dim", "expl_duration", "hidden_dim", "model_hidden_dim",
-      "horizon")],
+    *[(f, lambda v, a: v < 1, "must be >= 1, got {v}") for f in "total_timesteps num_envs eval_every eval_episodes "
+      "log_every batch_size latent_dim expl_duration hidden_dim model_hidden_dim horizon".split()],
     *[(f, lambda v, a: not v > 0, "must be > 0, got {v}") for f in ("learning_rate", "max_grad_norm")],
     *[(f, lambda v, a: not 0 <= v <= 1, "must lie in [0, 1], got {v}") for f in ("gamma", "tau", "lam")],
-    *[(f, lambda v, a: not v >= 0, "must be >= 0, got {v}") for f in ("learning_starts", "classifier_coef",
-                                                                      "expl_clip", "expl_start", "expl_end")],
+    *[(f, lambda v, a: not v >= 0, "must be >= 0, got {v}") for f in "learning_starts classifier_coef expl_clip "
+      "expl_start expl_end".split()],
     ("total_timesteps", lambda v, a: v <= a.learning_starts, "{v} must be larger than the warm-up, --learning-starts "
      "{a.learning_starts} (random actions, no updates): nothing would be trained"),
     ("checkpoint_every", lambda v, a: v < 0, "must be >= 0 (0: no checkpoints), got {v}"),
@@ -541,8 +540,7 @@ CHECKS = [  # (flag, bad(value, args), message after "--flag ", formatted with t
 ]
 
 
-def fail(msg):
-    """Bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback."""
+def fail(msg):  # bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -550,9 +548,9 @@ def fail(msg):
 def check_args(args: Args) -> None:
     """The CHECKS table in order, then the replay's size (on disk with checkpoints), before anything is built."""
     win, cap = args.horizon + 1, replay_capacity(args)
-    names = dict(a=args, win=win, batch=args.batch_size * win, streams=args.num_envs * win, script=SCRIPT,
-                 ids=", ".join(GYM_MUJOCO_IDS), got=f"got {cap}" + (" (the default for this --env-id)" * (
-                     args.buffer_size is None)))
+    got = f"got {cap}" + " (the default for this --env-id)" * (args.buffer_size is None)
+    names = dict(a=args, win=win, batch=args.batch_size * win, streams=args.num_envs * win, script=SCRIPT, got=got,
+                 ids=", ".join(GYM_MUJOCO_IDS))
     try:
         for flag, bad, msg in CHECKS:
             if bad(getattr(args, flag), args):
@@ -565,8 +563,7 @@ def check_args(args: Args) -> None:
 
 
 def track_non_finite(metrics: dict, first: Optional[torch.Tensor], update_index: int) -> torch.Tensor:
-    """first (2, M) float64: per metric the first update where it was non-finite (-1: none yet) and its value there.
-    Device ops only, no host sync; non_finite_message reads it at log time."""
+    """(2, M) float64: per metric the first update where it was non-finite (-1: none yet), its value; no host sync."""
     values = torch.stack(list(metrics.values())).double()  # (M,)
     first = torch.full((2, len(values)), -1.0, dtype=torch.float64, device=values.device) if first is None else first
     new = ~torch.isfinite(values) & (first[0] < 0)
@@ -587,14 +584,13 @@ def fmt_time(s):  # 12 s, 3.4 min, 5.6 h, or ? when unknown
 
 
 class Progress:
-    """The console status line, at every log step and from a heartbeat thread whenever nothing was printed for 30 s;
-    rewritten in place on a terminal, plain lines elsewhere (CI, SLURM logs). Rates and the ETA come from the
-    current phase (warmup, train) over its last `window_s` seconds, never the run's average."""
+    """The status line, at every log step and from a heartbeat whenever nothing was printed for 30 s (in place on a
+    terminal, plain lines elsewhere); rates and ETA from the current phase's last `window_s` seconds."""
 
     def __init__(self, total, window_s=120.0, clock=time.monotonic, out=sys.stdout):
         self.total, self.window_s, self.clock, self.out, self.tty = total, window_s, clock, out, out.isatty()
         self.frames, self.updates, self.recent, self.eval = 0, 0, float("nan"), float("nan")
-        self.lock, self.stop, self.last_print = threading.Lock(), threading.Event(), clock()
+        self.stop, self.last_print = threading.Event(), clock()
         self.set_phase("setup", 0)
 
     def set_phase(self, phase, end):  # `phase` lasts until frame `end`; its rates are measured afresh
@@ -625,10 +621,10 @@ class Progress:
                 + ("warmup ends in " if self.phase == "warmup" else "ETA ") + eta)
 
     def print(self, text=None, live=False):  # `live` lines are rewritten in place on a terminal
-        with self.lock:
-            self.out.write(("\r\033[K" if self.tty else "") + (text or self.line()) + ("" if live and self.tty else "\n"))
-            self.out.flush()
-            self.last_print = self.clock()
+        end = "" if live and self.tty else "\n"
+        self.out.write(("\r\033[K" if self.tty else "") + (text or self.line()) + end)
+        self.out.flush()
+        self.last_print = self.clock()
 
     def heartbeat(self):  # (a daemon thread's loop, until close)
         while not self.stop.wait(1.0):
@@ -643,9 +639,7 @@ class Progress:
 SIGNALS = {"defer": 0, "pending": None}  # deferred_signals' state
 
 
-def on_signal(signum, frame):
-    """SIGINT and SIGTERM (SLURM preemption, kill) stop the run as Ctrl-C does: KeyboardInterrupt at once, or at the
-    end of the deferred_signals section it arrives in."""
+def on_signal(signum, frame):  # SIGINT, SIGTERM: KeyboardInterrupt now, or at the end of a deferred_signals section
     if not SIGNALS["defer"]:
         raise KeyboardInterrupt(signal.Signals(signum).name)
     SIGNALS["pending"] = SIGNALS["pending"] or signal.Signals(signum).name
@@ -653,8 +647,7 @@ def on_signal(signum, frame):
 
 @contextlib.contextmanager
 def deferred_signals():
-    """A section a signal must not cut (an update with its counters, a replay row, a checkpoint): a signal that
-    arrives inside waits for its end, then raises KeyboardInterrupt."""
+    """A section a signal must not cut (an update with its counters, a replay row, a checkpoint) runs to its end."""
     SIGNALS["defer"] += 1
     try:
         yield
@@ -666,8 +659,7 @@ def deferred_signals():
 
 
 def close_envs(*envs, kill=False):
-    """Close envs quietly, also ones whose workers stopped. After Ctrl-C or SIGTERM (which the workers ignore) a step
-    may be cut between its messages and a polite close could wait forever: `kill` ends the workers instead."""
+    """Close envs quietly; `kill` (after a signal, which may cut a step between its messages) ends the workers."""
     for env in envs:
         for process in getattr(env, "processes", []) if kill else []:
             process.kill(), process.join()
@@ -681,14 +673,14 @@ def close_envs(*envs, kill=False):
 
 
 def save_checkpoint(path, args, nets, opts, loop, replay=None, gens=None):
-    """Everything needed to continue the run as one dict, written atomically (a temporary file, fsynced, renamed)
-    while signals wait. The replay's files are flushed first: the dict holds their head and sampling RNG; `gens`:
-    numpy generators by name (the warm-up's, the evaluation env's), saved beside every global RNG."""
+    """Everything needed to continue the run as one dict, written atomically (a temporary file, fsynced, renamed);
+    `gens`: numpy generators by name (the warm-up's, the evaluation env's), saved beside every global RNG."""
     with deferred_signals():
         if replay is not None:
             replay.flush()
         kind, key, *rest = np.random.get_state()
-        ck = {"script": SCRIPT, "args": asdict(args), "loop": loop, "nets": {k: m.state_dict() for k, m in nets.items()},
+        ck = {"script": SCRIPT, "args": asdict(args), "loop": loop,
+              "nets": {k: n.state_dict() for k, n in nets.items()},
               "opts": {k: o.state_dict() for k, o in opts.items()},  # by group name: model, reward, critic, actor
               "replay": replay.state_dict() if replay is not None else None,
               "rng": {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
@@ -704,10 +696,10 @@ def save_checkpoint(path, args, nets, opts, loop, replay=None, gens=None):
 
 
 def load_checkpoint(path, flag, args):
-    """The checkpoint at `path`, or one error naming `flag` and the file, or a flag that would change the saved run's
-    model or schedule (with both values; an evaluation may pick its own --seed and --num-envs)."""
+    """The checkpoint at `path`, or one error naming `flag` and the file or a flag that would change its model."""
     if not os.path.isfile(path):
-        fail(f"{flag}: no checkpoint {path}" + " (was the run started with --checkpoint-every 0?)" * (flag == "--resume"))
+        fail(f"{flag}: no checkpoint {path}" + (" (was the run started with --checkpoint-every 0?)"
+                                                 if flag == "--resume" else ""))
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated (EOFError, RuntimeError), or not a checkpoint at all (UnpicklingError)
@@ -715,7 +707,7 @@ def load_checkpoint(path, flag, args):
     if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
         fail(f"{flag}: {path} is a checkpoint of {ck.get('script') if isinstance(ck, dict) else 'nothing known'}, "
              f"not of {SCRIPT}")
-    saved, step, free = ck["args"], ck["loop"]["global_step"], RESUMABLE + ("seed", "num_envs") * (flag[2] == "e")
+    saved, step, free = ck["args"], ck["loop"]["global_step"], RESUMABLE + ("seed", "num_envs") * (flag != "--resume")
     for name, value in asdict(args).items():
         if name not in free and name in saved and saved[name] != value:
             fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
@@ -728,8 +720,7 @@ def load_checkpoint(path, flag, args):
 
 
 def restore_checkpoint(ck, nets, opts, replay=None, gens=None):
-    """Put save_checkpoint's dict back: networks, optimisers, the replay's head and sampling RNG, the generators in
-    `gens`, every global RNG (last: nothing drawn while restoring shifts them). Returns the saved loop state."""
+    """Put save_checkpoint's dict back (the global RNGs last: nothing drawn here shifts them); returns the loop."""
     for k, m in [*nets.items(), *opts.items()]:
         m.load_state_dict(ck["nets" if k in nets else "opts"][k])
     if replay is not None:
@@ -746,8 +737,7 @@ def restore_checkpoint(ck, nets, opts, replay=None, gens=None):
 
 
 def saved_defaults(argv):
-    """With --resume RUN (or RUN/checkpoint.pt) or --eval-checkpoint PATH, the saved run's flags become the command
-    line's defaults (None without them, or when the checkpoint cannot be read: main then says why)."""
+    """With --resume or --eval-checkpoint, the saved run's flags as the defaults (None if unreadable: main says why)."""
     for flag, value in [*zip(argv, argv[1:]), *(a.split("=", 1) for a in argv if "=" in a)]:
         if flag in ("--resume", "--eval-checkpoint"):
             try:
@@ -759,8 +749,7 @@ def saved_defaults(argv):
                 return None
 
 
-def build_agent(args: Args, obs_dim: int, action_dim: int, low, high, device: torch.device):
-    """Every network (the two target copies inside the Agent) by name, the four Adams and their parameter groups."""
+def build_agent(args: Args, obs_dim: int, action_dim: int, low, high, device):  # networks by name, Adams, groups
     agent = Agent(obs_dim, action_dim, args.latent_dim, args.hidden_dim, args.model_hidden_dim, low, high).to(device)
     return {"agent": agent}, *make_optimizers(agent, args.learning_rate)
 
@@ -804,7 +793,8 @@ def main(args: Args) -> dict:
                    f"(training + evaluation) ...")
     run_dir = args.resume or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     try:
-        envs, eval_env = make_vector_env(args.env_id, args.num_envs, args.seed), make_env(args.env_id, args.seed + 10_000)
+        envs = make_vector_env(args.env_id, args.num_envs, args.seed)
+        eval_env = make_env(args.env_id, args.seed + 10_000)
     except (ValueError, TypeError) as e:
         fail(e)
     obs_dim, space = envs.single_observation_space.shape[0], envs.single_action_space
@@ -843,7 +833,7 @@ def main(args: Args) -> dict:
         loop.first_bad = loop.first_bad.to(device) if loop.first_bad is not None else None
         progress.print(f"resumed {run_dir} at frame {loop.global_step} after {loop.updates} updates (replay "
                        f"{len(replay)} steps); the episodes in progress when it stopped start afresh")
-    path, step0, start, train_start = os.path.join(run_dir, CHECKPOINT), loop.global_step, time.time(), None
+    path, step0, start, measured = os.path.join(run_dir, CHECKPOINT), loop.global_step, time.time(), False
     warmup, interrupted, bad = min(args.learning_starts, args.total_timesteps), None, None  # random actions, no updates
     progress.print(f"cost: {B * (K + 1)} + {B * 2} replayed steps per update ({B} windows of --horizon + 1 = {K + 1} "
                    f"steps, {B} transitions), 1 update per env step (UTD 1), about "
@@ -896,7 +886,6 @@ def main(args: Args) -> dict:
             if loop.global_step >= args.learning_starts and replay.count > K:
                 if progress.phase == "warmup":
                     progress.set_phase("train", args.total_timesteps)
-                    train_start = (time.time(), loop.global_step, loop.updates)
                 with deferred_signals():  # the frame's updates and their counters, whole (a signal waits for them)
                     for _ in range(frames):
                         # DEVIATION: windows never cross an episode start (the official sample_seq checks terminals)
@@ -908,13 +897,13 @@ def main(args: Args) -> dict:
                         # (a host sync); we record on device where each metric first went non-finite, check at log time
                         loop.first_bad = track_non_finite(loop.metrics, loop.first_bad, loop.updates)
             progress.step(loop.global_step, loop.updates, np.mean(loop.recent_returns or np.nan))
-            if train_start and loop.updates - train_start[2] >= 10 and time.time() - train_start[0] >= 20:
-                elapsed = time.time() - train_start[0]
-                rest = (args.total_timesteps - loop.global_step) * elapsed / max(loop.global_step - train_start[1], 1)
-                progress.print(f"measured: {elapsed / (loop.updates - train_start[2]):.2f} s per update with acting; "
-                               f"projected wall time of the run{' from here' if ck else ''} "
-                               f"{fmt_time(time.time() - start + rest)} (evaluations extra)")
-                train_start = None  # (once)
+            t0, _, u0 = progress.samples[0]  # (the train phase's first rate sample: its start, for 120 s)
+            if progress.phase == "train" and not measured and loop.updates - u0 >= 10 and progress.clock() - t0 >= 20:
+                measured = True
+                rest = progress.eta()  # (the train phase's ETA at its rate so far)
+                progress.print(f"measured: {1 / progress.rates()[1]:.2f} s per update with acting; projected wall time "
+                               f"of the run{' from here' if ck else ''} {fmt_time(time.time() - start + rest)} "
+                               f"(evaluations extra)")
 
             # Log (host syncs only here), evaluate, checkpoint (between steps, never inside an update)
             if loop.global_step >= loop.next_log:
@@ -945,10 +934,10 @@ def main(args: Args) -> dict:
             writer.add_scalar("eval/episodic_return", loop.last_eval, loop.global_step)  # a resume never logs it twice)
             if loop.global_step >= loop.next_eval:  # the final evaluation is also the one due at this step (a resumed
                 loop.next_eval += args.eval_every  # run continues the schedule of the uninterrupted one)
-            if args.checkpoint_every:  # --resume prints its JSON line or, given a larger --total-timesteps, continues it
+            if args.checkpoint_every:  # --resume prints its JSON line, or continues it with a larger --total-timesteps
                 checkpoint()
             if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
-                save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, optims, vars(loop), None, gens)
+                save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, optims, vars(loop), gens=gens)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside an update, a replay row or a save
         interrupted = str(e) or "SIGINT"
         if args.checkpoint_every and loop.saved != loop.global_step:  # the state as it is now, resumable
@@ -962,16 +951,12 @@ def main(args: Args) -> dict:
         close_envs(envs, eval_env, kill=interrupted is not None)
         if args.track:
             wandb.finish()
-    if interrupted:
-        print(f"interrupted ({interrupted}) at frame {loop.global_step}/{args.total_timesteps} after {loop.updates} "
+    if interrupted or bad:  # (the events up to the last log are written, the envs closed)
+        print(f"error: {bad}; last checkpoint: {path if loop.saved is not None else 'none'}" if bad else
+              f"interrupted ({interrupted}) at frame {loop.global_step}/{args.total_timesteps} after {loop.updates} "
               f"updates; " + (f"checkpoint written: --resume {run_dir} continues from frame {loop.global_step}"
-                              if args.checkpoint_every else "no checkpoint (--checkpoint-every 0)"),
-              file=sys.stderr, flush=True)
-        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
-    if bad:  # the events up to the last log are written, the envs closed
-        print(f"error: {bad}; last checkpoint: {path if loop.saved is not None else 'none'}", file=sys.stderr,
-              flush=True)
-        raise SystemExit(3)
+                              if args.checkpoint_every else "no checkpoint (--checkpoint-every 0)"), file=sys.stderr)
+        raise SystemExit(3 if bad else 130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell does
     print(json.dumps(loop.summary), flush=True)
     return loop.summary
 
