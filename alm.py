@@ -4,6 +4,15 @@ Paper: "Simplifying Model-based RL: Learning Representations, Latent-space Model
 One Objective", Ghugare, Bharadhwaj, Eysenbach, Levine, Salakhutdinov, ICLR 2023, arXiv:2209.08466
 (the text in shared/papers/alm.txt). Official code read, never copied: RajGhugare19/alm@3b70f5b.
 
+Map of this file (a reader who came for the paper can stop at `# --- Main`):
+    Args                               every flag; Table 3's values as defaults, Fig. 5's ablations last
+    # --- Small math helpers           exploration schedule, Gaussian sample and KL, log-odds, lambda-returns
+    # --- Networks                     encoder, latent model, actor, reward, classifier, twin critic (App. D)
+    # --- Losses and the update step   Eq. 7-11 and one ALM update (Algorithm 1), the four Adams
+    # --- Acting, evaluation, pictures acting with exploration noise, evaluation episodes
+    # --- Main                         run machinery: flag checks, progress line, signals, checkpoints and
+                                       resume, --eval-checkpoint, the loop (collect, train, log, evaluate)
+
 One objective, a lower bound on the return, trains the encoder e(z|s), the latent model m(z'|z,a) and
 the policy pi(a|z): replayed K-step sequences train encoder and model (Eq. 7: predicted rewards along
 the model rollout minus KL(m || target encoder), plus Q at the end); on-policy K-step model rollouts
@@ -62,11 +71,11 @@ memory-mapped files in runs/{run}/replay/ (disk: the replay's full size, 10 MB f
 for Humanoid's 1e6). The checkpoint holds every network with its buffers (encoder, model, actor with the action
 box, reward, classifier, twin critic, target encoder, target critic), the four Adams by group name, every counter
 (the env step, which is also the position of the exploration-std schedule and of the warm-up; updates; the next
-log, eval and checkpoint steps; the last update's metrics and the non-finite record; recent returns; the last
-evaluation; the final JSON line once the run finished), every RNG (python, numpy, torch, cuda, the warm-up
-actions' generator, the evaluation env's generator, the replay's sampling generator), the replay's head and the
-args. 10_000 steps: a kill loses at most 2% of the
-default 500_000-step run (minutes of GPU time at UTD 1) for a checkpoint of about 40 MB at the default sizes.
+log and eval steps, the last checkpoint's; the last update's metrics and the non-finite record; recent returns;
+the last evaluation; the final JSON line once the run finished), every RNG (python, numpy, torch, cuda, the
+warm-up actions' generator, the evaluation env's generator, the replay's sampling generator), the replay's head
+and the args. 10_000 steps: a kill loses at most 2% of the default 500_000-step run (minutes of GPU time at UTD 1)
+for a checkpoint of about 40 MB at the default sizes.
     --resume RUN_DIR      continue that run in place from its checkpoint (RUN_DIR/checkpoint.pt also names it; its
                           flags become the defaults; only --total-timesteps, to grow it, and the logging, evaluation
                           and tracking flags may change); a finished run prints its final JSON line again
@@ -97,6 +106,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -131,23 +141,15 @@ class Args:
     capture_video: bool = False
     """not supported by alm.py (gymnasium state tasks are built without a render mode)"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
-    --eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (read by --eval-checkpoint)"""
     checkpoint_every: int = 10_000
-    """env steps between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end and one
-    on Ctrl-C / SIGTERM; the replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the
-    replay's full size). 0: none, replay in memory"""
+    """env steps between checkpoints to runs/{run_name}/checkpoint.pt (the replay then lives on disk); 0: none"""
     resume: Optional[str] = None
-    """continue the run in this run directory (or from its checkpoint.pt) in place, from its last checkpoint (a
-    periodic one, the end of the run, or the one written on Ctrl-C / SIGTERM); every flag defaults to that run's,
-    and only --total-timesteps (to grow it) and the logging, evaluation and tracking flags may change; a finished
-    run prints its final JSON line again"""
+    """continue this run dir (or its checkpoint.pt) in place; only --total-timesteps and logging flags may change"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (no video: alm.py refuses
-    --capture-video), print the JSON line, and stop"""
+    """evaluate the agent in this checkpoint file for --eval-episodes episodes, print the JSON line, and stop"""
     env_id: str = "HalfCheetah-v5"
-    """a gymnasium MuJoCo id (HalfCheetah-v5, Hopper-v5, Walker2d-v5, Ant-v5, Humanoid-v5,
-    AntTruncatedObs-v5, HumanoidTruncatedObs-v5, InvertedPendulum-v5, ...)"""
+    """a gymnasium MuJoCo id (HalfCheetah-v5, Hopper-v5, Walker2d-v5, Ant-v5, Humanoid-v5, ...)"""
     total_timesteps: int = 500_000
     """environment steps in total, warm-up included (official config num_train_steps)"""
     num_envs: int = 1
@@ -204,57 +206,6 @@ class Args:
     """the classifier reward of the policy objective (--no-classifier-reward: Fig. 5 left, "no classifier reward")"""
 
 
-def fail(msg):
-    """Bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def check_args(args: Args) -> None:
-    """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
-    a = args
-    if a.seed < 0:
-        fail(f"--seed must be >= 0, got {a.seed}")
-    for flag in ("total_timesteps", "num_envs", "eval_every", "eval_episodes", "log_every", "batch_size",
-                 "latent_dim", "expl_duration", "hidden_dim", "model_hidden_dim", "horizon"):
-        if getattr(a, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    for flag in ("learning_rate", "max_grad_norm"):
-        if not getattr(a, flag) > 0:
-            fail(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
-    for flag in ("gamma", "tau", "lam"):
-        if not 0.0 <= getattr(a, flag) <= 1.0:
-            fail(f"--{flag} must lie in [0, 1], got {getattr(a, flag)}")
-    for flag in ("learning_starts", "classifier_coef", "expl_clip", "expl_start", "expl_end"):
-        if not getattr(a, flag) >= 0:
-            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
-    if a.total_timesteps <= a.learning_starts:
-        fail(f"--total-timesteps {a.total_timesteps} must be larger than the warm-up, --learning-starts "
-             f"{a.learning_starts} (random actions, no updates): nothing would be trained")
-    if a.checkpoint_every < 0:
-        fail(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}")
-    if a.resume and a.eval_checkpoint:
-        fail("--resume and --eval-checkpoint exclude each other")
-    if a.capture_video:
-        fail("--capture-video is not supported by alm.py: common.envs.make_env builds gymnasium "
-             "state tasks without a render mode")
-    cap, window = replay_capacity(a), a.horizon + 1  # each update samples (B, K+1) windows
-    got = f"got {cap}" + (" (the default for this --env-id)" if a.buffer_size is None else "")
-    if cap < a.batch_size * window:
-        fail(f"--buffer-size must hold one batch of windows (--batch-size x (--horizon + 1) = "
-             f"{a.batch_size * window} steps), {got}")
-    if cap // a.num_envs < window:
-        fail(f"--buffer-size must hold a window of --horizon + 1 = {window} steps in each of the --num-envs "
-             f"{a.num_envs} streams ({a.num_envs * window} steps), {got}")
-    try:
-        pixels = is_pixel(a.env_id)
-    except ValueError as e:
-        fail(e)
-    if pixels:  # DMC and MiniGrid ids: pixel observations (MiniGrid also discrete actions)
-        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from state vectors with continuous actions; "
-             f"use a gymnasium MuJoCo id: {', '.join(GYM_MUJOCO_IDS)}")
-
-
 def replay_capacity(args: Args) -> int:
     """[ALM Table 3] replay buffer 1e6 for Humanoid (plain and truncated), 1e5 otherwise, unless --buffer-size."""
     if args.buffer_size is not None:
@@ -262,10 +213,7 @@ def replay_capacity(args: Args) -> int:
     return 1_000_000 if "Humanoid" in args.env_id else 100_000
 
 
-# ---------------------------------------------------------------------------------------------------
-# Math helpers
-
-
+# --- Small math helpers ----------------------------------------------------------------------
 def linear_schedule(start: float, end: float, duration: int, step: int) -> float:
     """[Table 3] linear(start, end, duration): start at step 0, end from step `duration` on."""
     return end + (1.0 - min(step / duration, 1.0)) * (start - end)
@@ -312,10 +260,7 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
             tp.lerp_(p, tau)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Networks
-
-
+# --- Networks --------------------------------------------------------------------------------
 def mlp(inp: int, hidden: int, out: int, layer_norm: bool = False) -> nn.Sequential:
     """2 hidden layers, ELU (App. D, App. G). layer_norm: first layer Linear-LayerNorm-Tanh (App. D applies
     LayerNorm to the value function and rewards; the official code also to the classifier)."""
@@ -405,10 +350,7 @@ class Agent(nn.Module):
         return self.classifier(torch.cat([z, a, z_next], -1))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Losses and the update step
-
-
+# --- Losses and the update step --------------------------------------------------------------
 def split_transitions(batch: dict):
     """(B, 2) windows -> s_t, a_t, r, s_{t+1}, terminal. The reward and terminal flag of the transition
     (s_t, a_t) -> s_{t+1} are stored on the row of s_{t+1}: reward[:, 1], is_terminal[:, 1]."""
@@ -537,14 +479,6 @@ def update(agent: Agent, optims: dict, groups: dict, seq: dict, batch: dict, std
     return {k: v.detach() for k, v in metrics.items()}
 
 
-def build_agent(args: Args, obs_dim: int, action_dim: int, low, high, device: torch.device):
-    """Every network, the two target copies inside the Agent (as a dict by name), the four Adams (a dict by
-    group name, make_optimizers) and their parameter groups."""
-    agent = Agent(obs_dim, action_dim, args.latent_dim, args.hidden_dim, args.model_hidden_dim, low, high).to(device)
-    optims, groups = make_optimizers(agent, args.learning_rate)
-    return {"agent": agent}, optims, groups
-
-
 def make_optimizers(agent: Agent, lr: float):
     """Four Adams as in the official code: encoder+model, reward+classifier, critic, actor (lr Table 3)."""
     groups = dict(model=[*agent.encoder.parameters(), *agent.model.parameters()],
@@ -553,29 +487,7 @@ def make_optimizers(agent: Agent, lr: float):
     return {k: torch.optim.Adam(v, lr=lr) for k, v in groups.items()}, groups
 
 
-def track_non_finite(metrics: dict, first: Optional[torch.Tensor], update_index: int) -> torch.Tensor:
-    """first (2, M) float64: per metric, the first update index where it was non-finite (-1 while finite) and its
-    value there. Device ops only, no host sync; read by non_finite_message at log time."""
-    values = torch.stack(list(metrics.values())).double()  # (M,)
-    if first is None:
-        first = torch.full((2, len(values)), -1.0, dtype=torch.float64, device=values.device)
-    new = ~torch.isfinite(values) & (first[0] < 0)
-    return torch.stack([torch.where(new, update_index, first[0]), torch.where(new, values, first[1])])
-
-
-def non_finite_message(names: list, first: Optional[torch.Tensor], step: int) -> Optional[str]:
-    """Names the first non-finite metric (earliest update, then computation order) logged at frame `step`, or None.
-    A host sync."""
-    if first is None:
-        return None
-    updates, values = first.tolist()
-    bad = [(u, i) for i, u in enumerate(updates) if u >= 0]
-    if not bad:
-        return None
-    u, i = min(bad)  # NaN spreads: later metrics and later updates are consequences
-    return f"non-finite {names[i]} = {values[i]} in the updates logged at frame {step} (update {int(u)})"
-
-
+# --- Acting, evaluation, pictures ------------------------------------------------------------
 @torch.no_grad()
 def act(agent: Agent, obs: torch.Tensor, std: float, deterministic: bool) -> torch.Tensor:
     """[Algorithm 1 line 3] a ~ pi(.|z), z ~ e(s) from the online encoder; unclipped noise; the mean at eval.
@@ -599,111 +511,143 @@ def evaluate(agent: Agent, env, episodes: int, device: torch.device) -> list:
     return returns
 
 
-# ---------------------------------------------------------------------------------------------------
-# Console, signals and the main loop
+# --- Main ---------------------------------------------------------------------------------------
+SCRIPT, CHECKPOINT = os.path.basename(__file__), "checkpoint.pt"
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track", "cuda",
+             "wandb_project_name", "wandb_entity", "capture_video", "eval_every", "eval_episodes", "log_every")
+CHECKS = [  # (flag, bad(value, args), message after "--flag ", formatted with the value v and check_args' names)
+    ("seed", lambda v, a: v < 0, "must be >= 0, got {v}"),
+    *[(f, lambda v, a: v < 1, "must be >= 1, got {v}") for f in "total_timesteps num_envs eval_every eval_episodes "
+      "log_every batch_size latent_dim expl_duration hidden_dim model_hidden_dim horizon".split()],
+    *[(f, lambda v, a: not v > 0, "must be > 0, got {v}") for f in ("learning_rate", "max_grad_norm")],
+    *[(f, lambda v, a: not 0 <= v <= 1, "must lie in [0, 1], got {v}") for f in ("gamma", "tau", "lam")],
+    *[(f, lambda v, a: not v >= 0, "must be >= 0, got {v}") for f in "learning_starts classifier_coef expl_clip "
+      "expl_start expl_end".split()],
+    ("total_timesteps", lambda v, a: v <= a.learning_starts, "{v} must be larger than the warm-up, --learning-starts "
+     "{a.learning_starts} (random actions, no updates): nothing would be trained"),
+    ("checkpoint_every", lambda v, a: v < 0, "must be >= 0 (0: no checkpoints), got {v}"),
+    ("resume", lambda v, a: v and a.eval_checkpoint, "and --eval-checkpoint exclude each other"),
+    ("resume", lambda v, a: v and not os.path.isdir(v), "{v}: no such run directory (give the run's folder, e.g. "
+     "runs/NAME)"),
+    ("capture_video", lambda v, a: v, "is not supported by {script}: common.envs.make_env builds gymnasium state "
+     "tasks without a render mode"),
+    ("buffer_size", lambda v, a: replay_capacity(a) < a.batch_size * (a.horizon + 1), "must hold one batch of "
+     "windows (--batch-size x (--horizon + 1) = {batch} steps), {got}"),  # an update samples (B, K+1) windows
+    ("buffer_size", lambda v, a: replay_capacity(a) // a.num_envs < a.horizon + 1, "must hold a window of --horizon "
+     "+ 1 = {win} steps in each of the --num-envs {a.num_envs} streams ({streams} steps), {got}"),
+    ("env_id", lambda v, a: is_pixel(v), "{v}: {script} learns from state vectors with continuous actions; use a "
+     "gymnasium MuJoCo id: {ids}"),  # (DMC and MiniGrid ids are pixel tasks; is_pixel refuses an unknown id)
+]
 
 
-def fmt_time(seconds):
-    """12 s, 3.4 min, 5.6 h, or ? when unknown."""
-    if not np.isfinite(seconds):
-        return "?"
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+def fail(msg):  # bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def check_args(args: Args) -> None:
+    """The CHECKS table in order, then the replay's size (on disk with checkpoints), before anything is built."""
+    win, cap = args.horizon + 1, replay_capacity(args)
+    got = f"got {cap}" + " (the default for this --env-id)" * (args.buffer_size is None)
+    names = dict(a=args, win=win, batch=args.batch_size * win, streams=args.num_envs * win, script=SCRIPT, got=got,
+                 ids=", ".join(GYM_MUJOCO_IDS))
+    try:
+        for flag, bad, msg in CHECKS:
+            if bad(getattr(args, flag), args):
+                fail(f"--{flag.replace('_', '-')} " + msg.format(v=getattr(args, flag), **names))
+        if not args.eval_checkpoint:  # the state size is unknown before the env is: 1 dim, a lower bound
+            check_capacity(cap, args.num_envs, (1,), 1, np.float32, resume=bool(args.resume), path=os.path.join(
+                args.resume or "runs", "replay") if args.checkpoint_every or args.resume else None)
+    except (ValueError, MemoryError) as e:  # an unknown --env-id, a replay that cannot fit
+        fail(e)
+
+
+def track_non_finite(metrics: dict, first: Optional[torch.Tensor], update_index: int) -> torch.Tensor:
+    """(2, M) float64: per metric the first update where it was non-finite (-1: none yet), its value; no host sync."""
+    values = torch.stack(list(metrics.values())).double()  # (M,)
+    first = torch.full((2, len(values)), -1.0, dtype=torch.float64, device=values.device) if first is None else first
+    new = ~torch.isfinite(values) & (first[0] < 0)
+    return torch.stack([torch.where(new, update_index, first[0]), torch.where(new, values, first[1])])
+
+
+def non_finite_message(names: list, first: Optional[torch.Tensor], step: int) -> Optional[str]:
+    """The first non-finite metric (earliest update, then computation order) logged at frame `step`, or None."""
+    bad = [(u, i, v) for i, (u, v) in enumerate(zip(*first.tolist())) if u >= 0] if first is not None else []
+    if bad:
+        u, i, v = min(bad)  # NaN spreads: later metrics and later updates are consequences
+        return f"non-finite {names[i]} = {v} in the updates logged at frame {step} (update {int(u)})"
+
+
+def fmt_time(s):  # 12 s, 3.4 min, 5.6 h, or ? when unknown
+    return "?" if not np.isfinite(s) else f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else \
+        f"{s / 3600:.1f} h"
 
 
 class Progress:
-    """What the run is doing, on the console: a status line at every log step and, from a background thread,
-    at least every `every_s` seconds (also during a long update or an evaluation). On a terminal the status
-    line is rewritten in place; elsewhere (CI, SLURM logs) it is a plain line. The rates and the ETA come
-    from the current phase only (warmup, train), over its last `window_s` seconds, never the run's average.
-    """
+    """The status line, at every log step and from a heartbeat whenever nothing was printed for 30 s (in place on a
+    terminal, plain lines elsewhere); rates and ETA from the current phase's last `window_s` seconds."""
 
-    def __init__(self, total, every_s=30.0, window_s=120.0, clock=time.monotonic, out=sys.stdout):
-        self.total, self.every_s, self.window_s, self.clock, self.out = total, every_s, window_s, clock, out
-        self.tty = out.isatty()
-        self.frames = self.updates = 0
-        self.recent = self.eval = float("nan")
-        self.phase, self.phase_end, self.samples = "setup", 0, deque()
-        self.last_print, self.lock, self.stop = clock(), threading.RLock(), threading.Event()
-        self.thread = None
+    def __init__(self, total, window_s=120.0, clock=time.monotonic, out=sys.stdout):
+        self.total, self.window_s, self.clock, self.out, self.tty = total, window_s, clock, out, out.isatty()
+        self.frames, self.updates, self.recent, self.eval = 0, 0, float("nan"), float("nan")
+        self.stop, self.last_print = threading.Event(), clock()
+        self.set_phase("setup", 0)
 
-    def set_phase(self, phase, end):
-        """Enter `phase`, which lasts until frame `end`; its rate is measured afresh."""
-        with self.lock:
-            self.phase, self.phase_end = phase, end
-            self.samples = deque([(self.clock(), self.frames, self.updates)])
+    def set_phase(self, phase, end):  # `phase` lasts until frame `end`; its rates are measured afresh
+        self.phase, self.phase_end, self.samples = phase, end, deque([(self.clock(), self.frames, self.updates)])
 
-    def step(self, frames, updates, recent=None, eval_return=None):
-        """Record the counters (cheap: call it every env step); a rate sample at most once a second."""
-        self.frames, self.updates = frames, updates
+    def step(self, frames, updates, recent=None, eval_return=None):  # every env step; a rate sample once a second
+        self.frames, self.updates, now = frames, updates, self.clock()
         self.recent = self.recent if recent is None else recent
         self.eval = self.eval if eval_return is None else eval_return
-        now = self.clock()
-        with self.lock:
-            if now - self.samples[-1][0] >= 1.0:
-                self.samples.append((now, frames, updates))
-                while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
-                    self.samples.popleft()
+        if now - self.samples[-1][0] >= 1.0:
+            self.samples.append((now, frames, updates))
+            while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+                self.samples.popleft()
 
-    def rates(self):
-        """(frames/s, updates/s) of the current phase over its recent window."""
-        with self.lock:
-            t0, f0, u0 = self.samples[0]
+    def rates(self):  # (frames/s, updates/s) of the current phase over its recent window
+        t0, f0, u0 = self.samples[0]
         dt = self.clock() - t0
         return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (float("nan"), float("nan"))
 
-    def eta(self):
-        """Seconds until the current phase ends, at its recent frame rate."""
+    def eta(self):  # seconds until the current phase ends
         fps = self.rates()[0]
         return (self.phase_end - self.frames) / fps if fps > 0 else float("nan")
 
     def line(self):
-        fps, ups = self.rates()
-        eta = f"{self.phase} ends in {fmt_time(self.eta())}" if self.phase == "warmup" else f"ETA {fmt_time(self.eta())}"
+        (fps, ups), eta = self.rates(), fmt_time(self.eta())
         return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | "
-                f"{fps:.1f} frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | {eta}")
+                f"{fps:.1f} frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | "
+                + ("warmup ends in " if self.phase == "warmup" else "ETA ") + eta)
 
-    def print(self, text=None, live=False):
-        """Print `text` (default: the status line); `live` lines are rewritten in place on a terminal."""
-        with self.lock:
-            text = self.line() if text is None else text
-            end = "" if live and self.tty else "\n"
-            self.out.write(("\r\033[K" if self.tty else "") + text + end)
-            self.out.flush()
-            self.last_print = self.clock()
+    def print(self, text=None, live=False):  # `live` lines are rewritten in place on a terminal
+        end = "" if live and self.tty else "\n"
+        self.out.write(("\r\033[K" if self.tty else "") + (text or self.line()) + end)
+        self.out.flush()
+        self.last_print = self.clock()
 
-    def start(self):
-        """Heartbeat thread: the status line whenever nothing was printed for `every_s` seconds."""
-        def beat():
-            while not self.stop.wait(1.0):
-                if self.clock() - self.last_print >= self.every_s:
-                    self.print(live=True)
-        self.thread = threading.Thread(target=beat, daemon=True)
-        self.thread.start()
+    def heartbeat(self):  # (a daemon thread's loop, until close)
+        while not self.stop.wait(1.0):
+            if self.clock() - self.last_print >= 30:
+                self.print(live=True)
 
     def close(self):
         self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-        if self.tty:
-            self.out.write("\n")
+        self.out.write("\n" if self.tty else "")
 
 
 SIGNALS = {"defer": 0, "pending": None}  # deferred_signals' state
 
 
-def on_signal(signum, frame):
-    """SIGINT and SIGTERM (SLURM preemption, kill) stop the run as Ctrl-C does: KeyboardInterrupt at once, or at the
-    end of the deferred_signals section it arrives in."""
-    name = signal.Signals(signum).name
+def on_signal(signum, frame):  # SIGINT, SIGTERM: KeyboardInterrupt now, or at the end of a deferred_signals section
     if not SIGNALS["defer"]:
-        raise KeyboardInterrupt(name)
-    SIGNALS["pending"] = SIGNALS["pending"] or name
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    SIGNALS["pending"] = SIGNALS["pending"] or signal.Signals(signum).name
 
 
 @contextlib.contextmanager
 def deferred_signals():
-    """A section a signal must not cut (an update with its counters, a replay row, a checkpoint): a signal that
-    arrives inside waits for its end, then raises KeyboardInterrupt."""
+    """A section a signal must not cut (an update with its counters, a replay row, a checkpoint) runs to its end."""
     SIGNALS["defer"] += 1
     try:
         yield
@@ -715,81 +659,44 @@ def deferred_signals():
 
 
 def close_envs(*envs, kill=False):
-    """Close vector envs; workers that already stopped are fine. Ctrl-C or SIGTERM (which the workers ignore) can
-    strike between the messages of a step, and a polite close would then take a stale reply for the workers' answer
-    or wait forever: `kill` ends the workers of an AsyncVectorEnv instead. Gymnasium's warning about a step still
-    pending is not shown: it is finished here."""
+    """Close envs quietly; `kill` (after a signal, which may cut a step between its messages) ends the workers."""
     for env in envs:
-        if kill and hasattr(env, "processes"):
-            for process in env.processes:
-                process.kill(), process.join()
+        for process in getattr(env, "processes", []) if kill else []:
+            process.kill(), process.join()
             env.closed = True  # nothing left to close, also not at exit
-            continue
         try:
-            with warnings.catch_warnings():  # (action="ignore" needs Python 3.11)
+            with warnings.catch_warnings():  # (gymnasium's warning about a pending step: it is finished here)
                 warnings.simplefilter("ignore")
                 env.close()
         except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
             pass
 
 
-CHECKPOINT = "checkpoint.pt"
-# Flags a resumed run may change: they touch neither the model nor the training schedule.
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "track",
-             "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
-             "log_every")
-
-
-def rng_state():
-    """Every global random number generator the run draws from (the replay's, the warm-up actions' and the
-    evaluation env's own generators are saved beside it)."""
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
-                                                    cached),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def env_rng(env):
-    """The generator a gymnasium env draws its initial states from on reset() without a seed (None for an env
-    without one): the evaluation env is reset that way, so its generator is part of a checkpoint."""
-    return getattr(getattr(env, "unwrapped", env), "np_random", None)
-
-
-def save_checkpoint(path, args, nets, opts, loop, replay=None):
-    """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
-    os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
-    are flushed first; the checkpoint holds only their head, count and sampling RNG."""
-    with deferred_signals():  # a signal waits until the checkpoint is whole
+def save_checkpoint(path, args, nets, opts, loop, replay=None, gens=None):
+    """Everything needed to continue the run as one dict, written atomically (a temporary file, fsynced, renamed);
+    `gens`: numpy generators by name (the warm-up's, the evaluation env's), saved beside every global RNG."""
+    with deferred_signals():
         if replay is not None:
             replay.flush()
-        payload = {"script": os.path.basename(__file__), "args": asdict(args),
-                   "nets": {k: m.state_dict() for k, m in nets.items()},
-                   "opts": {k: o.state_dict() for k, o in opts.items()},  # by group name: model, reward, critic, actor
-                   "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
+        kind, key, *rest = np.random.get_state()
+        ck = {"script": SCRIPT, "args": asdict(args), "loop": loop,
+              "nets": {k: n.state_dict() for k, n in nets.items()},
+              "opts": {k: o.state_dict() for k, o in opts.items()},  # by group name: model, reward, critic, actor
+              "replay": replay.state_dict() if replay is not None else None,
+              "rng": {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                      **{k: g.bit_generator.state for k, g in (gens or {}).items() if g is not None}}}
+        with open(path + ".tmp", "wb") as f:
+            torch.save(ck, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(path + ".tmp", path)  # the previous checkpoint stays whole until this one is
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself survives a power cut
-        finally:
-            os.close(fd)
+        os.fsync(fd), os.close(fd)  # the rename itself survives a power cut
 
 
-def load_checkpoint(path, flag):
-    """The checkpoint at `path` as a dict, or one clear error naming `flag` and the file."""
+def load_checkpoint(path, flag, args):
+    """The checkpoint at `path`, or one error naming `flag` and the file or a flag that would change its model."""
     if not os.path.isfile(path):
         fail(f"{flag}: no checkpoint {path}" + (" (was the run started with --checkpoint-every 0?)"
                                                  if flag == "--resume" else ""))
@@ -797,225 +704,171 @@ def load_checkpoint(path, flag):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated (EOFError, RuntimeError), or not a checkpoint at all (UnpicklingError)
         fail(f"{flag}: {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    script = os.path.basename(__file__)
-    if not isinstance(ck, dict) or ck.get("script") != script:
+    if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
         fail(f"{flag}: {path} is a checkpoint of {ck.get('script') if isinstance(ck, dict) else 'nothing known'}, "
-             f"not of {script}")
-    return ck
-
-
-def restore_checkpoint(ck, nets, opts, replay=None):
-    """Put a saved run back: every network (targets included), every optimiser by its group name, the replay's
-    head and sampling RNG, every global RNG (last, so nothing drawn while restoring shifts them). Returns the
-    saved loop counters."""
-    for k, m in nets.items():
-        m.load_state_dict(ck["nets"][k])
-    for k, o in opts.items():
-        o.load_state_dict(ck["opts"][k])
-    if replay is not None:
-        replay.load_state_dict(ck["replay"])
-    set_rng_state(ck["rng"])
-    return ck["loop"]
-
-
-def checked_against(args, ck, flag):
-    """Refuse flags that would change the saved run's model or schedule (each named with both values); an
-    evaluation may also pick its own --seed and --num-envs."""
-    saved, free = ck["args"], RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
+             f"not of {SCRIPT}")
+    saved, step, free = ck["args"], ck["loop"]["global_step"], RESUMABLE + ("seed", "num_envs") * (flag != "--resume")
     for name, value in asdict(args).items():
         if name not in free and name in saved and saved[name] != value:
             fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
                  f"a saved run keeps its model, environment and schedule")
-    loop = ck["loop"]
-    if flag == "--resume" and args.total_timesteps <= loop["global_step"] and not (
-            loop.get("summary") or args.total_timesteps == saved["total_timesteps"]):  # (a cut final evaluation)
-        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {loop['global_step']}; "
-             f"pass a larger --total-timesteps to continue it")
+    if flag == "--resume" and args.total_timesteps <= step and not (
+            ck["loop"]["summary"] or args.total_timesteps == saved["total_timesteps"]):  # (a cut final evaluation)
+        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {step}; pass a larger "
+             f"--total-timesteps to continue it")
+    return ck
 
 
-def run_folder(resume):
-    """--resume RUN or RUN/checkpoint.pt (a file: its folder is the run) -> RUN."""
-    return os.path.dirname(resume) or "." if resume and os.path.isfile(resume) else resume
+def restore_checkpoint(ck, nets, opts, replay=None, gens=None):
+    """Put save_checkpoint's dict back (the global RNGs last: nothing drawn here shifts them); returns the loop."""
+    for k, m in [*nets.items(), *opts.items()]:
+        m.load_state_dict(ck["nets" if k in nets else "opts"][k])
+    if replay is not None:
+        replay.load_state_dict(ck["replay"])
+    for k, g in (gens or {}).items():
+        if g is not None:
+            g.bit_generator.state = ck["rng"][k]
+    random.setstate(ck["rng"]["python"])
+    np.random.set_state(tuple(ck["rng"]["numpy"]))
+    torch.set_rng_state(ck["rng"]["torch"])
+    if ck["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck["loop"]
 
 
 def saved_defaults(argv):
-    """With --resume RUN_DIR or --eval-checkpoint PATH, the saved run's flags become the defaults of the command
-    line (None without them, or when the checkpoint cannot be read: main then says why)."""
-    for i, a in enumerate(argv):
-        for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
-            if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
-                value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = os.path.join(run_folder(value), name) if name else value
-                try:
-                    ck = torch.load(path, map_location="cpu", weights_only=True)
-                    if ck["script"] != os.path.basename(__file__):
-                        return None  # another script's flags are no defaults here (load_checkpoint says so)
-                    saved = ck["args"]
-                    return Args(**{k: v for k, v in saved.items()
-                                   if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
-                except Exception:
-                    return None
-    return None
+    """With --resume or --eval-checkpoint, the saved run's flags as the defaults (None if unreadable: main says why)."""
+    for flag, value in [*zip(argv, argv[1:]), *(a.split("=", 1) for a in argv if "=" in a)]:
+        if flag in ("--resume", "--eval-checkpoint"):
+            try:
+                ck = torch.load(value if os.path.isfile(value) else os.path.join(value, CHECKPOINT),
+                                map_location="cpu", weights_only=True)
+                return Args(**{k: v for k, v in ck["args"].items() if k in Args.__dataclass_fields__ and k not in
+                               ("resume", "eval_checkpoint")}) if ck["script"] == SCRIPT else None
+            except Exception:
+                return None
 
 
-def evaluate_checkpoint(args):
-    """--eval-checkpoint: the saved agent on --eval-episodes fresh evaluation episodes; prints the JSON line.
-    No video: gymnasium state tasks are built without a render mode (see --capture-video)."""
-    path = args.eval_checkpoint
-    ck = load_checkpoint(path, "--eval-checkpoint")
-    checked_against(args, ck, "--eval-checkpoint")
+def build_agent(args: Args, obs_dim: int, action_dim: int, low, high, device):  # networks by name, Adams, groups
+    agent = Agent(obs_dim, action_dim, args.latent_dim, args.hidden_dim, args.model_hidden_dim, low, high).to(device)
+    return {"agent": agent}, *make_optimizers(agent, args.learning_rate)
+
+
+def evaluate_checkpoint(args, device):
+    """--eval-checkpoint: the saved agent's mean action on --eval-episodes fresh episodes; prints the JSON line."""
+    path, ck = args.eval_checkpoint, load_checkpoint(args.eval_checkpoint, "--eval-checkpoint", args)
     try:
         env = make_env(args.env_id, args.seed + 10_000)
     except (ValueError, TypeError) as e:
         fail(e)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.manual_seed(args.seed)
-    nets, _, _ = build_agent(args, env.observation_space.shape[0], env.action_space.shape[0], env.action_space.low,
-                             env.action_space.high, device)
-    for k, m in nets.items():
-        m.load_state_dict(ck["nets"][k])
-    step = ck["loop"]["global_step"]
-    print(f"{os.path.basename(__file__)}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} "
-          f"episodes ...", flush=True)
-    try:
-        returns = evaluate(nets["agent"], env, args.eval_episodes, device)
-    finally:
-        close_envs(env)
-    summary = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step,
-               "checkpoint": path}
+    space, step = env.action_space, ck["loop"]["global_step"]
+    nets, _, _ = build_agent(args, env.observation_space.shape[0], space.shape[0], space.low, space.high, device)
+    nets["agent"].load_state_dict(ck["nets"]["agent"])
+    print(f"{SCRIPT}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} episodes ...",
+          flush=True)
+    returns = evaluate(nets["agent"], env, args.eval_episodes, device)
+    env.close()
+    summary = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step, "checkpoint": path}
     print(json.dumps(summary))
     return summary
 
 
 def main(args: Args) -> dict:
+    # Setup: the flags, a saved run, envs, replay, writer, agent, the loop's state (restored as a whole on resume)
+    if args.resume and os.path.isfile(args.resume):  # --resume RUN/checkpoint.pt names RUN
+        args.resume = os.path.dirname(args.resume) or "."
     check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.eval_checkpoint:
-        return evaluate_checkpoint(args)
-    args.resume = run_folder(args.resume)
-    if args.resume and not os.path.isdir(args.resume):
-        fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
-    try:  # before anything is built or created; the state size is not known before the env is: 1 dim, a lower
-        # bound (the replay checks the exact size)
-        check_capacity(replay_capacity(args), args.num_envs, (1,), 1, np.float32, resume=bool(args.resume),
-                       path=os.path.join(args.resume or "runs", "replay") if args.checkpoint_every or args.resume
-                       else None)
-    except (MemoryError, ValueError) as e:
-        fail(e)
-    ck = None
-    if args.resume:
-        ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
-        checked_against(args, ck, "--resume")
-        if ck["loop"].get("summary") and args.total_timesteps <= ck["loop"]["global_step"]:  # a finished run
-            summary = {**ck["loop"]["summary"], "run_dir": args.resume}
-            print(f"{args.resume} finished at frame {ck['loop']['global_step']}; its final JSON line (a larger "
-                  f"--total-timesteps continues it):\n{json.dumps(summary)}", flush=True)
-            return summary
+        return evaluate_checkpoint(args, device)
+    ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume", args) if args.resume else None
+    if ck and ck["loop"]["summary"] and args.total_timesteps <= ck["loop"]["global_step"]:  # a finished run
+        summary = {**ck["loop"]["summary"], "run_dir": args.resume}
+        print(f"{args.resume} finished at frame {ck['loop']['global_step']}; its final JSON line (a larger "
+              f"--total-timesteps continues it):\n{json.dumps(summary)}", flush=True)
+        return summary
     progress = Progress(args.total_timesteps)
-    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} env steps; building "
-                   f"{args.num_envs} + 1 envs (training + evaluation) ...")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join("runs", run_name)
-    run_name = os.path.basename(os.path.normpath(run_dir))
+    progress.print(f"{SCRIPT}: {args.env_id}, {args.total_timesteps} env steps; building {args.num_envs} + 1 envs "
+                   f"(training + evaluation) ...")
+    run_dir = args.resume or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     try:
         envs = make_vector_env(args.env_id, args.num_envs, args.seed)
         eval_env = make_env(args.env_id, args.seed + 10_000)
     except (ValueError, TypeError) as e:
         fail(e)
-    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    low, high = envs.single_action_space.low, envs.single_action_space.high
-    try:  # (its exact size is checked before it creates anything: a refused replay leaves no run dir behind)
-        # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
-        replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), action_dim, obs_dtype=np.float32,
+    obs_dim, space = envs.single_observation_space.shape[0], envs.single_action_space
+    try:  # with checkpoints the replay lives in memory-mapped files in the run dir (a refused one creates nothing)
+        replay = ReplayBuffer(replay_capacity(args), args.num_envs, (obs_dim,), space.shape[0], obs_dtype=np.float32,
                               seed=args.seed, path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck
                               else None, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_env)
         fail(e)
-
     if args.track:
         import wandb  # only when asked; syncs the TensorBoard scalars and text below
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step). Every
-    # point logged after a checkpoint at step S has a step > S (an env step that logs also counts >= 1 step), and
-    # the checkpoint is the last thing an iteration does, so the points at S itself are kept: S + 1
+                   config=vars(args), name=os.path.basename(os.path.normpath(run_dir)), save_code=True)
+    # On resume, TensorBoard drops the points logged after the checkpoint's frame S (those at S were flushed first)
     writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
     if ck is None:
-        writer.add_text("hyperparameters",
-                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in
+                                                                                 asdict(args).items()))
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=1)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # Agent: encoder, model, actor, reward, classifier, twin critic, target encoder and target critic; four Adams
-    nets, optims, groups = build_agent(args, obs_dim, action_dim, low, high, device)
-    agent = nets["agent"]
+    nets, optims, groups = build_agent(args, obs_dim, space.shape[0], space.low, space.high, device)
+    agent, B, N = nets["agent"], args.batch_size, args.num_envs
     K = args.horizon  # ABLATION(horizon): ALM(K), Fig. 5 center; sets the replayed window and rollout length
     rng = np.random.default_rng(args.seed)  # the warm-up's uniform actions
-
-    def tensors(b: dict) -> dict:
-        return {k: torch.as_tensor(v, device=device) for k, v in b.items()}
-
-    def run_eval() -> list:
-        phase, progress.phase = progress.phase, "eval"
-        try:
-            return evaluate(agent, eval_env, args.eval_episodes, device)
-        finally:
-            progress.phase = phase
-
-    N, path = args.num_envs, os.path.join(run_dir, CHECKPOINT)
-    global_step, updates, next_log, next_eval = 0, 0, args.log_every, args.eval_every
-    next_checkpoint, saved_step, summary = args.checkpoint_every, None, None
-    metrics, recent, last_eval, start, first_bad = {}, [], float("nan"), time.time(), None
-    if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
-        (global_step, updates, next_log, next_eval, next_checkpoint, metrics, first_bad, recent, last_eval,
-         rng_warmup, rng_eval) = list(restore_checkpoint(ck, nets, optims, replay).values())[:11]  # (not its summary)
-        next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
-        metrics = {k: v.to(device) for k, v in metrics.items()}
-        first_bad = first_bad.to(device) if first_bad is not None else None
-        rng.bit_generator.state = rng_warmup
-        if rng_eval is not None and env_rng(eval_env) is not None:
-            env_rng(eval_env).bit_generator.state = rng_eval  # the evaluation episodes continue as they would have
-        saved_step = global_step
-        progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
-                       f"steps); the episodes in progress when it stopped start afresh")
-    start_step = global_step  # (SPS of this process)
-
-    def loop_state():  # the counters a checkpoint holds, in the order they are restored above
-        eval_rng = env_rng(eval_env)
-        return {"global_step": global_step, "updates": updates, "next_log": next_log, "next_eval": next_eval,
-                "next_checkpoint": next_checkpoint, "metrics": metrics, "first_bad": first_bad,
-                "recent_returns": recent, "last_eval": last_eval, "rng_warmup": rng.bit_generator.state,
-                "rng_eval": eval_rng.bit_generator.state if eval_rng is not None else None, "summary": summary}
-
-    obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the step: a resumed run meets new episodes)
-    reward, is_first, is_terminal, done = np.zeros(N), np.ones(N, bool), np.zeros(N, bool), np.zeros(N, bool)
-    interrupted, bad, projected, B = None, None, False, args.batch_size
-    warmup = min(args.learning_starts, args.total_timesteps)  # env steps of random actions and no updates
+    gens = {"warmup": rng, "eval": getattr(eval_env, "np_random", None)}  # (eval episodes continue)
+    loop = SimpleNamespace(global_step=0, updates=0, next_log=args.log_every, next_eval=args.eval_every, metrics={},
+                           first_bad=None, recent_returns=[], last_eval=float("nan"), summary=None, saved=None)
+    if ck:  # networks, optimisers, the loop's state, every RNG, the replay's head
+        loop = SimpleNamespace(**restore_checkpoint(ck, nets, optims, replay, gens))
+        loop.first_bad = loop.first_bad.to(device) if loop.first_bad is not None else None
+        progress.print(f"resumed {run_dir} at frame {loop.global_step} after {loop.updates} updates (replay "
+                       f"{len(replay)} steps); the episodes in progress when it stopped start afresh")
+    path, step0, start, measured = os.path.join(run_dir, CHECKPOINT), loop.global_step, time.time(), False
+    warmup, interrupted, bad = min(args.learning_starts, args.total_timesteps), None, None  # random actions, no updates
     progress.print(f"cost: {B * (K + 1)} + {B * 2} replayed steps per update ({B} windows of --horizon + 1 = {K + 1} "
                    f"steps, {B} transitions), 1 update per env step (UTD 1), about "
-                   f"{args.total_timesteps - max(warmup, global_step)} updates {'from here' if ck else 'in all'}; "
-                   + (f"resumed at frame {global_step}" + (f", warm-up with random actions until frame {warmup}"
-                                                           if global_step < warmup else "") if ck else
+                   f"{args.total_timesteps - max(warmup, step0)} updates {'from here' if ck else 'in all'}; "
+                   + (f"resumed at frame {step0}" + (f", warm-up with random actions until frame {warmup}"
+                                                     if step0 < warmup else "") if ck else
                       f"warm-up of {warmup} env steps with random actions")
                    + ", wall time projected after the first updates")
-    progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
+
+    def run_eval() -> list:  # (the status line says [eval] meanwhile)
+        phase, progress.phase = progress.phase, "eval"
+        returns = evaluate(agent, eval_env, args.eval_episodes, device)
+        progress.phase = phase
+        return returns
+
+    def checkpoint():  # loop.saved: the frame of the last checkpoint; the TensorBoard points up to it are flushed first
+        with deferred_signals():
+            loop.saved = loop.global_step
+            writer.flush()
+            save_checkpoint(path, args, nets, optims, vars(loop), replay, gens)
+
+    progress.step(step0, loop.updates, eval_return=loop.last_eval)  # (a resumed run's rates start from here)
     progress.set_phase("warmup", warmup)
-    progress.start()
+    threading.Thread(target=progress.heartbeat, daemon=True).start()
+    obs, _ = envs.reset(seed=args.seed + step0)  # (+ the step: a resumed run meets new episodes)
+    reward, is_first, is_terminal, done = np.zeros(N), np.ones(N, bool), np.zeros(N, bool), np.zeros(N, bool)
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while global_step < args.total_timesteps:
+        while loop.global_step < args.total_timesteps:
+            # Collect. DEVIATION: Table 3 gives linear(1.0, 0.1, 100000) without an origin; we count after the
+            # warm-up as the official code does
             std = linear_schedule(args.expl_start, args.expl_end, args.expl_duration,
-                                  max(global_step - args.learning_starts, 0))
-            # DEVIATION: Table 3 gives linear(1.0, 0.1, 100000) without an origin; we count after the warm-up
-            # as the official code does
-            if global_step < args.learning_starts:  # [Table 3] warm-up: uniform random actions
-                action = rng.uniform(low, high, (N, action_dim)).astype(np.float32)
+                                  max(loop.global_step - args.learning_starts, 0))
+            if loop.global_step < args.learning_starts:  # [Table 3] warm-up: uniform random actions
+                action = rng.uniform(space.low, space.high, (N, *space.shape)).astype(np.float32)
             else:
                 action = act(agent, torch.as_tensor(obs, dtype=torch.float32, device=device), std, False).cpu().numpy()
             with deferred_signals():  # a row is written whole or not at all
@@ -1023,85 +876,73 @@ def main(args: Args) -> dict:
             obs, reward, term, trunc, infos = envs.step(action)  # [official code] env units, no rescaling
             frames = int((~done).sum())  # a step right after an episode end only resets (NEXT_STEP autoreset)
             is_first, is_terminal, done = done, term, term | trunc
-            global_step += frames
+            loop.global_step += frames
             for i in np.flatnonzero(infos.get("_episode", np.zeros(N, bool))):
-                recent = (recent + [float(infos["episode"]["r"][i])])[-10:]
-                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
-                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
+                loop.recent_returns = (loop.recent_returns + [float(infos["episode"]["r"][i])])[-10:]
+                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], loop.global_step)
+                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], loop.global_step)
 
-            if global_step >= args.learning_starts and replay.count > K:
+            # Train: UTD 1, one update (both phases) per env step
+            if loop.global_step >= args.learning_starts and replay.count > K:
                 if progress.phase == "warmup":
                     progress.set_phase("train", args.total_timesteps)
-                    train_start = (time.time(), global_step, updates)
                 with deferred_signals():  # the frame's updates and their counters, whole (a signal waits for them)
-                    for _ in range(frames):  # UTD 1: one update (both phases) per environment step
+                    for _ in range(frames):
                         # DEVIATION: windows never cross an episode start (the official sample_seq checks terminals)
-                        seq = tensors(replay.sample(args.batch_size, K + 1, within_episode=True))
-                        batch = tensors(replay.sample(args.batch_size, 2, within_episode=True))
-                        metrics = update(agent, optims, groups, seq, batch, std, args)
-                        updates += 1
+                        seq, batch = ({k: torch.as_tensor(v, device=device) for k, v in
+                                       replay.sample(B, T, within_episode=True).items()} for T in (K + 1, 2))
+                        loop.metrics = update(agent, optims, groups, seq, batch, std, args)
+                        loop.updates += 1
                         # DEVIATION: the official clip_grad_norm_(error_if_nonfinite=True) raises inside the update
                         # (a host sync); we record on device where each metric first went non-finite, check at log time
-                        first_bad = track_non_finite(metrics, first_bad, updates)
-            progress.step(global_step, updates, np.mean(recent) if recent else float("nan"))
-            if progress.phase == "train" and not projected and updates - train_start[2] >= 10 \
-                    and time.time() - train_start[0] >= 20:
-                projected, elapsed = True, time.time() - train_start[0]
-                rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
-                progress.print(f"measured: {elapsed / (updates - train_start[2]):.2f} s per update with acting; "
-                               f"projected wall time of the run{' from here' if ck else ''} "
-                               f"{fmt_time(time.time() - start + rest)} (evaluations extra)")
+                        loop.first_bad = track_non_finite(loop.metrics, loop.first_bad, loop.updates)
+            progress.step(loop.global_step, loop.updates, np.mean(loop.recent_returns or np.nan))
+            t0, _, u0 = progress.samples[0]  # (the train phase's first rate sample: its start, for 120 s)
+            if progress.phase == "train" and not measured and loop.updates - u0 >= 10 and progress.clock() - t0 >= 20:
+                measured = True
+                rest = progress.eta()  # (the train phase's ETA at its rate so far)
+                progress.print(f"measured: {1 / progress.rates()[1]:.2f} s per update with acting; projected wall time "
+                               f"of the run{' from here' if ck else ''} {fmt_time(time.time() - start + rest)} "
+                               f"(evaluations extra)")
 
-            if global_step >= next_log:
-                bad = non_finite_message(list(metrics), first_bad, global_step)  # host syncs only here, at log time
+            # Log (host syncs only here), evaluate, checkpoint (between steps, never inside an update)
+            if loop.global_step >= loop.next_log:
+                bad = non_finite_message(list(loop.metrics), loop.first_bad, loop.global_step)
                 if bad:
                     break
-                values = {k: float(v) for k, v in metrics.items()}
-                for k, v in values.items():
-                    writer.add_scalar(k, v, global_step)
-                sps = (global_step - start_step) / (time.time() - start)
-                writer.add_scalar("charts/SPS", sps, global_step)
-                writer.add_scalar("stats/expl_std", std, global_step)
+                values = {k: float(v) for k, v in loop.metrics.items()}
+                sps = (loop.global_step - step0) / (time.time() - start)
+                for k, v in {**values, "charts/SPS": sps, "stats/expl_std": std}.items():
+                    writer.add_scalar(k, v, loop.global_step)
                 progress.print(progress.line() + f" | actor loss {values.get('losses/actor', float('nan')):.3f}")
-                next_log += args.log_every
-            if global_step >= next_eval and global_step < args.total_timesteps:  # (the last step: the final one)
-                last_eval = float(np.mean(run_eval()))
-                next_eval += args.eval_every  # (only now: an evaluation cut by a signal runs again after --resume)
-                progress.step(global_step, updates, eval_return=last_eval)
-                writer.add_scalar("eval/episodic_return", last_eval, global_step)
+                loop.next_log += args.log_every
+            if loop.next_eval <= loop.global_step < args.total_timesteps:  # (the last step: the final evaluation)
+                loop.last_eval = float(np.mean(run_eval()))
+                loop.next_eval += args.eval_every  # (only now: an evaluation cut by a signal runs again after --resume)
+                progress.step(loop.global_step, loop.updates, eval_return=loop.last_eval)
+                writer.add_scalar("eval/episodic_return", loop.last_eval, loop.global_step)
+            if args.checkpoint_every and loop.global_step < args.total_timesteps and \
+                    loop.global_step - (loop.saved or 0) >= args.checkpoint_every:
+                checkpoint()
 
-            # Checkpoint between steps, never inside an update (and one at the end, below)
-            if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
-                next_checkpoint += args.checkpoint_every
-                writer.flush()  # the points up to the checkpoint are on disk before it is (a kill keeps them)
-                save_checkpoint(path, args, nets, optims, loop_state(), replay)
-                saved_step = global_step
-
-        if not bad:
+        if not bad:  # Finish: the final evaluation, the finished run's checkpoint, --save-model
             returns = run_eval()
-            last_eval = float(np.mean(returns))
-            summary = {"final_eval_return": last_eval, "eval_returns": returns, "global_step": global_step,
-                       "updates": updates, "run_dir": run_dir,
-                       "sps": (global_step - start_step) / (time.time() - start)}  # (before its point is logged:
-            writer.add_scalar("eval/episodic_return", last_eval, global_step)  # a resume never logs it twice)
-            if global_step >= next_eval:  # the final evaluation is also the one due at this step (a resumed run
-                next_eval += args.eval_every  # continues the schedule of the uninterrupted one)
-            if args.checkpoint_every:  # the finished run: --resume prints its JSON line or, given a larger
-                writer.flush()  # --total-timesteps, continues it
-                save_checkpoint(path, args, nets, optims, loop_state(), replay)
-                saved_step = global_step
+            loop.last_eval = float(np.mean(returns))
+            loop.summary = {"final_eval_return": loop.last_eval, "eval_returns": returns,
+                            "global_step": loop.global_step, "updates": loop.updates, "run_dir": run_dir,
+                            "sps": (loop.global_step - step0) / (time.time() - start)}  # (before its point is logged:
+            writer.add_scalar("eval/episodic_return", loop.last_eval, loop.global_step)  # a resume never logs it twice)
+            if loop.global_step >= loop.next_eval:  # the final evaluation is also the one due at this step (a resumed
+                loop.next_eval += args.eval_every  # run continues the schedule of the uninterrupted one)
+            if args.checkpoint_every:  # --resume prints its JSON line, or continues it with a larger --total-timesteps
+                checkpoint()
             if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
-                save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, optims, loop_state())
+                save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, optims, vars(loop), gens=gens)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside an update, a replay row or a save
         interrupted = str(e) or "SIGINT"
-        if args.checkpoint_every and saved_step != global_step:  # the state as it is now, resumable
-            try:
-                with deferred_signals():
-                    writer.flush()
-                    save_checkpoint(path, args, nets, optims, loop_state(), replay)
-            except KeyboardInterrupt:  # a second signal waited for the checkpoint
-                pass
-            saved_step = global_step
+        if args.checkpoint_every and loop.saved != loop.global_step:  # the state as it is now, resumable
+            with contextlib.suppress(KeyboardInterrupt):  # (a second signal waited for the checkpoint)
+                checkpoint()
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
@@ -1110,17 +951,14 @@ def main(args: Args) -> dict:
         close_envs(envs, eval_env, kill=interrupted is not None)
         if args.track:
             wandb.finish()
-    if interrupted:
-        print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              + (f"checkpoint written: --resume {run_dir} continues from frame {global_step}" if args.checkpoint_every
-                 else "no checkpoint (--checkpoint-every 0)"), file=sys.stderr, flush=True)
-        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
-    if bad:  # the events up to the last log are written, the envs closed
-        print(f"error: {bad}; last checkpoint: {path if saved_step is not None else 'none'}", file=sys.stderr,
-              flush=True)
-        raise SystemExit(3)
-    print(json.dumps(summary), flush=True)
-    return summary
+    if interrupted or bad:  # (the events up to the last log are written, the envs closed)
+        print(f"error: {bad}; last checkpoint: {path if loop.saved is not None else 'none'}" if bad else
+              f"interrupted ({interrupted}) at frame {loop.global_step}/{args.total_timesteps} after {loop.updates} "
+              f"updates; " + (f"checkpoint written: --resume {run_dir} continues from frame {loop.global_step}"
+                              if args.checkpoint_every else "no checkpoint (--checkpoint-every 0)"), file=sys.stderr)
+        raise SystemExit(3 if bad else 130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell does
+    print(json.dumps(loop.summary), flush=True)
+    return loop.summary
 
 
 if __name__ == "__main__":

@@ -773,7 +773,8 @@ def test_update_after_restore_equals_the_uninterrupted_update(tmp_path, one_thre
     m1 = step(nets, optims, groups, replay)
     nets2, optims2, groups2, replay2 = agent(1)
     assert not torch.equal(nets2["agent"].encoder.net[0].weight, nets["agent"].encoder.net[0].weight)
-    assert alm.restore_checkpoint(alm.load_checkpoint(path, "--resume"), nets2, optims2, replay2) == {"global_step": 80}
+    ck = alm.load_checkpoint(path, "--resume", a)
+    assert alm.restore_checkpoint(ck, nets2, optims2, replay2) == {"global_step": 80}
     m2 = step(nets2, optims2, groups2, replay2)
     assert {k: v.item() for k, v in m1.items()} == {k: v.item() for k, v in m2.items()}
     sd1, sd2 = nets["agent"].state_dict(), nets2["agent"].state_dict()
@@ -798,11 +799,11 @@ def test_eval_env_generator_continues_the_evaluation_episodes():
 
     env = make_env("InvertedPendulum-v5", 11)
     env.reset()
-    state = alm.env_rng(env).bit_generator.state
+    state = env.np_random.bit_generator.state
     expected = [env.reset()[0] for _ in range(3)]
     fresh = make_env("InvertedPendulum-v5", 11)
     assert not np.array_equal(fresh.reset()[0], expected[0])
-    alm.env_rng(fresh).bit_generator.state = state
+    fresh.np_random.bit_generator.state = state
     np.testing.assert_array_equal(np.stack([fresh.reset()[0] for _ in range(3)]), np.stack(expected))
     env.close(), fresh.close()
 
