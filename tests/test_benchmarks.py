@@ -66,6 +66,28 @@ def test_paper_results_file_rows():
     assert float(plot.lookup(papers, "cvrl-no-sac", "walker-walk", "natural")["mean"]) == 915.2
 
 
+def test_official_reference_curves(tmp_path):
+    """The official DreamerV3 seeds' early curve (issue 23's numbers, computed by benchmarks/official_curves.py) is
+    read as a curve, not as the paper's score, and drawn in the panel of its env."""
+    papers = plot.paper_results()
+    (frames, mean, low, high), = plot.reference_curves(papers, "finger-spin", "plain").values()
+    at = dict(zip(frames.tolist(), zip(mean.tolist(), low.tolist(), high.tolist())))
+    assert at[10000] == (44.2, 33.0, 66.9) and at[20000] == (243.7, 210.3, 284.7) and at[30000] == (336.6, 81.2, 448.8)
+    assert plot.reference_curves(papers, "cartpole-balance", "plain") == {}
+    assert plot.lookup(papers, "dreamerv3", "finger-spin", "plain")["table"] == "Table 1"  # the star: the paper's 1M
+    fake_run(tmp_path / "a1", "dreamerv3", "finger-spin", 1, [(5000, 1.0), (30000, 120.0)])
+    out = tmp_path / "curves.png"
+    drawn = []
+    real = plot.reference_curves
+    plot_ref = lambda *a: drawn.append(a[1:]) or real(*a)  # noqa: E731
+    try:
+        plot.reference_curves = plot_ref
+        assert plot.main([str(tmp_path), "--out", str(out)]) == 0
+    finally:
+        plot.reference_curves = real
+    assert drawn == [("finger-spin", "plain")] and out.stat().st_size > 1000
+
+
 def test_plot_bad_folder_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "nope")])
