@@ -122,12 +122,11 @@ def lookup(papers, agent, env_id, setting):
 
 
 def reference_curves(papers, env_id, setting):
-    """{(agent, source label): (frames, mean, min, max)} of the published curves for this env and background."""
+    """{(agent, "N seeds"): (frames, mean, min, max)} of the published curves for this env and background."""
     env, out = ALIASES.get(env_id, env_id), {}
     for r in papers:
         if is_curve(r) and ALIASES.get(r["env_id"], r["env_id"]) == env and r["setting"] == setting:
-            out.setdefault((r["agent"], f"{r['paper']}, {r['table'][len('official curve'):].strip(' ()')}"),
-                           []).append([float(r[k]) for k in ("frames", "mean", "min", "max")])
+            out.setdefault((r["agent"], r["table"][len("official curve"):].strip(" ()")), []).append([float(r[k]) for k in ("frames", "mean", "min", "max")])
     return {k: tuple(np.array(sorted(v)).T) for k, v in out.items()}
 
 
@@ -157,7 +156,7 @@ def plot(groups, path, band, papers):
                         label=f"{agent}, {paper['paper'].split(' (')[0]} {paper['table']} at {frames:.0e} frames")
         for (agent, source), (frames, mean, low, high) in reference_curves(papers, env, setting).items():
             keep = frames <= right
-            ax.plot(frames[keep], mean[keep], ":", color="black", label=f"official {agent} ({source}), min-max")
+            ax.plot(frames[keep], mean[keep], ":", color="black", label=f"official {agent} code ({source}, min-max)")
             ax.fill_between(frames[keep], low[keep], high[keep], facecolor="none", edgecolor="black", hatch="///",
                             alpha=0.3, lw=0)
         rand = lookup(papers, "random", env, "natural")
