@@ -80,18 +80,19 @@ Run:  python cvrl.py --env-id walker-walk --background natural
 Checkpoints (--checkpoint-every frames, between training cycles; runs/RUN/checkpoint.pt, and with --save-model
 runs/RUN/cvrl.pt, in the same format; also written on Ctrl-C or SIGTERM, exit 130 / 143: a signal inside an update
 with its counters, a replay row or a checkpoint write waits for its end, and an evaluation it cuts runs again after
---resume, which takes RUN or RUN/checkpoint.pt; a finished run resumed prints its saved JSON line) hold every network (world model with its contrastive critic or decoder,
-actor, value net, twin Q nets AND their soft targets, the SAC temperature log_temperature), the four Adam states
-(model, value, actor, sac: a fixed list, None for SAC's under --no-sac), the loop counters (frames, updates, the
-frame of the next training round, which is None until the pretrain updates are done, next log / evaluation /
-checkpoint frames, the frame of the last finished evaluation, metric sums, recent returns), the Python, NumPy, torch (and CUDA) RNG states, the replay's
-write head, row count and sampling RNG (its rows stay in runs/RUN/replay/), and the args. The MPC planner keeps
-no state between acting steps (its latent noise is drawn per call, from the restored torch RNG). A resumed run
-makes exactly the updates the uninterrupted one would make from the same replay, but it cannot continue the
-environments themselves: the episodes in progress start afresh (the training envs reset with seed + frame, the
-evaluation envs are rebuilt with their original seed, so their episodes repeat those of the run's first
-evaluation), and from there on the two runs differ. A non-finite loss stops the run at the next log with one
-line naming the metric, the frame and the last checkpoint (exit 3).
+--resume, which takes RUN or RUN/checkpoint.pt; a finished run resumed prints its saved JSON line) hold every
+network (world model with its contrastive critic or decoder, actor, value net, twin Q nets AND their soft targets,
+the SAC temperature log_temperature), the four Adam states (model, value, actor, sac: a fixed list, None for SAC's
+under --no-sac), the loop counters (frames, updates, the frame of the next training round, which is None until the
+pretrain updates are done, next log / evaluation / checkpoint frames, the frame of the last finished evaluation,
+metric sums, recent returns), the Python, NumPy, torch (and CUDA) RNG states, the replay's write head, row count and
+sampling RNG (its rows stay in runs/RUN/replay/), and the args. The MPC planner keeps no state between acting steps
+(its latent noise is drawn per call, from the restored torch RNG). A resumed run makes exactly the updates the
+uninterrupted one would make from the same replay, but it cannot continue the environments themselves: the episodes
+in progress start afresh (the training envs reset with seed + frame, the evaluation envs are rebuilt with their
+original seed, so their episodes repeat those of the run's first evaluation), and from there on the two runs differ.
+A non-finite loss stops the run at the next log with one line naming the metric, the frame and the last checkpoint
+(exit 3).
 """
 
 import contextlib
@@ -107,6 +108,7 @@ import threading
 import time
 import warnings
 from collections import deque
+from types import SimpleNamespace
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -819,59 +821,54 @@ def log_video(writer, tag, frames, step, fps, path=None):
 
 
 # --- Main ------------------------------------------------------------------------------------
-def fail(msg):
-    """Bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback."""
+SCRIPT, CHECKPOINT = os.path.basename(__file__), "checkpoint.pt"
+NETS = ("wm", "actor", "value", "sac")  # the agent's parts in a checkpoint ("sac": None under --no-sac)
+OPTIMISERS = ("model", "value", "actor", "sac")  # list positions in a checkpoint ("sac": None under --no-sac)
+# Flags a resumed run may change: they touch neither the model nor the training schedule.
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
+             "compile", "compile_backend", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video",
+             "eval_every", "eval_episodes", "log_every")
+CHECKS = [  # (flag, condition on its value v and the args a, the error after `--flag`), checked in this order
+    ("precision", lambda v, a: v in ("fp32", "bf16"), "must be one of fp32, bf16, got {v}"),
+    ("compile_backend", lambda v, a: v in ("inductor", "aot_eager"), "must be one of inductor, aot_eager, got {v}"),
+    *[(f, lambda v, a, low=low: v >= low, f"must be >= {low}, got {{v}}") for f, low in dict(
+        seed=0, total_timesteps=1, num_envs=1, eval_episodes=1, eval_every=1, log_every=1, action_repeat=1,
+        time_limit=1, batch_size=1, train_every=1, stoch=1, deter=1, hidden=1, cnn_depth=1, units=1, proj_dim=1,
+        prefill=0, pretrain=0, train_steps=0, reward_layers=0, value_layers=0, actor_layers=0, free_nats=0,
+        kl_scale=0, expl_noise=0, hybrid_alpha=0, mpc_lr=0).items()],
+    *[(f, lambda v, a: v > 0, "must be > 0, got {v}") for f in (
+        "min_std", "actor_min_std", "actor_init_std", "actor_mean_scale", "model_lr", "value_lr", "actor_lr", "sac_lr",
+        "adam_eps", "grad_clip", "sac_init_temperature")],
+    ("checkpoint_every", lambda v, a: v >= 0, "must be >= 0 (0: no checkpoints), got {v}"),
+    ("resume", lambda v, a: not (v and a.eval_checkpoint), "and --eval-checkpoint exclude each other"),
+    ("batch_length", lambda v, a: v >= 2, "must be >= 2, got {v}"),
+    ("buffer_size", lambda v, a: v >= a.batch_size * a.batch_length,
+     "must hold one batch (--batch-size {a.batch_size} x --batch-length {a.batch_length} steps), got {v}"),
+    ("imag_horizon", lambda v, a: v >= 2, "must be >= 2 (the losses use s_1..s_{{H-1}}), got {v}"),
+    ("gamma", lambda v, a: 0 < v <= 1, "must lie in (0, 1], got {v}"),
+    ("lam", lambda v, a: 0 <= v <= 1, "must lie in [0, 1], got {v}"),
+    ("sac_tau", lambda v, a: 0 < v <= 1, "must lie in (0, 1], got {v}"),
+    ("mpc_iterations", lambda v, a: v >= 1, "must be >= 1 (use --no-mpc to act without MPC), got {v}"),
+    ("generative", lambda v, a: not (v and a.reward_only), "and --reward-only are two different Table 2 variants; "
+     "pass at most one"),
+    ("env_id", lambda v, a: is_dmc(v), "{v}: " + SCRIPT + " learns from pixels with continuous actions; use a DMC id "
+     "such as walker-walk"),  # (is_dmc: an unknown id raises, naming the valid ones)
+]
+
+
+def fail(msg):  # bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
-def check_args(args):
-    """Every flag checked on its own, before any heavy work; the first bad one is named with its value."""
-    a = args
-    for flag, choices in (("precision", ("fp32", "bf16")), ("compile_backend", ("inductor", "aot_eager"))):
-        if getattr(a, flag) not in choices:
-            fail(f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(a, flag)}")
-    if a.seed < 0:
-        fail(f"--seed must be >= 0, got {a.seed}")
-    for flag in ("total_timesteps", "num_envs", "eval_episodes", "eval_every", "log_every", "action_repeat",
-                 "time_limit", "batch_size", "train_every", "stoch", "deter", "hidden", "cnn_depth", "units",
-                 "proj_dim"):
-        if getattr(a, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    for flag in ("prefill", "pretrain", "train_steps", "reward_layers", "value_layers", "actor_layers", "free_nats",
-                 "kl_scale", "expl_noise", "hybrid_alpha", "mpc_lr"):
-        if not getattr(a, flag) >= 0:
-            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
-    for flag in ("min_std", "actor_min_std", "actor_init_std", "actor_mean_scale", "model_lr", "value_lr",
-                 "actor_lr", "sac_lr", "adam_eps", "grad_clip", "sac_init_temperature"):
-        if not getattr(a, flag) > 0:
-            fail(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
-    checks = [
-        (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}"),
-        (not (a.resume and a.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),
-        (a.batch_length >= 2, f"--batch-length must be >= 2, got {a.batch_length}"),
-        (a.buffer_size >= a.batch_size * a.batch_length,
-         f"--buffer-size must hold one batch (--batch-size x --batch-length = {a.batch_size * a.batch_length} "
-         f"steps), got {a.buffer_size}"),
-        (a.imag_horizon >= 2, f"--imag-horizon must be >= 2 (the losses use s_1..s_{{H-1}}), got {a.imag_horizon}"),
-        (0 < a.gamma <= 1, f"--gamma must lie in (0, 1], got {a.gamma}"),
-        (0 <= a.lam <= 1, f"--lam must lie in [0, 1], got {a.lam}"),
-        (0 < a.sac_tau <= 1, f"--sac-tau must lie in (0, 1], got {a.sac_tau}"),
-        (a.mpc_iterations >= 1,
-         f"--mpc-iterations must be >= 1 (use --no-mpc to act without MPC), got {a.mpc_iterations}"),
-        (not (a.generative and a.reward_only),
-         "--generative and --reward-only are two different Table 2 variants; pass at most one"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            fail(msg)
-    try:
-        pixels = is_dmc(a.env_id)
-    except ValueError as e:
-        fail(e)
-    if not pixels:  # DMC pixel tasks only: their actions are continuous, in [-1, 1]
-        fail(f"--env-id {a.env_id}: {os.path.basename(__file__)} learns from pixels with continuous actions; use a "
-             f"DMC id such as walker-walk")
+def check_args(args):  # CHECKS in order, before any heavy work: the first bad flag is named with its value
+    for flag, ok, message in CHECKS:
+        try:
+            good = ok(getattr(args, flag), args)
+        except ValueError as e:  # an unknown --env-id
+            fail(e)
+        if not good:
+            fail(f"--{flag.replace('_', '-')} " + message.format(v=getattr(args, flag), a=args))
 
 
 def build_agent(args, obs_shape, action_dim, device):
@@ -887,128 +884,96 @@ def build_agent(args, obs_shape, action_dim, device):
     value = mlp(feat_dim, args.units, args.value_layers, 1)  # [CVRL App. B, Dreamer v1] 3 x 400 ELU, output 1
     value.apply(init_weights)
     sac = None if not args.sac else SAC(feat_dim, action_dim, args.units, args.value_layers,  # ABLATION(sac)
-                                       args.sac_init_temperature)
+                                        args.sac_init_temperature)
     agent = Agent(wm, actor, value, sac).to(device)
-    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, eps=args.adam_eps)  # noqa: E731
-    opts = {"model": adam(wm.parameters(), args.model_lr), "value": adam(value.parameters(), args.value_lr),
-            "actor": adam(actor.parameters(), args.actor_lr)}
-    if sac is not None:
-        opts["sac"] = adam(sac.trainable(), args.sac_lr)
+    parts = dict(model=wm.parameters(), value=value.parameters(), actor=actor.parameters(),
+                 sac=sac.trainable() if sac is not None else None)
+    lrs = dict(model=args.model_lr, value=args.value_lr, actor=args.actor_lr, sac=args.sac_lr)
+    opts = {k: torch.optim.Adam(p, lr=lrs[k], eps=args.adam_eps) for k, p in parts.items() if p is not None}
     mpc = dict(horizon=args.imag_horizon, gamma=args.gamma, lam=args.lam, lr=args.mpc_lr,
                iterations=args.mpc_iterations if args.mpc else 0, expl_noise=args.expl_noise)  # ABLATION(mpc)
     return agent, opts, mpc
 
 
-def accumulate(sums, metrics):
-    """Running (sum, count) per metric, kept as tensors (no host sync until the log)."""
+def accumulate(sums, metrics):  # running (sum, count) per metric, kept as tensors (no host sync until the log)
     for k, v in metrics.items():
-        s, c = sums.get(k, (0.0, 0))
-        sums[k] = (s + v, c + 1)
+        s, n = sums.get(k, (0.0, 0))
+        sums[k] = (s + v, n + 1)
 
 
-def fmt_time(seconds):
-    """12 s, 3.4 min, 5.6 h, or ? when unknown."""
-    return ("?" if not np.isfinite(seconds) else f"{seconds:.0f} s" if seconds < 90
-            else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h")
+def fmt_time(s):  # 12 s, 3.4 min, 5.6 h, or ? when unknown
+    return "?" if not np.isfinite(s) else f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
 class Progress:
-    """What the run is doing, on the console: a status line at every log step and, from a background thread,
-    at least every `every_s` seconds (also during a long update or an evaluation). On a terminal the status
-    line is rewritten in place; elsewhere (CI, SLURM logs) it is a plain line. The rates and the ETA come
-    from the current phase only (prefill, pretrain: ends after some updates, train), over its last `window_s`
-    seconds, never the run's average. In training that window is whole cycles (`by_cycle`: acting, then a
-    round of updates, which takes most of the time), so the ETA does not swing within a cycle (? before one).
-    """
+    """The status line: at each log step and, from a heartbeat thread, after 30 s without output; rewritten in place
+    on a terminal, plain lines elsewhere (CI, SLURM logs). Rates and ETA come from the current phase (prefill,
+    pretrain: ends at an update count, train) over its last `window_s` seconds; in training that window is whole
+    cycles (`by_cycle`: acting, then a round of updates), so the ETA does not swing within a cycle (? before one)."""
 
-    def __init__(self, total, every_s=30.0, window_s=120.0, clock=time.monotonic, out=sys.stdout):
-        self.total, self.every_s, self.window_s, self.clock, self.out = total, every_s, window_s, clock, out
-        self.tty = out.isatty()
-        self.frames = self.updates = 0
-        self.recent = self.eval = float("nan")
-        self.phase, self.phase_end, self.by_cycle, self.samples = "setup", 0, False, deque()
-        self.last_print, self.lock, self.stop = clock(), threading.RLock(), threading.Event()
-        self.thread = None
+    def __init__(self, total, window_s=120.0, clock=time.monotonic, out=sys.stdout):
+        self.total, self.window_s, self.clock, self.out, self.last_print = total, window_s, clock, out, clock()
+        self.frames, self.updates, self.recent, self.eval, self.stop = 0, 0, np.nan, np.nan, threading.Event()
+        self.lock, self.thread = threading.Lock(), threading.Thread(target=self.beat, daemon=True)
+        self.set_phase("setup", 0)
 
-    def set_phase(self, phase, end, by_cycle=False):
-        """Enter `phase`, which lasts until frame (pretrain: update) `end`; its rate is measured afresh."""
-        with self.lock:
-            self.phase, self.phase_end, self.by_cycle = phase, end, by_cycle
-            self.samples = deque([(self.clock(), self.frames, self.updates)])
+    def set_phase(self, phase, end, by_cycle=False):  # until frame `end` (pretrain: update `end`), rates afresh
+        self.phase, self.end, self.by_cycle = phase, end, by_cycle
+        self.samples = deque([(self.clock(), self.frames, self.updates)])
 
-    def step(self, frames, updates, recent=None, eval_return=None, cycle_end=False):
-        """Record the counters (cheap: call it every env step); a rate sample once a second (by cycle: at its end)."""
-        self.frames, self.updates = frames, updates
-        self.recent = self.recent if recent is None else recent
-        self.eval = self.eval if eval_return is None else eval_return
-        now = self.clock()
-        with self.lock:
-            if cycle_end if self.by_cycle else now - self.samples[-1][0] >= 1.0:
-                self.samples.append((now, frames, updates))
-                while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
-                    self.samples.popleft()
+    def step(self, frames, updates, recent=None, cycle_end=False):  # every env step; a rate sample once a second
+        self.frames, self.updates, self.recent, now = frames, updates, self.recent if recent is None else recent, self.clock()
+        if cycle_end if self.by_cycle else now - self.samples[-1][0] >= 1.0:  # (by cycle: at each cycle's end)
+            self.samples.append((now, frames, updates))
+            while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+                self.samples.popleft()
 
-    def rates(self):
-        """(frames/s, updates/s) of the current phase over its recent window (by cycle: up to the last cycle end)."""
-        with self.lock:
-            (t0, f0, u0), last = self.samples[0], self.samples[-1]
-        t1, f1, u1 = last if self.by_cycle else (self.clock(), self.frames, self.updates)
-        dt = t1 - t0
-        return ((f1 - f0) / dt, (u1 - u0) / dt) if dt > 0 else (float("nan"), float("nan"))
+    def rates(self):  # (frames/s, updates/s) over the phase's recent window (by cycle: up to the last cycle end)
+        (t0, f0, u0), (t1, f1, u1) = self.samples[0], (self.samples[-1] if self.by_cycle else
+                                                       (self.clock(), self.frames, self.updates))
+        return ((f1 - f0) / (t1 - t0), (u1 - u0) / (t1 - t0)) if t1 > t0 else (np.nan, np.nan)
 
-    def eta(self):
-        """Seconds until the current phase ends, at its recent rate of frames (pretrain: of updates)."""
-        rate, done = (self.rates()[1], self.updates) if self.phase == "pretrain" else (self.rates()[0], self.frames)
-        return (self.phase_end - done) / rate if rate > 0 else float("nan")
+    def eta(self):  # seconds until the phase ends
+        (fps, ups), pretrain = self.rates(), self.phase == "pretrain"
+        rate, left = (ups, self.end - self.updates) if pretrain else (fps, self.end - self.frames)
+        return left / rate if rate > 0 else np.nan
 
     def line(self):
-        fps, ups = self.rates()
-        eta = "ETA" if self.phase in ("train", "eval") else f"{self.phase} ends in"
-        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | "
-                f"{fps:.1f} frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | {eta} {fmt_time(self.eta())}")
+        (fps, ups), eta = self.rates(), fmt_time(self.eta())
+        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | {fps:.1f} "
+                f"frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | "
+                + (f"ETA {eta}" if self.phase in ("train", "eval") else f"{self.phase} ends in {eta}"))
 
-    def print(self, text=None, live=False):
-        """Print `text` (default: the status line); `live` lines are rewritten in place on a terminal."""
+    def print(self, text=None, live=False):  # `live`: rewritten in place on a terminal
         with self.lock:
-            text = self.line() if text is None else text
-            end = "" if live and self.tty else "\n"
-            self.out.write(("\r\033[K" if self.tty else "") + text + end)
+            tty = self.out.isatty()
+            self.out.write(("\r\033[K" if tty else "") + (text or self.line()) + ("" if live and tty else "\n"))
             self.out.flush()
             self.last_print = self.clock()
 
-    def start(self):
-        """Heartbeat thread: the status line whenever nothing was printed for `every_s` seconds."""
-        def beat():
-            while not self.stop.wait(1.0):
-                if self.clock() - self.last_print >= self.every_s:
-                    self.print(live=True)
-        self.thread = threading.Thread(target=beat, daemon=True)
-        self.thread.start()
+    def beat(self):  # the heartbeat thread, from progress.thread.start() to close()
+        while not self.stop.wait(1.0):
+            if self.clock() - self.last_print >= 30:
+                self.print(live=True)
 
     def close(self):
         self.stop.set()
-        if self.thread is not None:
+        if self.thread.ident:
             self.thread.join()
-        if self.tty:
-            self.out.write("\n")
+        self.out.write("\n" * self.out.isatty())
 
 
 SIGNALS = {"deferred": False, "pending": None}  # deferred_signals' state
 
 
-def on_signal(signum, frame):
-    """SIGINT / SIGTERM (Ctrl-C, SLURM preemption, kill): KeyboardInterrupt at once, or at the end of the
-    deferred_signals() section running now."""
-    name = signal.Signals(signum).name
+def on_signal(signum, frame):  # SIGINT / SIGTERM: a KeyboardInterrupt now, or at the end of a deferred section
     if not SIGNALS["deferred"]:
-        raise KeyboardInterrupt(name)
-    SIGNALS["pending"] = SIGNALS["pending"] or name
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    SIGNALS["pending"] = SIGNALS["pending"] or signal.Signals(signum).name
 
 
 @contextlib.contextmanager
-def deferred_signals():
-    """A section a signal must not cut in half (an update with its counters, replay.add, a checkpoint write): a
-    SIGINT or SIGTERM arriving inside raises its KeyboardInterrupt when the section ends."""
+def deferred_signals():  # a section a signal must not cut in half: an update and its counters, a replay row, a checkpoint
     SIGNALS["deferred"] = True
     try:
         yield
@@ -1020,119 +985,79 @@ def deferred_signals():
 
 
 def close_envs(*envs, kill=False):
-    """Close vector envs; workers that already stopped are fine. Ctrl-C or SIGTERM (which the workers ignore) can
-    strike between the messages of a step, and a polite close would then take a stale reply for the workers' answer
-    or wait forever: `kill` ends the workers of an AsyncVectorEnv instead. Gymnasium's warning about a step still
-    pending is not shown: it is finished here."""
+    """Close vector envs quietly; `kill` (after a signal, which can cut a step's messages so that a polite close would
+    read a stale reply or wait forever) ends an AsyncVectorEnv's workers instead."""
     for env in envs:
-        if kill and hasattr(env, "processes"):
-            for process in env.processes:
-                process.kill(), process.join()
+        for p in getattr(env, "processes", []) if kill else []:
+            p.kill(), p.join()
             env.closed = True  # nothing left to close, also not at exit
-            continue
-        try:
-            with warnings.catch_warnings():  # (action="ignore" needs Python 3.11)
-                warnings.simplefilter("ignore")
-                env.close()
-        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
-            pass
-
-
-CHECKPOINT = "checkpoint.pt"
-NETS = ("wm", "actor", "value", "sac")  # the agent's parts in a checkpoint ("sac": None under --no-sac)
-OPTIMISERS = ("model", "value", "actor", "sac")  # list positions in a checkpoint ("sac": None under --no-sac)
-# Flags a resumed run may change: they touch neither the model nor the training schedule.
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
-             "compile", "compile_backend", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video",
-             "eval_every", "eval_episodes", "log_every")
-
-
-def rng_state():
-    """Every random number generator the run draws from (the replay's own is in its state_dict)."""
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
-                                                    cached),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        with warnings.catch_warnings(), contextlib.suppress(BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            warnings.simplefilter("ignore")  # gymnasium's warning about a step still pending: it is finished here
+            env.close()
 
 
 def save_checkpoint(path, args, agent, opts, loop, replay=None):
-    """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
-    os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
-    are flushed first; the checkpoint holds only their head, count and sampling RNG. The networks by part (the
-    SAC part holds the twin Q nets, their soft targets and log_temperature), the optimisers as a list in
-    OPTIMISERS' order with None where one is absent (--no-sac)."""
+    """The checkpoint (module docstring), atomically: a temporary file, flushed and fsynced, then renamed; the replay's
+    memory-mapped files are flushed first (the checkpoint holds their head, count and sampling RNG). Networks by
+    part, optimisers in OPTIMISERS' order, None where one is absent (--no-sac)."""
     if replay is not None:
         replay.flush()
-    parts = {k: getattr(agent, k) for k in NETS}
-    payload = {"script": os.path.basename(__file__), "args": asdict(args),
-               "nets": {k: m.state_dict() if m is not None else None for k, m in parts.items()},
-               "opts": [opts[k].state_dict() if k in opts else None for k in OPTIMISERS],
-               "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
+    kind, key, *rest = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), *rest),
+           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    nets = {k: getattr(agent, k).state_dict() if getattr(agent, k) is not None else None for k in NETS}
+    with open(path + ".tmp", "wb") as f:
+        torch.save({"script": SCRIPT, "args": asdict(args), "nets": nets, "loop": loop, "rng": rng,
+                    "opts": [opts[k].state_dict() if k in opts else None for k in OPTIMISERS],
+                    "replay": replay.state_dict() if replay is not None else None}, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
+    os.fsync(fd)  # the rename itself survives a power cut
+    os.close(fd)
 
 
-def load_checkpoint(path, flag):
-    """The checkpoint at `path` as a dict, or one clear error naming `flag` and the file."""
+def load_checkpoint(path, flag):  # the checkpoint at `path` as a dict, or one clear error naming `flag` and the file
     if not os.path.isfile(path):
-        fail(f"{flag}: no checkpoint {path}" + (" (was the run started with --checkpoint-every 0?)"
-                                                 if flag == "--resume" else ""))
+        fail(f"{flag}: no checkpoint {path}" + " (was the run started with --checkpoint-every 0?)" * (flag == "--resume"))
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated (EOFError, RuntimeError), or not a checkpoint at all (UnpicklingError)
         fail(f"{flag}: {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    script = os.path.basename(__file__)
-    if not isinstance(ck, dict) or ck.get("script") != script:
+    if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
         fail(f"{flag}: {path} is a checkpoint of {ck.get('script') if isinstance(ck, dict) else 'nothing known'}, "
-             f"not of {script}")
+             f"not of {SCRIPT}")
     return ck
 
 
-def load_nets(ck, agent):
-    """The saved networks into the agent's parts (the same --no-sac, so the same parts: checked_against)."""
+def restore_checkpoint(ck, agent, opts, replay=None):
+    """Networks (the same --no-sac, so the same parts: checked_against), optimisers, the replay's head and sampling
+    RNG, then every global RNG (last: nothing drawn while restoring shifts them). Returns the loop counters."""
     for k in NETS:
         if getattr(agent, k) is not None:
             getattr(agent, k).load_state_dict(ck["nets"][k])
-
-
-def restore_checkpoint(ck, agent, opts, replay=None):
-    """Put a saved run back: every network and optimiser, the replay's head and sampling RNG, every global RNG
-    (last, so nothing drawn while restoring shifts them). Returns the saved loop counters."""
-    load_nets(ck, agent)
-    for k, sd in zip(OPTIMISERS, ck["opts"]):
+    for k, state in zip(OPTIMISERS, ck["opts"]):
         if k in opts:
-            opts[k].load_state_dict(sd)
+            opts[k].load_state_dict(state)
     if replay is not None:
         replay.load_state_dict(ck["replay"])
-    set_rng_state(ck["rng"])
+    rng, (kind, key, *rest) = ck["rng"], ck["rng"]["numpy"]
+    random.setstate(rng["python"])
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return ck["loop"]
 
 
 def checked_against(args, ck, flag):
-    """Refuse flags that would change the saved run's model or schedule (each named with both values); an
-    evaluation may also pick its own --seed and --num-envs."""
-    saved, free = ck["args"], RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
+    """Refuse flags that would change the saved run's model or schedule (all but RESUMABLE; an evaluation may also
+    pick its own --seed and --num-envs), each named with both values."""
+    free = RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
     for name, value in asdict(args).items():
-        if name not in free and name in saved and saved[name] != value:
-            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
+        if name not in free and name in ck["args"] and ck["args"][name] != value:
+            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {ck['args'][name]} ({flag}); "
                  f"a saved run keeps its model, environment and schedule")
     if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"] < ck["args"]["total_timesteps"]:
         fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
@@ -1140,119 +1065,104 @@ def checked_against(args, ck, flag):
 
 
 def saved_defaults(argv):
-    """With --resume RUN_DIR or --eval-checkpoint PATH, the saved run's flags become the defaults of the command
-    line (None without them, or when the checkpoint cannot be read or is another script's: main then says why)."""
+    """With --resume RUN or --eval-checkpoint PATH, the saved run's flags as the command line's defaults (None without
+    them or when the file cannot be read or is another script's: main then says why)."""
     for i, a in enumerate(argv):
-        for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
+        for flag in ("--resume", "--eval-checkpoint"):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
-                value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = value if not name or os.path.isfile(value) else os.path.join(value, name)
-                try:
-                    ck = torch.load(path, map_location="cpu", weights_only=True)
-                    if ck["script"] != os.path.basename(__file__):  # its flags may not even fit these fields
-                        return None
-                    saved = ck["args"]
-                    return Args(**{k: v for k, v in saved.items()
-                                   if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
-                except Exception:
-                    return None
+                path = argv[i + 1] if a == flag else a.split("=", 1)[1]
+                path = os.path.join(path, CHECKPOINT) if flag == "--resume" and not os.path.isfile(path) else path
+                with contextlib.suppress(Exception):  # (another script's flags may not even fit these fields)
+                    saved = torch.load(path, map_location="cpu", weights_only=True)
+                    return Args(**{k: v for k, v in saved["args"].items() if k in Args.__dataclass_fields__
+                                   and k not in ("resume", "eval_checkpoint")}) if saved["script"] == SCRIPT else None
     return None
+
+
+def make_envs(args, split):
+    """The training or the evaluation envs (seeds from seed + 10,000; env 0 renders 256x256 video frames with
+    --capture-video), with (obs shape, action dim); a bad env flag is one error line."""
+    n, seed = (args.num_envs, args.seed) if split == "train" else (min(args.num_envs, args.eval_episodes), args.seed + 10_000)
+    try:  # DEVIATION: natural backgrounds are common/envs.py's (DreamerPro protocol), not CVRL's Natural Mujoco
+        envs = make_vector_env(args.env_id, n, seed, split=split, video_size=256 * (split == "eval" and args.capture_video),
+                               action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                               background_dir=args.background_dir, background_mask=args.background_mask)
+    except (ValueError, TypeError) as e:
+        fail(e)
+    return envs, (envs.single_observation_space.shape, int(np.prod(envs.single_action_space.shape)))
 
 
 def evaluate_checkpoint(args):
     """--eval-checkpoint: the saved agent (acting as the run's evaluation does: MPC unless --no-mpc, no noise) on
     --eval-episodes fresh evaluation episodes; prints the JSON line."""
-    path = args.eval_checkpoint
-    ck = load_checkpoint(path, "--eval-checkpoint")
+    path, ck = args.eval_checkpoint, load_checkpoint(args.eval_checkpoint, "--eval-checkpoint")
     checked_against(args, ck, "--eval-checkpoint")
-    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
-                      background_dir=args.background_dir, background_mask=args.background_mask)
-    try:
-        envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                               split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
-    except (ValueError, TypeError) as e:
-        fail(e)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    (envs, spec), device = make_envs(args, "eval"), torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.manual_seed(args.seed)
-    agent, _, mpc = build_agent(args, envs.single_observation_space.shape,
-                                int(np.prod(envs.single_action_space.shape)), device)
-    load_nets(ck, agent)
+    agent, _, mpc = build_agent(args, *spec, device)
+    for k in NETS:
+        if getattr(agent, k) is not None:
+            getattr(agent, k).load_state_dict(ck["nets"][k])
     step = ck["loop"]["global_step"]
-    print(f"{os.path.basename(__file__)}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} "
-          f"episodes ...", flush=True)
+    print(f"{SCRIPT}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} episodes ...", flush=True)
     try:
         returns, frames = evaluate(agent, envs, args.eval_episodes, device, mpc, args.capture_video)
     finally:
         close_envs(envs)
-    summary = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step,
-               "checkpoint": path}
+    out = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step, "checkpoint": path}
     if frames is not None:
-        summary["video"] = os.path.join(os.path.dirname(path), "videos", f"eval_checkpoint_{step}.mp4")
-        encode_video(summary["video"], frames, fps=30)
-    print(json.dumps(summary))
-    return summary
+        out["video"] = os.path.join(os.path.dirname(path), "videos", f"eval_checkpoint_{step}.mp4")
+        encode_video(out["video"], frames, fps=30)
+    print(json.dumps(out))
+    return out
+
+
+def summary(loop, run_dir):  # the final JSON line, printed; main returns it with the last losses
+    out = {"final_eval_return": loop["eval_return"], "eval_returns": [float(r) for r in loop["returns"]],
+           "global_step": loop["global_step"], "updates": loop["updates"], "run_dir": run_dir}
+    print(json.dumps(out))
+    return {**out, "losses": loop["last_metrics"]}
 
 
 def main(args: Args) -> dict:
     check_args(args)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args)
-    ck = None
-    if args.resume:
-        if os.path.isfile(args.resume):  # RUN/checkpoint.pt: its folder is the run
-            args = dataclasses.replace(args, resume=os.path.dirname(args.resume) or ".")
-        if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
-        ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
+    if args.resume and os.path.isfile(args.resume):  # RUN/checkpoint.pt: its folder is the run
+        args = dataclasses.replace(args, resume=os.path.dirname(args.resume) or ".")
+    if args.resume and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
+    ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume") if args.resume else None
+    if ck:
         checked_against(args, ck, "--resume")
-        loop, done = ck["loop"], ck["loop"]["global_step"]
-        if done >= args.total_timesteps and loop.get("eval_step", done) >= done:
-            # finished and evaluated (killed before its JSON line): the saved summary, nothing trained
-            summary = {"final_eval_return": loop["eval_return"], "eval_returns": loop["returns"],
-                       "global_step": loop["global_step"], "updates": loop["updates"], "run_dir": args.resume}
-            print(json.dumps(summary))
-            return {**summary, "losses": loop["last_metrics"]}
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join("runs", run_name)
-    run_name = os.path.basename(os.path.normpath(run_dir))
-    replay_dir = os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None
+        done = ck["loop"]["global_step"]
+        if args.total_timesteps <= done <= ck["loop"].get("eval_step", done):  # finished and evaluated (killed
+            return summary(ck["loop"], args.resume)  # before its JSON line, say): nothing built or trained
+    run_dir = args.resume or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    replay_dir = os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None  # memory-mapped files
     try:  # before anything is built or created (the frames dominate)
         check_capacity(args.buffer_size, args.num_envs, (3, 64, 64), path=replay_dir, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         fail(e)
     progress = Progress(args.total_timesteps)
-    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
-                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
-    # DEVIATION: natural backgrounds are common/envs.py's (DreamerPro protocol), not CVRL's Natural Mujoco
-    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
-                      background_dir=args.background_dir, background_mask=args.background_mask)
+    progress.print(f"{SCRIPT}: {args.env_id}, {args.total_timesteps} frames; building {args.num_envs} + "
+                   f"{min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
+    (envs, (obs_shape, action_dim)), (eval_envs, _) = make_envs(args, "train"), make_envs(args, "eval")
     try:
-        envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
-        eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                                    split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
-    except (ValueError, TypeError) as e:
-        fail(e)
-    obs_shape, action_dim = envs.single_observation_space.shape, int(np.prod(envs.single_action_space.shape))
-    try:
-        # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
-        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed,
-                              path=replay_dir, resume=ck is not None)
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed, path=replay_dir,
+                              resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_envs)
         fail(e)
-
     if args.track:
         import wandb  # only when asked; syncs the TensorBoard scalars, images and text below
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step: every
-    # step >= it). The checkpoint's own frame is kept: what was logged there came before the checkpoint, and the
-    # resumed run logs nothing at it again (every later point has a larger frame; a 0-frame autoreset step logs none).
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=os.path.basename(os.path.normpath(run_dir)), save_code=True)
+    # on resume TensorBoard drops the points after the checkpoint's frame (those at it came before it was saved)
     writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
     if ck is None:
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=1)
 
@@ -1262,81 +1172,67 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     agent, opts, mpc = build_agent(args, obs_shape, action_dim, device)
-    B, T, N = args.batch_size, args.batch_length, args.num_envs
+    B, T, N, step_frames = args.batch_size, args.batch_length, args.num_envs, args.action_repeat * args.num_envs
+    # Every loop counter in one namespace, which a checkpoint saves and restores whole. next_train: the frame of the
+    # next training round, None until the pretrain updates are done; sums: (sum, count) per metric
+    loop = SimpleNamespace(global_step=0, updates=0, updates_due=0, next_train=None, next_log=args.log_every,
+                           next_eval=args.eval_every, sums={}, last_metrics={}, recent_returns=[], eval_return=np.nan,
+                           returns=[], eval_step=-1)
+    if ck:  # networks, optimisers, counters, RNGs, replay head
+        vars(loop).update(restore_checkpoint(ck, agent, opts, replay))
+        loop.sums = {k: (torch.as_tensor(v).to(device), n) for k, (v, n) in loop.sums.items()}
+        progress.print(f"resumed {run_dir} at frame {loop.global_step} after {loop.updates} updates (replay "
+                       f"{len(replay)} steps); the episodes in progress when it stopped start afresh")
+    loop.next_checkpoint = loop.global_step + args.checkpoint_every  # (--checkpoint-every may have changed)
 
-    # TRY NOT TO MODIFY: start the game
-    # next_train: frame of the next training round, None until the pretrain updates are done (the pretrain flag)
-    global_step, updates, updates_due, next_train, start_time = 0, 0, 0, None, time.time()
-    next_log, next_eval, next_checkpoint = args.log_every, args.eval_every, args.checkpoint_every
-    sums, last_metrics, recent_returns, eval_return, returns, eval_step = {}, {}, [], float("nan"), [], -1
-    interrupted, projected, train_start, saved_step, step_frames = None, False, None, None, args.action_repeat * N
-    compiled, error = False, None  # --compile: whether the first (compiling) update is done
-    if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
-        loop = restore_checkpoint(ck, agent, opts, replay)
-        eval_step = loop.pop("eval_step", loop["global_step"])  # (older checkpoints: saved after their evaluations)
-        (global_step, updates, updates_due, next_train, next_log, next_eval, next_checkpoint, sums, last_metrics,
-         recent_returns, eval_return, returns) = loop.values()
-        next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
-        sums = {k: (torch.as_tensor(v).to(device), n) for k, (v, n) in sums.items()}
-        saved_step = global_step
-        progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
-                       f"steps); the episodes in progress when it stopped start afresh")
-
-    start_step = global_step  # (a resumed run's frames per second count from here)
-
-    def loop_state():  # the counters a checkpoint holds, in the order they are restored above
-        return {"global_step": global_step, "updates": updates, "updates_due": updates_due, "next_train": next_train,
-                "next_log": next_log, "next_eval": next_eval, "next_checkpoint": next_checkpoint, "sums": sums,
-                "last_metrics": last_metrics, "recent_returns": recent_returns, "eval_return": eval_return,
-                "returns": [float(r) for r in returns], "eval_step": eval_step}
-
-    def evaluation():  # next_eval advances once it finished: an interrupted evaluation runs again after --resume
-        nonlocal returns, eval_return, eval_step, next_eval
+    def evaluation():  # next_eval advances once it finished: an evaluation cut by a signal runs again after --resume
         phase, progress.phase = progress.phase, "eval"
-        returns, frames = evaluate(agent, eval_envs, args.eval_episodes, device, mpc, args.capture_video)
-        progress.phase = phase
-        eval_return = float(np.mean(returns))
-        progress.step(global_step, updates, eval_return=eval_return)
-        writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        loop.returns, frames = evaluate(agent, eval_envs, args.eval_episodes, device, mpc, args.capture_video)
+        loop.eval_return = progress.eval = float(np.mean(loop.returns))
+        writer.add_scalar("eval/episodic_return", loop.eval_return, loop.global_step)
         if frames is not None:
-            encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
-            log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
-        eval_step, next_eval = global_step, next_eval + args.eval_every
+            encode_video(os.path.join(run_dir, "videos", f"eval_{loop.global_step}.mp4"), frames, fps=30)
+            log_video(writer, "eval/video", frames[:, ::4, ::4], loop.global_step, fps=30)
+        progress.phase, loop.eval_step, loop.next_eval = phase, loop.global_step, loop.next_eval + args.eval_every
 
-    obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
+    def checkpoint(path=os.path.join(run_dir, CHECKPOINT), keep_replay=True):  # the curves are on disk before it is
+        with deferred_signals():
+            writer.flush()
+            save_checkpoint(path, args, agent, opts, vars(loop), replay if keep_replay else None)
+
+    obs, _ = envs.reset(seed=args.seed + loop.global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
-    autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
-    state = None  # acting state once the policy takes over (a resumed run starts it afresh, with its episodes)
+    autoreset, state = np.zeros(N, bool), None  # envs whose next step only resets (no frames); the acting state
     # random actions until --prefill frames and one batch in the replay; the pretrain updates one vector step later
     prefill = -(-max(args.prefill, B * T * args.action_repeat, T * step_frames) // step_frames) * step_frames
     rounds = max((args.total_timesteps - prefill - step_frames) // args.train_every, 0)
     planned = args.pretrain + rounds * args.train_steps if prefill < args.total_timesteps else 0
-    per_step = args.train_steps * args.action_repeat / args.train_every
-    acting = ("the actor alone" if not args.mpc else
-              f"MPC ({args.mpc_iterations} gradient step(s) on {args.imag_horizon} imagined steps)")
-    start = f"resumed at frame {global_step}" if ck else f"prefilling {prefill} frames with random actions"
+    acting = f"MPC ({args.mpc_iterations} gradient step(s) on {args.imag_horizon} imagined steps)" if args.mpc else \
+        "the actor alone"
+    start = f"resumed at frame {loop.global_step}" if ck else f"prefilling {prefill} frames with random actions"
     progress.print(f"cost: {B * T} replayed steps per update; {args.pretrain} updates after the prefill, then "
-                   f"{args.train_steps} every {args.train_every} frames ({per_step:.3g} per policy step): about "
-                   f"{planned} updates in all; acting: {acting} per policy step; {start}, wall time projected after "
-                   f"the first training cycle")
-    progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
-    if next_train is None:
+                   f"{args.train_steps} every {args.train_every} frames "
+                   f"({args.train_steps * args.action_repeat / args.train_every:.3g} per policy step): about {planned} "
+                   f"updates in all; acting: {acting} per policy step; {start}, wall time projected after the first "
+                   f"training cycle")
+    progress.step(loop.global_step, loop.updates)  # (a resumed run's rates start from here)
+    if loop.next_train is None:
         progress.set_phase("prefill", min(prefill, args.total_timesteps))
     else:  # resumed after the pretrain updates: the projection waits for the first whole cycle from here
         progress.set_phase("train", args.total_timesteps, by_cycle=True)
-    progress.start()
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    progress.thread.start()
+    start_time, start_step, start_updates, train_start, code = time.time(), loop.global_step, loop.updates, None, None
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while global_step < args.total_timesteps:
+        while loop.global_step < args.total_timesteps:
             # ALGO LOGIC: prefill with uniform random actions, then act with MPC (or the actor)
-            ready = global_step >= args.prefill and replay.count >= T and len(replay) >= B * T
+            ready = loop.global_step >= args.prefill and replay.count >= T and len(replay) >= B * T
             if ready:
                 state = initial_state(agent, N, device) if state is None else state
                 action, state, act_metrics = policy(agent, state, torch.as_tensor(obs, device=device),
                                                     torch.as_tensor(is_first, device=device), True, mpc)
-                accumulate(sums, act_metrics)
+                accumulate(loop.sums, act_metrics)
             else:
                 action = torch.rand(N, action_dim) * 2 - 1
             with deferred_signals():  # (a row whole)
@@ -1345,126 +1241,107 @@ def main(args: Args) -> dict:
             # TRY NOT TO MODIFY: execute the game and log data
             obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
             with deferred_signals():  # the step's frames and the training schedule together
-                global_step += args.action_repeat * int((~autoreset).sum())
+                loop.global_step += args.action_repeat * int((~autoreset).sum())
                 # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
                 is_first, is_terminal, autoreset = autoreset, term, term | trunc
                 # ALGO LOGIC: [Dreamer v1 schedule] `pretrain` updates once, then `train_steps` every `train_every`
-                cycle_end = ready and next_train is not None and global_step >= next_train
-                round_end = cycle_end or ready and next_train is None  # a round of updates (pretrain or cycle) now
-                if ready and next_train is None:
-                    updates_due, next_train = args.pretrain, global_step + args.train_every
+                pretrain_round = ready and loop.next_train is None
+                cycle_end = ready and not pretrain_round and loop.global_step >= loop.next_train
+                if pretrain_round:
+                    loop.updates_due, loop.next_train = args.pretrain, loop.global_step + args.train_every
                 elif cycle_end:
-                    updates_due, next_train = updates_due + args.train_steps, next_train + args.train_every
+                    loop.updates_due, loop.next_train = loop.updates_due + args.train_steps, loop.next_train + args.train_every
             if "episode" in infos:
-                for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
-                    if m:
-                        recent_returns = (recent_returns + [float(r)])[-10:]
-                        writer.add_scalar("charts/episodic_return", r, global_step)
-                        writer.add_scalar("charts/episodic_length", l, global_step)
+                for r, l, done in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
+                    if done:
+                        loop.recent_returns = (loop.recent_returns + [float(r)])[-10:]
+                        writer.add_scalar("charts/episodic_return", r, loop.global_step)
+                        writer.add_scalar("charts/episodic_length", l, loop.global_step)
 
-            if round_end and not cycle_end:  # the pretrain round
-                progress.set_phase("pretrain", args.pretrain)
-            while updates_due > 0:
-                if args.compile and not compiled:
+            if pretrain_round:
+                progress.set_phase("pretrain", loop.updates + args.pretrain)
+            while loop.updates_due > 0:
+                compiling = args.compile and loop.updates == start_updates  # (this process's first update)
+                if compiling:
                     progress.print("compiling the update (--compile): the first update takes minutes on a CPU (a "
                                    "Ctrl-C waits for it)")
                     t_compile = time.time()
                 with deferred_signals():  # an update and its counters together
                     data = batch_to(replay.sample(B, T), device)  # DEVIATION: 8
-                    accumulate(sums, update(agent, opts, data, args))
-                    updates, updates_due = updates + 1, updates_due - 1
-                progress.step(global_step, updates)
-                if args.compile and not compiled:  # rates and the projection count from the compiled update on
-                    compiled = True
+                    accumulate(loop.sums, update(agent, opts, data, args))
+                    loop.updates, loop.updates_due = loop.updates + 1, loop.updates_due - 1
+                progress.step(loop.global_step, loop.updates)
+                if compiling:  # rates and the projection count from the compiled update on
                     progress.print(f"compiled the update in {fmt_time(time.time() - t_compile)}")
-                    if progress.phase == "pretrain":
-                        progress.set_phase("pretrain", args.pretrain)
-                    else:  # in a cycle's round (resumed after the pretrain updates, or --pretrain 0)
-                        progress.set_phase("train", args.total_timesteps, by_cycle=True)
-                        train_start = None  # the projection times the next whole cycle, from this one's end
+                    progress.set_phase(progress.phase, progress.end, progress.by_cycle)
+                    train_start = None  # (the projection times the next whole cycle)
             if progress.phase == "pretrain":  # done: cycles of `train_every` frames of acting and a round of updates
                 progress.set_phase("train", args.total_timesteps, by_cycle=True)
                 train_start = time.time()
-            progress.step(global_step, updates, np.mean(recent_returns or [np.nan]), cycle_end=cycle_end)
-            if cycle_end and not projected and train_start is None:  # resumed mid-run (or compiled in this round):
-                # time the next whole cycle
+            progress.step(loop.global_step, loop.updates, np.mean(loop.recent_returns or [np.nan]), cycle_end=cycle_end)
+            if cycle_end and train_start is None:  # resumed mid-run (or compiled in this round): time the next cycle
                 train_start = time.time()
-            elif cycle_end and not projected:  # the first whole cycle after the pretrain updates (or the resume)
-                projected, cycle_s = True, time.time() - train_start
-                rest = (args.total_timesteps - global_step) / args.train_every * cycle_s
-                progress.print(f"measured: {fmt_time(cycle_s)} per training cycle ({args.train_every} frames of "
-                               f"acting and {args.train_steps} updates); projected wall time of the run"
-                               f"{' from here' if ck else ''} {fmt_time(time.time() - start_time + rest)} "
+            elif cycle_end and train_start:  # the first whole cycle after the pretrain updates (or the resume)
+                cycle_s, rest = time.time() - train_start, (args.total_timesteps - loop.global_step) / args.train_every
+                train_start = False  # (projected)
+                progress.print(f"measured: {fmt_time(cycle_s)} per training cycle ({args.train_every} frames of acting "
+                               f"and {args.train_steps} updates); projected wall time of the run"
+                               f"{' from here' if ck else ''} {fmt_time(time.time() - start_time + rest * cycle_s)} "
                                f"(evaluations extra)")
 
-            if global_step >= next_log:
-                next_log += args.log_every
-                if sums:
-                    means = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=device) / c
-                                         for s, c in sums.values()]).tolist()  # the one sync per log
-                    last_metrics = dict(zip(sums, means))
-                    for k, v in last_metrics.items():
+            if loop.global_step >= loop.next_log:
+                loop.next_log += args.log_every
+                if loop.sums:  # the one host-device sync per log
+                    means = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=device) / n
+                                         for s, n in loop.sums.values()]).tolist()
+                    loop.last_metrics, loop.sums = dict(zip(loop.sums, means)), {}
+                    for k, v in loop.last_metrics.items():
                         if not np.isfinite(v):
                             raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at frame "
-                                                     f"{global_step} (update {updates})")
-                        writer.add_scalar(k, v, global_step)
-                    sums = {}
-                sps = int((global_step - start_step) / (time.time() - start_time))  # (this process's frames)
-                writer.add_scalar("charts/SPS", sps, global_step)
-                writer.add_scalar("charts/updates", updates, global_step)
-                progress.print(progress.line() + f" | model loss {last_metrics.get('losses/model', np.nan):.2f}")
-
-            if global_step >= next_eval and global_step < args.total_timesteps:  # (the final one below)
+                                                     f"{loop.global_step} (update {loop.updates})")
+                        writer.add_scalar(k, v, loop.global_step)
+                sps = int((loop.global_step - start_step) / (time.time() - start_time))  # (this process's frames)
+                writer.add_scalar("charts/SPS", sps, loop.global_step)
+                writer.add_scalar("charts/updates", loop.updates, loop.global_step)
+                progress.print(progress.line() + f" | model loss {loop.last_metrics.get('losses/model', np.nan):.2f}")
+            if loop.next_eval <= loop.global_step < args.total_timesteps:  # (the final one below)
                 evaluation()
-
             # Checkpoint only between cycles: right after a round of updates, never inside one (and one at the end)
-            if (args.checkpoint_every and round_end and global_step >= next_checkpoint
-                    and global_step < args.total_timesteps):
-                with deferred_signals():
-                    next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
-                    writer.flush()  # the TensorBoard points up to the checkpoint are on disk before it is
-                    save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
-                    saved_step = global_step
-
-        if eval_step < global_step:  # the final evaluation (done already when a finished run was resumed for it)
+            if (args.checkpoint_every and (pretrain_round or cycle_end)
+                    and loop.next_checkpoint <= loop.global_step < args.total_timesteps):
+                loop.next_checkpoint = (loop.global_step // args.checkpoint_every + 1) * args.checkpoint_every
+                checkpoint()
+        if loop.eval_step < loop.global_step:  # the final evaluation (done already if a finished run was resumed for it)
             evaluation()
         if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
-            with deferred_signals():
-                writer.flush()
-                save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
-                saved_step = global_step
+            checkpoint()
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
-            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, agent, opts, loop_state())
+            checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), keep_replay=False)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside a deferred_signals() section
-        for sig in old_handlers:
+        for sig in handlers:
             signal.signal(sig, signal.SIG_IGN)  # a second signal does not cut the checkpoint or the cleanup
-        interrupted = str(e) or "SIGINT"
         if args.checkpoint_every:  # the state as it is: every section that changes it ran whole
-            writer.flush()
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, agent, opts, loop_state(), replay)
+            checkpoint()
+        name, where = str(e) or "SIGINT", (f"checkpoint written: --resume {run_dir} continues from frame "
+                                           f"{loop.global_step}" if args.checkpoint_every else
+                                           "no checkpoint (--checkpoint-every 0)")
+        code, message = 130 if name == "SIGINT" else 143, (f"interrupted ({name}) at frame {loop.global_step}/"
+                                                           f"{args.total_timesteps} after {loop.updates} updates; {where}")
     except FloatingPointError as e:  # a non-finite loss (at a log step)
-        error = f"{e}; last checkpoint: {os.path.join(run_dir, CHECKPOINT) if saved_step is not None else 'none'}"
+        path = os.path.join(run_dir, CHECKPOINT)
+        code, message = 3, f"error: {e}; last checkpoint: {path if os.path.isfile(path) else 'none'}"
     finally:
-        for sig, handler in old_handlers.items():
+        for sig, handler in handlers.items():
             signal.signal(sig, handler)
         progress.close()
-        close_envs(envs, eval_envs, kill=interrupted is not None)
+        close_envs(envs, eval_envs, kill=code in (130, 143))
         writer.close()
         if args.track:
             wandb.finish()
-    if interrupted:
-        where = (f"checkpoint written: --resume {run_dir} continues from frame {global_step}" if args.checkpoint_every
-                 else "no checkpoint (--checkpoint-every 0)")
-        print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"{where}", file=sys.stderr, flush=True)
-        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
-    if error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(3)
-    summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
-               "updates": updates, "run_dir": run_dir}
-    print(json.dumps(summary))
-    return {**summary, "losses": last_metrics}
+    if code:  # (an interrupt: 128 + the signal's number, as a shell reports it)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(code)
+    return summary(vars(loop), run_dir)
 
 
 if __name__ == "__main__":
