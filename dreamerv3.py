@@ -863,76 +863,59 @@ def check_args(args):
     return args
 
 
-def fmt_time(seconds):
-    """12 s, 3.4 min, 5.6 h, or ? when unknown."""
-    if not np.isfinite(seconds):
-        return "?"
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+def fmt_time(s):  # 12 s, 3.4 min, 5.6 h, or ? when unknown
+    return "?" if not np.isfinite(s) else f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
 class Progress:
-    """What the run is doing, on the console: a status line at every log step and, from a background thread,
-    at least every `every_s` seconds (also during a long update or an evaluation). On a terminal the status
-    line is rewritten in place; elsewhere (CI, SLURM logs) it is a plain line. The rates and the ETA come
-    from the current phase only (prefill, train), over its last `window_s` seconds, never the run's average.
-    """
+    """The status line: at each log step and, from a heartbeat thread, after `every_s` seconds without output (also
+    during a long update or an evaluation); rewritten in place on a terminal, plain lines elsewhere (CI, SLURM logs).
+    Rates and ETA come from the current phase only (prefill, train) over its last `window_s` seconds."""
 
     def __init__(self, total, every_s=30.0, window_s=120.0, clock=time.monotonic, out=sys.stdout):
         self.total, self.every_s, self.window_s, self.clock, self.out = total, every_s, window_s, clock, out
-        self.tty = out.isatty()
-        self.frames = self.updates = 0
-        self.recent = self.eval = float("nan")
-        self.phase, self.phase_end, self.samples = "setup", 0, deque()
-        self.last_print, self.lock, self.stop = clock(), threading.RLock(), threading.Event()
-        self.thread = None
+        self.frames, self.updates, self.recent, self.eval, self.last_print = 0, 0, np.nan, np.nan, clock()
+        self.lock, self.stop, self.thread = threading.RLock(), threading.Event(), None
+        self.set_phase("setup", 0)
 
-    def set_phase(self, phase, end):
-        """Enter `phase`, which lasts until frame `end`; its rate is measured afresh."""
+    def set_phase(self, phase, end):  # until frame `end`, its rates measured afresh
         with self.lock:
-            self.phase, self.phase_end = phase, end
-            self.samples = deque([(self.clock(), self.frames, self.updates)])
+            self.phase, self.phase_end, self.samples = phase, end, deque([(self.clock(), self.frames, self.updates)])
 
-    def step(self, frames, updates, recent=None, eval_return=None):
-        """Record the counters (cheap: call it every env step); a rate sample at most once a second."""
-        self.frames, self.updates = frames, updates
+    def step(self, frames, updates, recent=None, eval_return=None):  # every env step; a rate sample at most once a second
+        self.frames, self.updates, now = frames, updates, self.clock()
         self.recent = self.recent if recent is None else recent
         self.eval = self.eval if eval_return is None else eval_return
-        now = self.clock()
         with self.lock:
             if now - self.samples[-1][0] >= 1.0:
                 self.samples.append((now, frames, updates))
                 while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
                     self.samples.popleft()
 
-    def rates(self):
-        """(frames/s, updates/s) of the current phase over its recent window."""
+    def rates(self):  # (frames/s, updates/s) of the current phase over its recent window
         with self.lock:
             t0, f0, u0 = self.samples[0]
         dt = self.clock() - t0
-        return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (float("nan"), float("nan"))
+        return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (np.nan, np.nan)
 
-    def eta(self):
-        """Seconds until the current phase ends, at its recent frame rate."""
+    def eta(self):  # seconds until the current phase ends
         fps = self.rates()[0]
-        return (self.phase_end - self.frames) / fps if fps > 0 else float("nan")
+        return (self.phase_end - self.frames) / fps if fps > 0 else np.nan
 
     def line(self):
-        fps, ups = self.rates()
-        eta = f"{self.phase} ends in {fmt_time(self.eta())}" if self.phase == "prefill" else f"ETA {fmt_time(self.eta())}"
-        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | "
-                f"{fps:.1f} frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | {eta}")
+        (fps, ups), eta = self.rates(), fmt_time(self.eta())
+        return (f"[{self.phase}] frames {self.frames}/{self.total} | updates {self.updates} ({ups:.2f}/s) | {fps:.1f} "
+                f"frames/s | return {self.recent:.1f} | eval {self.eval:.1f} | "
+                + (f"prefill ends in {eta}" if self.phase == "prefill" else f"ETA {eta}"))
 
-    def print(self, text=None, live=False):
-        """Print `text` (default: the status line); `live` lines are rewritten in place on a terminal."""
+    def print(self, text=None, live=False):  # `live`: rewritten in place on a terminal
         with self.lock:
-            text = self.line() if text is None else text
-            end = "" if live and self.tty else "\n"
-            self.out.write(("\r\033[K" if self.tty else "") + text + end)
+            tty = self.out.isatty()
+            self.out.write(("\r\033[K" if tty else "") + (text or self.line()) + ("" if live and tty else "\n"))
             self.out.flush()
             self.last_print = self.clock()
 
-    def start(self):
-        """Heartbeat thread: the status line whenever nothing was printed for `every_s` seconds."""
+    def start(self):  # the heartbeat thread
         def beat():
             while not self.stop.wait(1.0):
                 if self.clock() - self.last_print >= self.every_s:
@@ -944,8 +927,7 @@ class Progress:
         self.stop.set()
         if self.thread is not None:
             self.thread.join()
-        if self.tty:
-            self.out.write("\n")
+        self.out.write("\n" * self.out.isatty())
 
 
 SIGNALS = {"deferred": False, "pending": None}  # deferred_signals' state
@@ -1000,47 +982,26 @@ RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "chec
              "log_every", "video_every")
 
 
-def rng_state():
-    """Every random number generator the run draws from (the replay's own is in its state_dict)."""
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
-                                                    cached),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path, args, nets, opts, loop, replay=None):
-    """Everything needed to continue the run, written atomically: a temporary file, flushed and fsynced, then
-    os.replace, so the previous checkpoint stays whole until the new one is. The replay's memory-mapped files
-    are flushed first; the checkpoint holds only their head, count and sampling RNG."""
+    """Everything needed to continue the run, written atomically (a temporary file, flushed and fsynced, then renamed,
+    so the previous checkpoint stays whole until the new one is), never cut by a signal. The replay's memory-mapped
+    files are flushed first; the checkpoint holds their head, count and sampling RNG, and every global RNG."""
     with deferred_signals():
-        _save_checkpoint(path, args, nets, opts, loop, replay)
-
-
-def _save_checkpoint(path, args, nets, opts, loop, replay):
-    if replay is not None:
-        replay.flush()
-    payload = {"script": os.path.basename(__file__), "args": asdict(args),
-               "nets": {k: m.state_dict() for k, m in nets.items()}, "opts": [o.state_dict() for o in opts],
-               "loop": loop, "rng": rng_state(), "replay": replay.state_dict() if replay is not None else None}
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
+        if replay is not None:
+            replay.flush()
+        kind, key, *rest = np.random.get_state()
+        rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), *rest),
+               "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        payload = {"script": os.path.basename(__file__), "args": asdict(args), "loop": loop, "rng": rng,
+                   "nets": {k: m.state_dict() for k, m in nets.items()}, "opts": [o.state_dict() for o in opts],
+                   "replay": replay.state_dict() if replay is not None else None}
+        with open(path + ".tmp", "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(fd)  # the rename itself survives a power cut
-    finally:
         os.close(fd)
 
 
@@ -1074,7 +1035,12 @@ def restore_checkpoint(ck, nets, opts, replay=None):
         o.load_state_dict(sd)
     if replay is not None:
         replay.load_state_dict(ck["replay"])
-    set_rng_state(ck["rng"])
+    rng = ck["rng"]
+    kind, key, *rest = rng["numpy"]
+    random.setstate(rng["python"]), np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return ck["loop"]
 
 
