@@ -1,6 +1,14 @@
 """DreamerV3: "Mastering Diverse Domains through World Models", Hafner, Pasukonis, Ba, Lillicrap 2023,
 arXiv:2301.04104v1 (the 2023 version; its code is danijar/dreamerv3@84ecf19, which MuDreamer builds on).
 
+Map of this file (a reader who came for the paper can stop at `# --- Main`):
+    Args                                every flag; defaults are the paper's values, each help names its source
+    # --- Small math helpers            symlog, two-hot, unimix, KL with free bits, lambda-returns, return scale S
+    # --- Networks                      encoder and decoder, RSSM, world model heads, actor, critic
+    # --- Losses and the update step    world model loss, imagination, actor-critic loss, update()
+    # --- Acting, evaluation, pictures  the policy, evaluation episodes, the open-loop video
+    # --- Main                          run machinery: flag checks, progress line, signals, checkpoints, main()
+
 A world model (encoder, RSSM, decoder, reward and continue heads) learns from replayed sequences of
 pixels; an actor and a critic learn from trajectories imagined in its latent space. Settings follow the
 DreamerV3 column of MuDreamer's Table 5 (arXiv:2405.15083, DMC: 4 envs, action repeat 2, train ratio 512,
@@ -74,15 +82,11 @@ class Args:
     cuda: bool = True
     """use CUDA when available (--no-cuda: the CPU)"""
     precision: str = "fp32"
-    """fp32 or bf16. bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
-    statistics, distributions, KL, two-hot log-softmax and return percentiles stay float32. (Default fp32: see
-    the README's Measured table for the speed on each machine.)"""
+    """fp32|bf16: bf16 runs the update's matrix products and convolutions under bfloat16 autocast, the rest float32"""
     compile: bool = False
-    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the first
-    update compiles them (minutes on a CPU; the console says so). Default off: see the README's Measured table."""
+    """torch.compile the update's two loss functions (the first update compiles them: minutes on a CPU)"""
     compile_backend: str = "inductor"
-    """inductor or aot_eager: the torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
-    tracing problem from a code-generation one, and for quick tests)"""
+    """inductor|aot_eager: the backend of --compile (aot_eager traces without generating code: quick, for tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -90,23 +94,15 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
-    agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
+    """if toggled, record one episode at every evaluation: a 256x256 mp4 in videos/ and a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
-    --eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (--eval-checkpoint reads it)"""
     checkpoint_every: int = 25_000
-    """frames between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
-    replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
-    replay in memory. Ctrl-C / SIGTERM also write one before the run stops"""
+    """frames between checkpoints in runs/{run_name}/checkpoint.pt (also at the end and on Ctrl-C); 0: none"""
     resume: Optional[str] = None
-    """continue the run in this run directory (or from its checkpoint.pt) in place; a finished run prints its JSON
-    line again; every flag defaults to that
-    run's, and only --total-timesteps (to grow it), --precision, --compile and the logging, evaluation and tracking
-    flags may change"""
+    """continue the run in this run directory (or its checkpoint.pt); its saved flags are the defaults"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
-    videos/ beside the file), print the JSON line, and stop"""
+    """evaluate the agent in this checkpoint file for --eval-episodes episodes, print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 1_000_000
@@ -122,8 +118,7 @@ class Args:
 
     # Environment
     action_repeat: Optional[int] = None
-    """frames per agent step, rewards summed (None: the env's own; DMC 2, DreamerV3 DMC setting, MuDreamer
-    Sec. 5; MiniGrid 1)"""
+    """frames per agent step, rewards summed (None: the env's own; DMC 2 as MuDreamer Sec. 5; MiniGrid 1)"""
     time_limit: Optional[int] = None
     """episode length in frames (None: the env's own; DMC standard 1000, MiniGrid 100 as BLAST)"""
     background: str = "plain"
@@ -1134,7 +1129,7 @@ def main(args: Args) -> dict:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     nets, opts = build_agent(args, obs_shape, action_dim, discrete, device)
-    (wm, actor, critic, slow_critic, return_norm), B, T, N = nets.values(), args.batch_size, args.batch_length, args.num_envs
+    (wm, actor), B, T, N = (nets["wm"], nets["actor"]), args.batch_size, args.batch_length, args.num_envs
     # Every loop counter in one namespace, which a checkpoint saves and restores whole
     loop = SimpleNamespace(global_step=0, updates=0, updates_due=0.0, next_log=args.log_every, next_eval=args.eval_every,
                            next_video=args.video_every, metric_sums={}, n_metrics=0, last_metrics={}, recent_returns=[],
@@ -1214,7 +1209,7 @@ def main(args: Args) -> dict:
                     t_compile = time.time()
                 with deferred_signals():  # an update and its counters, whole or not at all
                     data = batch_to(replay.sample(B, T), device)
-                    for k, v in update(wm, actor, critic, slow_critic, return_norm, opts, data, args).items():
+                    for k, v in update(*nets.values(), opts, data, args).items():
                         loop.metric_sums[k] = loop.metric_sums.get(k, 0.0) + v
                     loop.n_metrics, loop.updates, loop.updates_due = loop.n_metrics + 1, loop.updates + 1, loop.updates_due - 1
                 if compiling:  # rates and the projection count from the compiled update on
