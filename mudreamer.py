@@ -2,6 +2,14 @@
 arXiv:2405.15083. Built on DreamerV3 (arXiv:2301.04104v1, 2023 code); this file is dreamerv3.py with the
 paper's changes (Sec. 4), so that `diff dreamerv3.py mudreamer.py` reads as its method section.
 
+Map of this file (a reader who came for the paper can stop at `# --- Main`):
+    Args                                every flag; defaults are the paper's values, each help names its source
+    # --- Small math helpers            symlog, two-hot, unimix, KL with free bits, lambda-returns, Eq. 5 targets
+    # --- Networks                      encoder with BatchNorm, RSSM, world model with value and action heads, actor
+    # --- Losses and the update step    [Eqs. 1-5] world model loss, imagination, actor-critic loss, update()
+    # --- Acting, evaluation, pictures  the policy, evaluation episodes, the open-loop video, the collapse monitor
+    # --- Main                          run machinery: flag checks, progress line, signals, checkpoints, main()
+
 The world model learns without reconstruction, by predicting rewards, continues, the value (Eq. 5) and the
 previous action from x_t and s_{t-1}, with BatchNorm in the representation network and KL scales 0.95 / 0.05
 (Eq. 4); an optional decoder learns from sg(s_t) for pictures. Behaviour learning is DreamerV3's (Sec. 4.2).
@@ -73,6 +81,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 from typing import Optional
 
 import gymnasium as gym
@@ -101,15 +110,11 @@ class Args:
     cuda: bool = True
     """use CUDA when available (--no-cuda: the CPU)"""
     precision: str = "fp32"
-    """fp32 or bf16. bf16: the update's matrix products and convolutions in bfloat16 (torch.autocast); parameters, norm
-    statistics (LayerNorm and BatchNorm), distributions, KL, two-hot log-softmax and return percentiles stay
-    float32. (Default fp32: see the README's Measured table for the speed on each machine.)"""
+    """fp32|bf16: bf16 runs the update's matrix products and convolutions under bfloat16 autocast, the rest float32"""
     compile: bool = False
-    """torch.compile the update's two loss functions, forward and backward (loops unrolled, fixed shapes); the first
-    update compiles them (minutes on a CPU; the console says so). Default off: see the README's Measured table."""
+    """torch.compile the update's two loss functions (the first update compiles them: minutes on a CPU)"""
     compile_backend: str = "inductor"
-    """inductor or aot_eager: the torch.compile backend of --compile; aot_eager traces forward and backward without generating code (to tell a
-    tracing problem from a code-generation one, and for quick tests)"""
+    """inductor|aot_eager: the backend of --compile (aot_eager traces without generating code: quick, for tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -117,23 +122,15 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the
-    agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
+    """if toggled, record one episode at every evaluation: a 256x256 mp4 in videos/ and a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which
-    --eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (--eval-checkpoint reads it)"""
     checkpoint_every: int = 25_000
-    """frames between checkpoints: runs/{run_name}/checkpoint.pt, written atomically, plus one at the end; the
-    replay then lives in memory-mapped files in runs/{run_name}/replay/ (disk: the replay's full size). 0: none,
-    replay in memory. Ctrl-C / SIGTERM also write one before the run stops"""
+    """frames between checkpoints in runs/{run_name}/checkpoint.pt (also at the end and on Ctrl-C); 0: none"""
     resume: Optional[str] = None
-    """continue the run in this run directory (or from its checkpoint.pt) in place; a finished run prints its JSON
-    line again; every flag defaults to that
-    run's, and only --total-timesteps (to grow it), --precision, --compile and the logging, evaluation and tracking
-    flags may change"""
+    """continue the run in this run directory (or its checkpoint.pt); its saved flags are the defaults"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in
-    videos/ beside the file), print the JSON line, and stop"""
+    """evaluate the agent in this checkpoint file for --eval-episodes episodes, print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task; MiniGrid: minigrid-dynamic-obstacles-6x6[-rendering])"""
     total_timesteps: int = 1_000_000
@@ -149,8 +146,7 @@ class Args:
 
     # Environment
     action_repeat: Optional[int] = None
-    """frames per agent step, rewards summed (None: the env's own; DMC 2, DreamerV3 DMC setting, MuDreamer
-    Sec. 5; MiniGrid 1)"""
+    """frames per agent step, rewards summed (None: the env's own; DMC 2 as MuDreamer Sec. 5; MiniGrid 1)"""
     time_limit: Optional[int] = None
     """episode length in frames (None: the env's own; DMC standard 1000, MiniGrid 100 as BLAST)"""
     background: str = "plain"
@@ -931,67 +927,54 @@ def log_video(writer, tag, frames, step, fps, path=None):
 
 
 # --- Main ---------------------------------------------------------------------------------------
-def fail(msg):
-    """Bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback."""
+SCRIPT, CHECKPOINT = os.path.basename(__file__), "checkpoint.pt"
+# Flags a resumed run may change: they touch neither the model nor the training schedule.
+RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision", "compile",
+             "compile_backend", "track", "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every",
+             "eval_episodes", "log_every", "video_every")
+CHECKS = [  # (flag, condition on its value v and the args a, the error after `--flag`), checked in this order
+    ("env_id", lambda v, a: is_pixel(v),  # DEVIATION: pixels only; the 2023 code also has MLP encoders for vectors
+     "{v}: " + SCRIPT + " learns from pixels; use a DMC id such as walker-walk"),
+    *[(f, lambda v, a, low=low: v >= low, f"must be >= {low}, got {{v}}") for f, low in dict(
+        seed=0, total_timesteps=1, num_envs=1, eval_episodes=1, eval_every=1, log_every=1,
+        batch_length=2, train_ratio=1, deter=1, stoch=1, classes=1, units=1, mlp_layers=0, cnn_depth=1,
+        imag_horizon=1, action_repeat=1, reward_bins=2, pred_scale=0, reward_loss_scale=0, kl_dyn=0, kl_rep=0).items()],
+    *[(f, lambda v, a: v > 0, "must be > 0, got {v}") for f in (
+        "model_lr", "actor_lr", "critic_lr", "model_eps", "ac_eps", "actor_min_std")],
+    *[(f, lambda v, a: 0 <= v < 1, "must lie in [0, 1), got {v}") for f in (
+        "unimix", "critic_ema_decay", "return_norm_decay", "value_ema_decay", "bn_momentum")],
+    ("batch_size", lambda v, a: v >= 2, "must be >= 2 (BatchNorm), got {v}"),
+    ("precision", lambda v, a: v in ("fp32", "bf16"), "must be one of fp32, bf16, got {v}"),
+    ("compile_backend", lambda v, a: v in ("inductor", "aot_eager"), "must be one of inductor, aot_eager, got {v}"),
+    ("video_every", lambda v, a: v >= 0, "must be >= 0 (0: no video), got {v}"),
+    ("checkpoint_every", lambda v, a: v >= 0, "must be >= 0 (0: no checkpoints), got {v}"),
+    ("resume", lambda v, a: not (v and a.eval_checkpoint), "and --eval-checkpoint exclude each other"),
+    ("video_context", lambda v, a: 0 < v < a.batch_length, "must lie in [1, --batch-length {a.batch_length}), got {v}"),
+    ("buffer_size", lambda v, a: v >= a.batch_size * a.batch_length,
+     "must hold one batch (--batch-size {a.batch_size} x --batch-length {a.batch_length} steps), got {v}"),
+    ("gamma", lambda v, a: 0 < v <= 1, "must lie in (0, 1], got {v}"),
+    ("lam", lambda v, a: 0 <= v <= 1, "must lie in [0, 1], got {v}"),
+    ("return_norm_low", lambda v, a: 0 <= v < 100, "must lie in [0, 100), got {v}"),
+    ("return_norm_high", lambda v, a: a.return_norm_low < v <= 100, "must lie in (--return-norm-low, 100], got {v}"),
+    ("actor_max_std", lambda v, a: v >= a.actor_min_std, "must be >= --actor-min-std {a.actor_min_std}, got {v}"),
+]
+
+
+def fail(msg):  # bad input: one line `error: ...` on stderr and exit code 2 (a command-line error), no traceback
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
 def check_args(args):
-    """Every flag checked on its own, before any heavy work; the first bad one is named with its value. Returns
-    args with the env's own --action-repeat / --time-limit where they were left unset."""
+    """Unset --action-repeat / --time-limit become the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100), then
+    CHECKS in order, before any heavy work: the first bad flag is named with its value."""
     try:
-        pixels = is_pixel(args.env_id)
-    except ValueError as e:
+        args = replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
+    except ValueError as e:  # an unknown --env-id (with the closest valid ids)
         fail(e)
-    if not pixels:  # DEVIATION: pixels only; the 2023 code also has MLP encoders for vectors
-        fail(f"--env-id {args.env_id}: {os.path.basename(__file__)} learns from pixels; use a DMC id such as walker-walk")
-    # unset --action-repeat / --time-limit: the env's own (DMC 2 and 1000 frames, MiniGrid 1 and 100)
-    args = replace(args, **{k: v for k, v in env_defaults(args.env_id).items() if getattr(args, k) is None})
-    a = args
-    for flag in ("total_timesteps", "num_envs", "eval_episodes", "eval_every", "log_every",
-                 "train_ratio", "deter", "stoch", "classes", "units", "cnn_depth", "imag_horizon", "action_repeat"):
-        if getattr(a, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    for flag in ("model_lr", "actor_lr", "critic_lr", "model_eps", "ac_eps", "actor_min_std"):
-        if not getattr(a, flag) > 0:
-            fail(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
-    for flag in ("pred_scale", "reward_loss_scale", "kl_dyn", "kl_rep"):  # loss scales
-        if getattr(a, flag) < 0:
-            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
-    checks = [
-        (a.seed >= 0, f"--seed must be >= 0, got {a.seed}"),
-        (a.precision in ("fp32", "bf16"), f"--precision must be one of fp32, bf16, got {a.precision}"),
-        (a.compile_backend in ("inductor", "aot_eager"),
-         f"--compile-backend must be one of inductor, aot_eager, got {a.compile_backend}"),
-        (a.video_every >= 0, f"--video-every must be >= 0 (0: no video), got {a.video_every}"),
-        (a.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0: no checkpoints), got {a.checkpoint_every}"),
-        (not (a.resume and a.eval_checkpoint), "--resume and --eval-checkpoint exclude each other"),
-        (a.mlp_layers >= 0, f"--mlp-layers must be >= 0, got {a.mlp_layers}"),
-        (a.batch_size >= 2, f"--batch-size must be >= 2 (BatchNorm), got {a.batch_size}"),
-        (a.batch_length >= 2, f"--batch-length must be >= 2, got {a.batch_length}"),
-        (0 < a.video_context < a.batch_length,
-         f"--video-context must lie in [1, --batch-length {a.batch_length}), got {a.video_context}"),
-        (a.buffer_size >= a.batch_size * a.batch_length,
-         f"--buffer-size must hold one batch (--batch-size x --batch-length = {a.batch_size * a.batch_length} "
-         f"steps), got {a.buffer_size}"),
-        (0 <= a.unimix < 1, f"--unimix must lie in [0, 1), got {a.unimix}"),
-        (a.reward_bins >= 2, f"--reward-bins must be >= 2, got {a.reward_bins}"),
-        (0 < a.gamma <= 1, f"--gamma must lie in (0, 1], got {a.gamma}"),
-        (0 <= a.lam <= 1, f"--lam must lie in [0, 1], got {a.lam}"),
-        (0 <= a.critic_ema_decay < 1, f"--critic-ema-decay must lie in [0, 1), got {a.critic_ema_decay}"),
-        (0 <= a.return_norm_decay < 1, f"--return-norm-decay must lie in [0, 1), got {a.return_norm_decay}"),
-        (0 <= a.value_ema_decay < 1, f"--value-ema-decay must lie in [0, 1), got {a.value_ema_decay}"),
-        (0 <= a.bn_momentum < 1, f"--bn-momentum must lie in [0, 1), got {a.bn_momentum}"),
-        (0 <= a.return_norm_low < 100, f"--return-norm-low must lie in [0, 100), got {a.return_norm_low}"),
-        (a.return_norm_low < a.return_norm_high <= 100,
-         f"--return-norm-high must lie in (--return-norm-low, 100], got {a.return_norm_high}"),
-        (a.actor_min_std <= a.actor_max_std,
-         f"--actor-max-std must be >= --actor-min-std {a.actor_min_std}, got {a.actor_max_std}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            fail(msg)
+    for flag, ok, message in CHECKS:
+        if not ok(getattr(args, flag), args):
+            fail(f"--{flag.replace('_', '-')} " + message.format(v=getattr(args, flag), a=args))
     return args
 
 
@@ -1000,39 +983,32 @@ def fmt_time(s):  # 12 s, 3.4 min, 5.6 h, or ? when unknown
 
 
 class Progress:
-    """The status line: at each log step and, from a heartbeat thread, after `every_s` seconds without output (also
-    during a long update or an evaluation); rewritten in place on a terminal, plain lines elsewhere (CI, SLURM logs).
-    Rates and ETA come from the current phase only (prefill, train) over its last `window_s` seconds."""
+    """The status line at each log and, from a heartbeat thread, after 30 s without output; rewritten in place on a
+    terminal, plain lines elsewhere (CI, SLURM logs). Rates and ETA: the current phase's, over its last `window_s` s."""
 
-    def __init__(self, total, every_s=30.0, window_s=120.0, clock=time.monotonic, out=sys.stdout):
-        self.total, self.every_s, self.window_s, self.clock, self.out = total, every_s, window_s, clock, out
-        self.frames, self.updates, self.recent, self.eval, self.last_print = 0, 0, np.nan, np.nan, clock()
-        self.lock, self.stop, self.thread = threading.RLock(), threading.Event(), None
+    def __init__(self, total, window_s=120.0, clock=time.monotonic, out=sys.stdout):
+        self.total, self.window_s, self.clock, self.out, self.last_print = total, window_s, clock, out, clock()
+        self.frames, self.updates, self.recent, self.eval, self.stop = 0, 0, np.nan, np.nan, threading.Event()
+        self.lock, self.thread = threading.Lock(), threading.Thread(target=self.beat, daemon=True)
         self.set_phase("setup", 0)
 
     def set_phase(self, phase, end):  # until frame `end`, its rates measured afresh
-        with self.lock:
-            self.phase, self.phase_end, self.samples = phase, end, deque([(self.clock(), self.frames, self.updates)])
+        self.phase, self.end, self.samples = phase, end, deque([(self.clock(), self.frames, self.updates)])
 
-    def step(self, frames, updates, recent=None, eval_return=None):  # every env step; a rate sample at most once a second
-        self.frames, self.updates, now = frames, updates, self.clock()
-        self.recent = self.recent if recent is None else recent
-        self.eval = self.eval if eval_return is None else eval_return
-        with self.lock:
-            if now - self.samples[-1][0] >= 1.0:
-                self.samples.append((now, frames, updates))
-                while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
-                    self.samples.popleft()
+    def step(self, frames, updates, recent=None):  # every env step; a rate sample at most once a second
+        self.frames, self.updates, self.recent, now = frames, updates, self.recent if recent is None else recent, self.clock()
+        if now - self.samples[-1][0] >= 1.0:
+            self.samples.append((now, frames, updates))
+            while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+                self.samples.popleft()
 
-    def rates(self):  # (frames/s, updates/s) of the current phase over its recent window
-        with self.lock:
-            t0, f0, u0 = self.samples[0]
-        dt = self.clock() - t0
+    def rates(self):  # (frames/s, updates/s) over the phase's recent window
+        (t0, f0, u0), dt = self.samples[0], self.clock() - self.samples[0][0]
         return ((self.frames - f0) / dt, (self.updates - u0) / dt) if dt > 0 else (np.nan, np.nan)
 
-    def eta(self):  # seconds until the current phase ends
+    def eta(self):  # seconds until the phase ends
         fps = self.rates()[0]
-        return (self.phase_end - self.frames) / fps if fps > 0 else np.nan
+        return (self.end - self.frames) / fps if fps > 0 else np.nan
 
     def line(self):
         (fps, ups), eta = self.rates(), fmt_time(self.eta())
@@ -1047,17 +1023,14 @@ class Progress:
             self.out.flush()
             self.last_print = self.clock()
 
-    def start(self):  # the heartbeat thread
-        def beat():
-            while not self.stop.wait(1.0):
-                if self.clock() - self.last_print >= self.every_s:
-                    self.print(live=True)
-        self.thread = threading.Thread(target=beat, daemon=True)
-        self.thread.start()
+    def beat(self):  # the heartbeat thread, from progress.thread.start() to close()
+        while not self.stop.wait(1.0):
+            if self.clock() - self.last_print >= 30:
+                self.print(live=True)
 
     def close(self):
         self.stop.set()
-        if self.thread is not None:
+        if self.thread.ident:
             self.thread.join()
         self.out.write("\n" * self.out.isatty())
 
@@ -1083,54 +1056,32 @@ def deferred_signals():  # a section a signal must not cut in half: an update an
         raise KeyboardInterrupt(name)
 
 
-class NonFinite(Exception):
-    """A logged loss or metric is NaN or infinite: the run stops with one `error:` line, exit code 3."""
-
-
 def close_envs(*envs, kill=False):
-    """Close vector envs; workers that already stopped are fine. Ctrl-C or SIGTERM (which the workers ignore) can
-    strike between the messages of a step, and a polite close would then take a stale reply for the workers' answer
-    or wait forever: `kill` ends the workers of an AsyncVectorEnv instead. Gymnasium's warning about a step still
-    pending is not shown: it is finished here."""
+    """Close vector envs quietly; `kill` (after a signal, which can cut a step's messages so that a polite close would
+    read a stale reply or wait forever) ends an AsyncVectorEnv's workers instead."""
     for env in envs:
-        if kill and hasattr(env, "processes"):
-            for process in env.processes:
-                process.kill(), process.join()
+        for p in getattr(env, "processes", []) if kill else []:
+            p.kill(), p.join()
             env.closed = True  # nothing left to close, also not at exit
-            continue
-        try:
-            with warnings.catch_warnings():  # (action="ignore" needs Python 3.11)
-                warnings.simplefilter("ignore")
-                env.close()
-        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
-            pass
-
-
-CHECKPOINT = "checkpoint.pt"
-# Flags a resumed run may change: they touch neither the model nor the training schedule.
-RESUMABLE = ("total_timesteps", "resume", "eval_checkpoint", "save_model", "checkpoint_every", "precision",
-             "compile", "compile_backend", "track",
-             "wandb_project_name", "wandb_entity", "cuda", "capture_video", "eval_every", "eval_episodes",
-             "log_every", "video_every")
+        with warnings.catch_warnings(), contextlib.suppress(BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            warnings.simplefilter("ignore")  # gymnasium's warning about a step still pending: it is finished here
+            env.close()
 
 
 def save_checkpoint(path, args, nets, opts, loop, replay=None):
-    """Everything needed to continue the run, written atomically (a temporary file, flushed and fsynced, then renamed,
-    so the previous checkpoint stays whole until the new one is), never cut by a signal. The replay's memory-mapped
-    files are flushed first; the checkpoint holds their head, count and sampling RNG, and every global RNG. The
-    state_dicts hold the BatchNorm running statistics (buffers); the decoder's optimiser slot is None without a
-    decoder, so the four positions stay stable."""
+    """Everything needed to continue the run (with the replay's head and sampling RNG, every global RNG), written
+    atomically (a temporary file, fsynced, then renamed), never cut by a signal; the replay's files flushed first.
+    The state_dicts hold the BatchNorm running statistics; the decoder's optimiser slot is None without a decoder."""
     with deferred_signals():
         if replay is not None:
             replay.flush()
         kind, key, *rest = np.random.get_state()
         rng = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), *rest),
                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        payload = {"script": os.path.basename(__file__), "args": asdict(args), "loop": loop, "rng": rng,
-                   "nets": {k: m.state_dict() for k, m in nets.items()}, "opts": [o and o.state_dict() for o in opts],
-                   "replay": replay.state_dict() if replay is not None else None}
         with open(path + ".tmp", "wb") as f:
-            torch.save(payload, f)
+            torch.save({"script": SCRIPT, "args": asdict(args), "loop": loop, "rng": rng,
+                        "nets": {k: m.state_dict() for k, m in nets.items()}, "opts": [o and o.state_dict() for o in opts],
+                        "replay": replay.state_dict() if replay is not None else None}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
@@ -1139,90 +1090,69 @@ def save_checkpoint(path, args, nets, opts, loop, replay=None):
         os.close(fd)
 
 
-def run_folder(path):
-    """--resume takes the run's folder or its checkpoint.pt."""
+def run_folder(path):  # --resume takes the run's folder or its checkpoint.pt
     return os.path.dirname(path) or "." if os.path.basename(path) == CHECKPOINT and os.path.isfile(path) else path
 
 
-def load_checkpoint(path, flag):
-    """The checkpoint at `path` as a dict, or one clear error naming `flag` and the file."""
+def load_checkpoint(path, flag, args=None):
+    """The checkpoint at `path`, or one error naming `flag` and the file; with `args`, one error for a flag that would
+    change the saved run's model or schedule (all but RESUMABLE; an evaluation may pick its --seed, --num-envs)."""
     if not os.path.isfile(path):
-        fail(f"{flag}: no checkpoint {path}" + (" (was the run started with --checkpoint-every 0?)"
-                                                 if flag == "--resume" else ""))
+        fail(f"{flag}: no checkpoint {path}" + " (was the run started with --checkpoint-every 0?)" * (flag == "--resume"))
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated (EOFError, RuntimeError), or not a checkpoint at all (UnpicklingError)
         fail(f"{flag}: {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    script = os.path.basename(__file__)
-    if not isinstance(ck, dict) or ck.get("script") != script:
+    if not isinstance(ck, dict) or ck.get("script") != SCRIPT:
         fail(f"{flag}: {path} is a checkpoint of {ck.get('script') if isinstance(ck, dict) else 'nothing known'}, "
-             f"not of {script}")
+             f"not of {SCRIPT}")
+    saved, step, free = ck["args"], ck["loop"]["global_step"], RESUMABLE + ("seed", "num_envs") * (flag != "--resume")
+    for name, value in asdict(args).items() if args else ():
+        if name not in free and name in saved and saved[name] != value:
+            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
+                 f"a saved run keeps its model, environment and schedule")
+    if args and flag == "--resume" and args.total_timesteps <= step < saved["total_timesteps"]:
+        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {step}; pass a larger "
+             f"--total-timesteps to continue it")
     return ck
 
 
 def restore_checkpoint(ck, nets, opts, replay=None):
-    """Put a saved run back: every network (BatchNorm statistics included) and optimiser, the replay's head and
-    sampling RNG, every global RNG (last, so nothing drawn while restoring shifts them). Returns the saved loop
-    counters."""
+    """Networks, optimisers, the replay's head and sampling RNG, then every global RNG (last: nothing drawn while
+    restoring shifts them). Returns the saved loop counters."""
     for k, m in nets.items():
         m.load_state_dict(ck["nets"][k])
-    for o, sd in zip(opts, ck["opts"], strict=True):
+    for o, state in zip(opts, ck["opts"], strict=True):
         if o is not None:  # (no decoder: None in both; --decoder itself cannot change on resume)
-            o.load_state_dict(sd)
+            o.load_state_dict(state)
     if replay is not None:
         replay.load_state_dict(ck["replay"])
-    rng = ck["rng"]
-    kind, key, *rest = rng["numpy"]
-    random.setstate(rng["python"]), np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    rng, (kind, key, *rest) = ck["rng"], ck["rng"]["numpy"]
+    random.setstate(rng["python"])
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return ck["loop"]
 
 
-def checked_against(args, ck, flag):
-    """Refuse flags that would change the saved run's model or schedule (each named with both values); an
-    evaluation may also pick its own --seed and --num-envs."""
-    saved, free = ck["args"], RESUMABLE + (("seed", "num_envs") if flag == "--eval-checkpoint" else ())
-    for name, value in asdict(args).items():
-        if name not in free and name in saved and saved[name] != value:
-            fail(f"--{name.replace('_', '-')} {value} differs from the checkpoint's {saved[name]} ({flag}); "
-                 f"a saved run keeps its model, environment and schedule")
-    if flag == "--resume" and args.total_timesteps <= ck["loop"]["global_step"] < ck["args"]["total_timesteps"]:
-        fail(f"--total-timesteps {args.total_timesteps}: the run is already at frame {ck['loop']['global_step']}; "
-             f"pass a larger --total-timesteps to continue it")
-
-
-def finished(ck):
-    """The saved run reached its --total-timesteps and made its final evaluation."""
-    loop = ck["loop"]
-    return loop["global_step"] >= ck["args"]["total_timesteps"] and loop.get("eval_step", -1) >= loop["global_step"]
-
-
 def saved_defaults(argv):
-    """With --resume RUN_DIR or --eval-checkpoint PATH, the saved run's flags become the defaults of the command
-    line (None without them, or when the checkpoint cannot be read: main then says why)."""
+    """With --resume RUN or --eval-checkpoint PATH, the saved run's flags as the command line's defaults (None without
+    them or when the file cannot be read: main then says why)."""
     for i, a in enumerate(argv):
-        for flag, name in (("--resume", CHECKPOINT), ("--eval-checkpoint", None)):
+        for flag in ("--resume", "--eval-checkpoint"):
             if a == flag and i + 1 < len(argv) or a.startswith(flag + "="):
-                value = argv[i + 1] if a == flag else a.split("=", 1)[1]
-                path = os.path.join(run_folder(value), name) if name else value
-                try:
-                    ck = torch.load(path, map_location="cpu", weights_only=True)
-                    if ck["script"] != os.path.basename(__file__):
-                        return None  # another script's flags: main's load_checkpoint says so in one line
-                    saved = ck["args"]
-                    return Args(**{k: v for k, v in saved.items()
-                                   if k in Args.__dataclass_fields__ and k not in ("resume", "eval_checkpoint")})
-                except Exception:
-                    return None
+                path = argv[i + 1] if a == flag else a.split("=", 1)[1]
+                path = os.path.join(run_folder(path), CHECKPOINT) if flag == "--resume" else path
+                with contextlib.suppress(Exception):  # (another script's: main's load_checkpoint says so)
+                    saved = torch.load(path, map_location="cpu", weights_only=True)
+                    return Args(**{k: v for k, v in saved["args"].items() if k in Args.__dataclass_fields__
+                                   and k not in ("resume", "eval_checkpoint")}) if saved["script"] == SCRIPT else None
     return None
 
 
-def build_agent(args, obs_shape, action_dim, discrete, device):
-    """World model (with the optional decoder), the slow value predictor v', actor, critic and its slow EMA copy,
-    return normaliser (as a dict by name, in `update`'s argument order), the four optimisers (the decoder's is
-    None with --no-decoder)."""
+def build_agent(args, obs_shape, action_dim, discrete, device):  # the networks as a dict by name, the optimisers
+    # (the networks in `update`'s argument order; the decoder's optimiser is None with --no-decoder)
     wm = WorldModel(obs_shape, action_dim, args.deter, args.stoch, args.classes, args.units, args.mlp_layers,
                     args.cnn_depth, args.unimix, args.reward_bins, discrete, args.actor_min_std, args.actor_max_std,
                     args.batch_norm, args.bn_momentum, args.decoder).to(device)  # ABLATION(batch_norm)
@@ -1241,107 +1171,89 @@ def build_agent(args, obs_shape, action_dim, discrete, device):
             torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.ac_eps),
             torch.optim.Adam(critic.parameters(), lr=args.critic_lr, eps=args.ac_eps),
             torch.optim.Adam(wm.decoder.parameters(), lr=args.model_lr, eps=args.model_eps) if args.decoder else None)
-    nets = {"wm": wm, "actor": actor, "critic": critic, "slow_critic": slow_critic, "slow_value": slow_value,
-            "return_norm": return_norm}
-    return nets, opts
+    return {"wm": wm, "actor": actor, "critic": critic, "slow_critic": slow_critic, "slow_value": slow_value,
+            "return_norm": return_norm}, opts
+
+
+def make_envs(args, split):
+    """The training or the evaluation envs (seeds from seed + 10,000; env 0 renders 256x256 video frames with
+    --capture-video), with (obs shape, action dim, discrete); a bad env flag is one error line."""
+    n, seed = (args.num_envs, args.seed) if split == "train" else (min(args.num_envs, args.eval_episodes), args.seed + 10_000)
+    try:
+        envs = make_vector_env(args.env_id, n, seed, split=split, video_size=256 * (split == "eval" and args.capture_video),
+                               action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
+                               background_dir=args.background_dir, background_mask=args.background_mask)
+    except (ValueError, TypeError) as e:
+        fail(e)
+    space, discrete = envs.single_action_space, isinstance(envs.single_action_space, gym.spaces.Discrete)
+    return envs, (envs.single_observation_space.shape, int(space.n) if discrete else int(np.prod(space.shape)), discrete)
 
 
 def evaluate_checkpoint(args):
     """--eval-checkpoint: the saved agent on --eval-episodes fresh evaluation episodes; prints the JSON line."""
-    path = args.eval_checkpoint
-    ck = load_checkpoint(path, "--eval-checkpoint")
-    checked_against(args, ck, "--eval-checkpoint")
-    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
-                      background_dir=args.background_dir, background_mask=args.background_mask)
-    try:
-        envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                               split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
-    except (ValueError, TypeError) as e:
-        fail(e)
-    space = envs.single_action_space
-    discrete = isinstance(space, gym.spaces.Discrete)
-    action_dim = int(space.n) if discrete else int(np.prod(space.shape))
+    path, ck = args.eval_checkpoint, load_checkpoint(args.eval_checkpoint, "--eval-checkpoint", args)
+    (envs, (obs_shape, action_dim, discrete)), step = make_envs(args, "eval"), ck["loop"]["global_step"]
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     torch.manual_seed(args.seed)
-    nets, _ = build_agent(args, envs.single_observation_space.shape, action_dim, discrete, device)
+    nets, _ = build_agent(args, obs_shape, action_dim, discrete, device)
     for k, m in nets.items():
         m.load_state_dict(ck["nets"][k])
-    step = ck["loop"]["global_step"]
-    print(f"{os.path.basename(__file__)}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} "
-          f"episodes ...", flush=True)
+    print(f"{SCRIPT}: evaluating {path} (frame {step}) on {args.env_id} for {args.eval_episodes} episodes ...", flush=True)
     try:  # (evaluate acts in eval mode: BatchNorm with the saved running statistics)
         returns, frames = evaluate(nets["wm"], nets["actor"], envs, args.eval_episodes, device, discrete,
                                    args.capture_video)
     finally:
         close_envs(envs)
-    summary = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step,
-               "checkpoint": path}
+    out = {"eval_return": float(np.mean(returns)), "eval_returns": returns, "global_step": step, "checkpoint": path}
     if frames is not None:
-        summary["video"] = os.path.join(os.path.dirname(path), "videos", f"eval_checkpoint_{step}.mp4")
-        encode_video(summary["video"], frames, fps=30)
-    print(json.dumps(summary))
-    return summary
+        out["video"] = os.path.join(os.path.dirname(path), "videos", f"eval_checkpoint_{step}.mp4")
+        encode_video(out["video"], frames, fps=30)
+    print(json.dumps(out))
+    return out
+
+
+def summary(loop, run_dir):  # the final JSON line, printed; main returns it with the last losses
+    out = {"final_eval_return": loop["eval_return"], "eval_returns": loop["returns"], "global_step": loop["global_step"],
+           "updates": loop["updates"], "run_dir": run_dir}
+    print(json.dumps(out))
+    return {**out, "losses": loop["last_metrics"]}
 
 
 def main(args: Args) -> dict:
     args = check_args(args)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args)
-    ck = None
-    if args.resume:
-        args = replace(args, resume=run_folder(args.resume))
-        if not os.path.isdir(args.resume):
-            fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
-        ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume")
-        checked_against(args, ck, "--resume")
-        if finished(ck) and args.total_timesteps <= ck["loop"]["global_step"]:  # nothing to do: its JSON line again
-            loop = ck["loop"]
-            summary = {"final_eval_return": loop["eval_return"], "eval_returns": loop["returns"],
-                       "global_step": loop["global_step"], "updates": loop["updates"], "run_dir": args.resume}
-            print(json.dumps(summary))
-            return {**summary, "losses": loop["last_metrics"]}
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or os.path.join("runs", run_name)
-    run_name = os.path.basename(os.path.normpath(run_dir))
+    args = replace(args, resume=args.resume and run_folder(args.resume))
+    if args.resume and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume}: no such run directory (give the run's folder, e.g. runs/NAME)")
+    ck = load_checkpoint(os.path.join(args.resume, CHECKPOINT), "--resume", args) if args.resume else None
+    if ck and args.total_timesteps <= ck["loop"]["global_step"] <= ck["loop"].get("eval_step", -1):  # finished
+        return summary(ck["loop"], args.resume)  # its JSON line again (killed before printing it, say); nothing built
+    run_dir = args.resume or os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    replay_dir = os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None  # memory-mapped files
     try:  # the replay's size, before anything is built or created (the frames dominate: 3 x 64 x 64 bytes each)
-        check_capacity(args.buffer_size, args.num_envs, (3, 64, 64),
-                       path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None, resume=ck is not None)
+        check_capacity(args.buffer_size, args.num_envs, (3, 64, 64), path=replay_dir, resume=ck is not None)
     except (MemoryError, ValueError) as e:
         fail(e)
     progress = Progress(args.total_timesteps)
-    progress.print(f"{os.path.basename(__file__)}: {args.env_id}, {args.total_timesteps} frames; building "
-                   f"{args.num_envs} + {min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
-    env_kwargs = dict(action_repeat=args.action_repeat, time_limit=args.time_limit, background=args.background,
-                      background_dir=args.background_dir, background_mask=args.background_mask)
+    progress.print(f"{SCRIPT}: {args.env_id}, {args.total_timesteps} frames; building {args.num_envs} + "
+                   f"{min(args.num_envs, args.eval_episodes)} envs (training + evaluation) ...")
+    (envs, (obs_shape, action_dim, discrete)), (eval_envs, _) = make_envs(args, "train"), make_envs(args, "eval")
     try:
-        envs = make_vector_env(args.env_id, args.num_envs, args.seed, split="train", **env_kwargs)
-        eval_envs = make_vector_env(args.env_id, min(args.num_envs, args.eval_episodes), args.seed + 10_000,
-                                    split="eval", video_size=256 if args.capture_video else 0, **env_kwargs)
-    except (ValueError, TypeError) as e:
-        fail(e)
-    obs_shape, act_space = envs.single_observation_space.shape, envs.single_action_space
-    discrete = isinstance(act_space, gym.spaces.Discrete)
-    action_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
-    try:
-        # With checkpoints the replay lives in memory-mapped files in the run dir (common/replay.py)
-        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed,
-                              path=os.path.join(run_dir, "replay") if args.checkpoint_every or ck else None,
+        replay = ReplayBuffer(args.buffer_size, args.num_envs, obs_shape, action_dim, seed=args.seed, path=replay_dir,
                               resume=ck is not None)
     except (MemoryError, ValueError) as e:
         close_envs(envs, eval_envs)
         fail(e)
-
     if args.track:
         import wandb  # only when asked; syncs the TensorBoard scalars, images and text below
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # On resume, TensorBoard drops the points the killed process logged after its checkpoint (purge_step: those past
-    # its frame; the ones at its frame were logged before it, in the same step)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=os.path.basename(os.path.normpath(run_dir)), save_code=True)
+    # on resume TensorBoard drops the points after the checkpoint's frame (those at it came before it was saved)
     writer = SummaryWriter(run_dir, purge_step=ck["loop"]["global_step"] + 1 if ck else None)
     if ck is None:
-        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=1)
 
@@ -1351,68 +1263,52 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # Agent: world model (+ decoder), slow value v', actor, critic and its slow EMA copy, return normaliser, optimisers
     nets, opts = build_agent(args, obs_shape, action_dim, discrete, device)
-    wm, actor, critic, slow_critic, slow_value, return_norm = nets.values()
-    B, T, N = args.batch_size, args.batch_length, args.num_envs
+    (wm, actor), B, T, N = (nets["wm"], nets["actor"]), args.batch_size, args.batch_length, args.num_envs
+    # Every loop counter in one namespace, which a checkpoint saves and restores whole
+    loop = SimpleNamespace(global_step=0, updates=0, updates_due=0.0, next_log=args.log_every, next_eval=args.eval_every,
+                           next_video=args.video_every, metric_sums={}, n_metrics=0, last_metrics={}, recent_returns=[],
+                           eval_return=float("nan"), returns=[], eval_step=-1, data=None)
+    # (`data`, the last replayed batch, only while the next log's collapse monitor may still read it: it draws latent
+    # samples, so skipping it after a resume would shift every later random draw; 12.6 MB at the defaults)
+    if ck:  # networks, optimisers, counters, RNGs, replay head
+        vars(loop).update(restore_checkpoint(ck, nets, opts, replay))
+        loop.metric_sums = {k: v.to(device) for k, v in loop.metric_sums.items()}
+        loop.data = {k: v.to(device) for k, v in loop.data.items()} if loop.data is not None else None
+        progress.print(f"resumed {run_dir} at frame {loop.global_step} after {loop.updates} updates (replay "
+                       f"{len(replay)} steps); the episodes in progress when it stopped start afresh")
+    loop.next_checkpoint = loop.global_step + args.checkpoint_every  # (--checkpoint-every may have changed)
 
-    # TRY NOT TO MODIFY: start the game
-    global_step, updates, updates_due, start_time = 0, 0, 0.0, time.time()
-    next_log, next_eval, next_video = args.log_every, args.eval_every, args.video_every
-    next_checkpoint = args.checkpoint_every
-    metric_sums, n_metrics, last_metrics, recent_returns, eval_return = {}, 0, {}, [], float("nan")
-    returns, interrupted, projected, saved_step, data, compiled, error, eval_step = [], None, False, None, None, False, None, -1
-    if ck is not None:  # continue the saved run: networks, optimisers, counters, RNGs, replay head
-        loop = {**restore_checkpoint(ck, nets, opts, replay)}
-        loop.setdefault("eval_step", -1)  # (older checkpoints)
-        (global_step, updates, updates_due, next_log, next_eval, next_video, next_checkpoint, metric_sums,
-         n_metrics, last_metrics, recent_returns, eval_return, returns, data, eval_step) = loop.values()
-        next_checkpoint = global_step + args.checkpoint_every  # --checkpoint-every may have changed
-        metric_sums = {k: v.to(device) for k, v in metric_sums.items()}
-        data = {k: v.to(device) for k, v in data.items()} if data is not None else None
-        saved_step = global_step
-        progress.print(f"resumed {run_dir} at frame {global_step} after {updates} updates (replay {len(replay)} "
-                       f"steps); the episodes in progress when it stopped start afresh")
-    start_step = global_step  # (charts/SPS of a resumed run counts its own frames)
+    def evaluation():  # evaluation episodes (the caller advances next_eval: a cut one runs again after --resume)
+        phase, progress.phase = progress.phase, "eval"
+        loop.returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete, args.capture_video)
+        progress.phase, loop.eval_step, loop.eval_return = phase, loop.global_step, float(np.mean(loop.returns))
+        progress.eval = loop.eval_return
+        writer.add_scalar("eval/episodic_return", loop.eval_return, loop.global_step)
+        if frames is not None:
+            encode_video(os.path.join(run_dir, "videos", f"eval_{loop.global_step}.mp4"), frames, fps=30)
+            log_video(writer, "eval/video", frames[:, ::4, ::4], loop.global_step, fps=30)
 
-    def loop_state():  # the counters a checkpoint holds, in the order they are restored above
-        # `data`, the last replayed batch, only while the collapse monitor of the next log may still read it (it
-        # draws latent samples, so skipping it would shift every later random draw); 12.6 MB at the defaults
-        return {"global_step": global_step, "updates": updates, "updates_due": updates_due, "next_log": next_log,
-                "next_eval": next_eval, "next_video": next_video, "next_checkpoint": next_checkpoint,
-                "metric_sums": metric_sums, "n_metrics": n_metrics, "last_metrics": last_metrics,
-                "recent_returns": recent_returns, "eval_return": eval_return, "returns": [float(r) for r in returns],
-                "data": data if n_metrics else None, "eval_step": eval_step}
+    def checkpoint():  # between env steps, never inside an update; the curves up to it are on disk before it is
+        writer.flush()
+        save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, vars(loop), replay)
 
-    obs, _ = envs.reset(seed=args.seed + global_step)  # (+ the frame: a resumed run meets new episodes)
+    obs, _ = envs.reset(seed=args.seed + loop.global_step)  # (+ the frame: a resumed run meets new episodes)
     reward, is_first, is_terminal = np.zeros(N, np.float32), np.ones(N, bool), np.zeros(N, bool)
-    autoreset = np.zeros(N, bool)  # envs whose next step only resets (no frames)
-    state = None  # acting state, from the learned initial state once the policy takes over
+    autoreset, state = np.zeros(N, bool), None  # envs whose next step only resets (no frames); the acting state
     prefill = B * T * args.action_repeat  # frames of random actions until the replay holds one batch
     per_frame = args.train_ratio / (B * T * args.action_repeat)  # updates per frame once training
-    start = (f"resumed at frame {global_step}" if ck else f"prefilling {prefill} frames with random actions")
+    start = f"resumed at frame {loop.global_step}" if ck else f"prefilling {prefill} frames with random actions"
     progress.print(f"cost: {B * T} replayed steps per update, {per_frame * args.action_repeat:.3g} updates per policy "
-                   f"step, about {int(max(args.total_timesteps - max(prefill, global_step), 0) * per_frame)} updates "
-                   f"{'to go' if ck else 'in all'}; {start}, wall time projected after the first updates")
-    progress.frames, progress.updates = global_step, updates  # (a resumed run's rates start from here)
+                   f"step, about {int(max(args.total_timesteps - max(prefill, loop.global_step), 0) * per_frame)} "
+                   f"updates {'to go' if ck else 'in all'}; {start}, wall time projected after the first updates")
+    progress.step(loop.global_step, loop.updates)  # (a resumed run's rates start from here)
     progress.set_phase("prefill", min(prefill, args.total_timesteps))
-    progress.start()
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def run_evaluation():  # evaluation episodes; an evaluation cut by a signal runs again after --resume
-        nonlocal returns, eval_return, eval_step
-        phase, progress.phase = progress.phase, "eval"
-        returns, frames = evaluate(wm, actor, eval_envs, args.eval_episodes, device, discrete, args.capture_video)
-        progress.phase, eval_return, eval_step = phase, float(np.mean(returns)), global_step
-        progress.step(global_step, updates, eval_return=eval_return)
-        writer.add_scalar("eval/episodic_return", eval_return, global_step)
-        if frames is not None:
-            encode_video(os.path.join(run_dir, "videos", f"eval_{global_step}.mp4"), frames, fps=30)
-            log_video(writer, "eval/video", frames[:, ::4, ::4], global_step, fps=30)
-
+    progress.thread.start()
+    start_time, start_step, start_updates, projected, code = time.time(), loop.global_step, loop.updates, False, None
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while global_step < args.total_timesteps:
+        while loop.global_step < args.total_timesteps:
             # ALGO LOGIC: prefill with random actions until the replay holds one batch, then act with the policy
             ready = replay.count >= T and len(replay) >= B * T
             if ready:
@@ -1424,122 +1320,105 @@ def main(args: Args) -> dict:
             else:
                 action = (F.one_hot(torch.randint(0, action_dim, (N,)), action_dim).float() if discrete
                           else torch.rand(N, action_dim) * 2 - 1)
-            with deferred_signals():
+            with deferred_signals():  # (a row whole)
                 replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
 
             # TRY NOT TO MODIFY: execute the game and log data
             obs, reward, term, trunc, infos = envs.step(to_env(action, discrete))
-            global_step += args.action_repeat * int((~autoreset).sum())
-            # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
-            is_first, is_terminal, autoreset = autoreset, term, term | trunc
+            with deferred_signals():  # the step's frames and its updates due together
+                loop.global_step += args.action_repeat * int((~autoreset).sum())
+                # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
+                is_first, is_terminal, autoreset = autoreset, term, term | trunc
+                # ALGO LOGIC: training, train_ratio replayed steps per policy step
+                loop.updates_due += N * args.train_ratio / (B * T) if ready else 0
             if "episode" in infos:
-                for r, l, m in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
-                    if m:
-                        recent_returns = (recent_returns + [float(r)])[-10:]
-                        writer.add_scalar("charts/episodic_return", r, global_step)
-                        writer.add_scalar("charts/episodic_length", l, global_step)
+                for r, l, done in zip(infos["episode"]["r"], infos["episode"]["l"], infos["_episode"]):
+                    if done:
+                        loop.recent_returns = (loop.recent_returns + [float(r)])[-10:]
+                        writer.add_scalar("charts/episodic_return", r, loop.global_step)
+                        writer.add_scalar("charts/episodic_length", l, loop.global_step)
 
-            # ALGO LOGIC: training, train_ratio replayed steps per policy step
-            if ready:
-                if progress.phase == "prefill":
-                    progress.set_phase("train", args.total_timesteps)
-                    train_start = (time.time(), global_step, updates)
-                updates_due += N * args.train_ratio / (B * T)
-            while updates_due >= 1:
-                data = batch_to(replay.sample(B, T), device)
-                if args.compile and not compiled:
+            if ready and progress.phase == "prefill":
+                progress.set_phase("train", args.total_timesteps)
+            while loop.updates_due >= 1:
+                compiling = args.compile and loop.updates == start_updates  # (this process's first update)
+                if compiling:
                     progress.print("compiling the update (--compile): the first update takes minutes on a CPU")
                     t_compile = time.time()
                 with deferred_signals():  # an update and its counters, whole or not at all
-                    metrics = update(wm, actor, critic, slow_critic, slow_value, return_norm, opts, data, args)
-                    for k, v in metrics.items():
-                        metric_sums[k] = metric_sums.get(k, 0.0) + v
-                    n_metrics, updates, updates_due = n_metrics + 1, updates + 1, updates_due - 1
-                if args.compile and not compiled:  # rates and the projection count from the compiled update on
-                    compiled = True
+                    loop.data = data = batch_to(replay.sample(B, T), device)
+                    for k, v in update(*nets.values(), opts, data, args).items():
+                        loop.metric_sums[k] = loop.metric_sums.get(k, 0.0) + v
+                    loop.n_metrics, loop.updates, loop.updates_due = loop.n_metrics + 1, loop.updates + 1, loop.updates_due - 1
+                if compiling:  # rates and the projection count from the compiled update on
                     progress.print(f"compiled the update in {fmt_time(time.time() - t_compile)}")
                     progress.set_phase("train", args.total_timesteps)
-                    train_start = (time.time(), global_step, updates)
-                if args.video_every and args.decoder and global_step >= next_video:
-                    next_video += args.video_every
-                    frames = openloop_video(wm, actor, data, args.video_context)
-                    log_video(writer, "openloop", frames, global_step, fps=10)
-            progress.step(global_step, updates, np.mean(recent_returns or [np.nan]))
-            if ready and not projected and updates - train_start[2] >= 10 and time.time() - train_start[0] >= 20:
-                projected, elapsed = True, time.time() - train_start[0]
-                rest = (args.total_timesteps - global_step) * elapsed / max(global_step - train_start[1], 1)
-                progress.print(f"measured: {elapsed / (updates - train_start[2]):.2f} s per update with acting; "
-                               f"projected wall time of the run{' from here' if ck else ''} "
-                               f"{fmt_time(time.time() - start_time + rest)} (evaluations extra)")
+                if args.video_every and args.decoder and loop.global_step >= loop.next_video:
+                    loop.next_video += args.video_every
+                    log_video(writer, "openloop", openloop_video(wm, actor, data, args.video_context), loop.global_step,
+                              fps=10)
+            progress.step(loop.global_step, loop.updates, np.mean(loop.recent_returns or [np.nan]))
+            t0, _, u0 = progress.samples[0]  # (the train phase's start, or its last 2 minutes)
+            if progress.phase == "train" and not projected and loop.updates - u0 >= 10 and progress.clock() - t0 >= 20:
+                projected = True  # the rest of the run at the train phase's rate
+                progress.print(f"measured: {1 / progress.rates()[1]:.2f} s per update with acting; projected wall "
+                               f"time of the run{' from here' if ck else ''} "
+                               f"{fmt_time(time.time() - start_time + progress.eta())} (evaluations extra)")
 
-            if global_step >= next_log:
-                next_log += args.log_every
-                if n_metrics:
-                    means = torch.stack(list(metric_sums.values())).div(n_metrics).tolist()  # the one sync per log
-                    last_metrics = dict(zip(metric_sums, means))
-                    for k, v in last_metrics.items():
+            if loop.global_step >= loop.next_log:
+                loop.next_log += args.log_every
+                if loop.n_metrics:  # the one host-device sync per log
+                    means = torch.stack(list(loop.metric_sums.values())).div(loop.n_metrics).tolist()
+                    loop.last_metrics, loop.metric_sums, loop.n_metrics = dict(zip(loop.metric_sums, means)), {}, 0
+                    for k, v in loop.last_metrics.items():
                         if not np.isfinite(v):
-                            raise NonFinite(f"non-finite {k} = {v} in the updates logged at frame {global_step} "
-                                            f"(update {updates})")
-                        writer.add_scalar(k, v, global_step)
-                    metric_sums, n_metrics = {}, 0
-                    for k, v in collapse_monitor(wm, data).items():
-                        writer.add_scalar(k, v, global_step)
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, global_step)
-                writer.add_scalar("charts/updates", updates, global_step)
-                progress.print(progress.line() + f" | wm loss {last_metrics.get('losses/world_model', np.nan):.2f}")
-
-            if global_step >= next_eval and global_step < args.total_timesteps:  # (the final one: after the loop)
-                run_evaluation()
-                next_eval += args.eval_every
-
-            # Checkpoint between steps, never inside an update (and one at the end, below)
-            if args.checkpoint_every and global_step >= next_checkpoint and global_step < args.total_timesteps:
-                next_checkpoint += args.checkpoint_every
-                writer.flush()  # the curves up to the checkpoint are on disk before it is
-                save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
-                saved_step = global_step
-
-        if eval_step < global_step:  # the final evaluation
-            run_evaluation()
+                            raise FloatingPointError(f"non-finite {k} = {v} in the updates logged at frame "
+                                                     f"{loop.global_step} (update {loop.updates})")
+                        writer.add_scalar(k, v, loop.global_step)
+                    for k, v in collapse_monitor(wm, loop.data).items():
+                        writer.add_scalar(k, v, loop.global_step)
+                    loop.data = None  # (read)
+                sps = int((loop.global_step - start_step) / (time.time() - start_time))  # (this process's frames)
+                writer.add_scalar("charts/SPS", sps, loop.global_step)
+                writer.add_scalar("charts/updates", loop.updates, loop.global_step)
+                progress.print(progress.line() + f" | wm loss {loop.last_metrics.get('losses/world_model', np.nan):.2f}")
+            if loop.next_eval <= loop.global_step < args.total_timesteps:  # (the final one: after the loop)
+                evaluation()
+                loop.next_eval += args.eval_every
+            if args.checkpoint_every and loop.next_checkpoint <= loop.global_step < args.total_timesteps:
+                loop.next_checkpoint += args.checkpoint_every
+                checkpoint()
+        if loop.eval_step < loop.global_step:  # the final evaluation (done already if a finished run was resumed for it)
+            evaluation()
         if args.checkpoint_every:  # the finished run, resumable with a larger --total-timesteps
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
-            saved_step = global_step
+            checkpoint()
         if args.save_model:  # the same format without the replay's head (--eval-checkpoint reads both)
-            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, loop_state())
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through on_signal: a checkpoint of the run as it stands
-        interrupted = str(e) or "SIGINT"
-        for s in old_handlers:
-            signal.signal(s, signal.SIG_IGN)  # one checkpoint, not cut by a second signal
-        if args.checkpoint_every and global_step > (saved_step if saved_step is not None else -1):
-            writer.flush()
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT), args, nets, opts, loop_state(), replay)
-            saved_step = global_step
-    except NonFinite as e:
-        error = str(e)
+            save_checkpoint(os.path.join(run_dir, f"{args.exp_name}.pt"), args, nets, opts, vars(loop))
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (on_signal), never inside a deferred_signals() section
+        for sig in handlers:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal does not cut the checkpoint or the cleanup
+        if args.checkpoint_every:  # the state as it is: every section that changes it ran whole
+            checkpoint()
+        name, where = str(e) or "SIGINT", (f"checkpoint written: --resume {run_dir} continues from frame "
+                                           f"{loop.global_step}" if args.checkpoint_every else
+                                           "no checkpoint (--checkpoint-every 0)")
+        code, message = 130 if name == "SIGINT" else 143, (f"interrupted ({name}) at frame {loop.global_step}/"
+                                                           f"{args.total_timesteps} after {loop.updates} updates; {where}")
+    except FloatingPointError as e:  # a non-finite loss (at a log step)
+        path = os.path.join(run_dir, CHECKPOINT)
+        code, message = 3, f"error: {e}; last checkpoint: {path if os.path.isfile(path) else 'none'}"
     finally:
-        for s, handler in old_handlers.items():
-            signal.signal(s, handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         progress.close()
-        close_envs(envs, eval_envs, kill=interrupted is not None)
+        close_envs(envs, eval_envs, kill=code in (130, 143))
         writer.close()
         if args.track:
             wandb.finish()
-    if error:
-        last = os.path.join(run_dir, CHECKPOINT) if saved_step is not None else "none"
-        print(f"error: {error}; last checkpoint: {last}", file=sys.stderr, flush=True)
-        raise SystemExit(3)
-    if interrupted:
-        resume = (f"checkpoint written: --resume {run_dir} continues from frame {saved_step}" if saved_step is not None
-                  else "no checkpoint (--checkpoint-every 0)")
-        print(f"interrupted ({interrupted}) at frame {global_step}/{args.total_timesteps} after {updates} updates; "
-              f"{resume}", file=sys.stderr, flush=True)
-        raise SystemExit(130 if interrupted == "SIGINT" else 143)  # 128 + signal number, as a shell reports it
-    summary = {"final_eval_return": eval_return, "eval_returns": returns, "global_step": global_step,
-               "updates": updates, "run_dir": run_dir}
-    print(json.dumps(summary))
-    return {**summary, "losses": last_metrics}
+    if code:  # (an interrupt: 128 + the signal's number, as a shell reports it)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(code)
+    return summary(vars(loop), run_dir)
 
 
 if __name__ == "__main__":
