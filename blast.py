@@ -847,8 +847,13 @@ def set_mode(training, *modules):  # [BLAST code] act with BatchNorm in eval mod
         m.train(training)
 
 
-def to_env(action, discrete):  # policy output (N, A) -> what the vector env takes (indices for Discrete spaces)
-    return (action.argmax(-1) if discrete else action).cpu().numpy()
+def to_env(action, discrete):
+    """Policy output (N, A) -> what the vector env takes (indices for Discrete spaces). A non-finite action (a network
+    diverged) stops the run here, as one error line, before the simulator fails on it with a PhysicsError."""
+    action = action.cpu().numpy()
+    if not np.isfinite(action).all():
+        raise FloatingPointError("non-finite action from the policy: a network diverged in an update since the last log")
+    return action.argmax(-1) if discrete else action
 
 
 def evaluate(wm, actor, envs, episodes, device, capture=False):
@@ -1396,7 +1401,7 @@ def main(args: Args) -> dict:
                                            "no checkpoint (--checkpoint-every 0)")
         code, message = 130 if name == "SIGINT" else 143, (f"interrupted ({name}) at frame {loop.global_step}/"
                                                            f"{args.total_timesteps} after {loop.updates} updates; {where}")
-    except FloatingPointError as e:  # a non-finite loss (at a log step)
+    except FloatingPointError as e:  # a non-finite loss (at a log step) or action (to_env)
         path = os.path.join(run_dir, CHECKPOINT)
         code, message = 3, f"error: {e}; last checkpoint: {path if os.path.isfile(path) else 'none'}"
     finally:

@@ -786,6 +786,15 @@ def initial_state(agent, n, device):
     return (*agent.wm.rssm.initial(n, device), torch.zeros(n, agent.actor.action_dim, device=device))
 
 
+def to_env(action):
+    """Policy output (N, A) -> the vector env's actions. A non-finite action (a network diverged) stops the run here, as
+    one error line, before the simulator fails on it with a PhysicsError."""
+    action = action.cpu().numpy()
+    if not np.isfinite(action).all():
+        raise FloatingPointError("non-finite action from the policy: a network diverged in an update since the last log")
+    return action
+
+
 def evaluate(agent, envs, episodes, device, mpc, capture=False):
     """Mean return of `episodes` episodes on the evaluation envs; with `capture`, env 0's first episode as
     (T, S, W, 3) uint8 video frames (common/envs.py video_frame)."""
@@ -796,7 +805,7 @@ def evaluate(agent, envs, episodes, device, mpc, capture=False):
             frames.append(envs.call("video_frame")[0])
         action, state, _ = policy(agent, state, torch.as_tensor(obs, device=device),
                                   torch.as_tensor(is_first, device=device), False, mpc)
-        obs, _, term, trunc, infos = envs.step(action.cpu().numpy())
+        obs, _, term, trunc, infos = envs.step(to_env(action))
         is_first, done = done, term | trunc  # NEXT_STEP autoreset: the obs after a done step is the first
         if "episode" in infos:
             returns += [float(r) for r, m in zip(infos["episode"]["r"], infos["_episode"]) if m]
@@ -1239,7 +1248,7 @@ def main(args: Args) -> dict:
                 replay.add(obs, action.cpu().numpy(), reward, is_first, is_terminal)
 
             # TRY NOT TO MODIFY: execute the game and log data
-            obs, reward, term, trunc, infos = envs.step(action.cpu().numpy())
+            obs, reward, term, trunc, infos = envs.step(to_env(action))
             with deferred_signals():  # the step's frames and the training schedule together
                 loop.global_step += args.action_repeat * int((~autoreset).sum())
                 # NEXT_STEP autoreset: the step after a done step returns the next episode's first obs
@@ -1327,7 +1336,7 @@ def main(args: Args) -> dict:
                                            "no checkpoint (--checkpoint-every 0)")
         code, message = 130 if name == "SIGINT" else 143, (f"interrupted ({name}) at frame {loop.global_step}/"
                                                            f"{args.total_timesteps} after {loop.updates} updates; {where}")
-    except FloatingPointError as e:  # a non-finite loss (at a log step)
+    except FloatingPointError as e:  # a non-finite loss (at a log step) or action (to_env)
         path = os.path.join(run_dir, CHECKPOINT)
         code, message = 3, f"error: {e}; last checkpoint: {path if os.path.isfile(path) else 'none'}"
     finally:

@@ -852,8 +852,11 @@ def set_mode(training, *modules):
 
 
 def to_env(action, discrete):
-    """Policy output (N, A) -> what the vector env takes (indices for Discrete spaces)."""
+    """Policy output (N, A) -> what the vector env takes (indices for Discrete spaces). A non-finite action (a network
+    diverged) stops the run here, as one error line, before the simulator fails on it with a PhysicsError."""
     action = action.cpu().numpy()
+    if not np.isfinite(action).all():
+        raise FloatingPointError("non-finite action from the policy: a network diverged in an update since the last log")
     return action.argmax(-1) if discrete else action
 
 
@@ -1404,7 +1407,7 @@ def main(args: Args) -> dict:
                                            "no checkpoint (--checkpoint-every 0)")
         code, message = 130 if name == "SIGINT" else 143, (f"interrupted ({name}) at frame {loop.global_step}/"
                                                            f"{args.total_timesteps} after {loop.updates} updates; {where}")
-    except FloatingPointError as e:  # a non-finite loss (at a log step)
+    except FloatingPointError as e:  # a non-finite loss (at a log step) or action (to_env)
         path = os.path.join(run_dir, CHECKPOINT)
         code, message = 3, f"error: {e}; last checkpoint: {path if os.path.isfile(path) else 'none'}"
     finally:

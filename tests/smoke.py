@@ -193,3 +193,22 @@ DREAMER_BAD_INPUTS = [
     (["--resume", "no/such/dir"], ["--resume no/such/dir: no such run directory (give the run's folder"]),
     (["--env-id", "cartpole-balance", "--buffer-size", "100000000000"], ["--buffer-size 100000000000"]),
 ]
+
+
+def assert_nan_action_stops_the_run(module, args, monkeypatch, capsys):
+    """The policy's first action made NaN (as from diverged networks): main stops with one `error:` line naming the
+    action (exit code 3), before the simulator fails on it with a PhysicsError traceback."""
+    import pytest
+
+    real = module.policy
+
+    def nan_policy(*a, **k):
+        action, *rest = real(*a, **k)
+        return (action * float("nan"), *rest)
+
+    monkeypatch.setattr(module, "policy", nan_policy)
+    with pytest.raises(SystemExit) as e:
+        module.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 3 and len(err) == 1, err
+    assert err[0].startswith("error: non-finite action from the policy") and "; last checkpoint: " in err[0], err

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import blast as b
 from smoke import (assert_clean_interrupt, assert_cli_error, assert_close_dicts, assert_finite_scalars,
+                   assert_nan_action_stops_the_run,
                    assert_tracks_offline, eval_checkpoint_cli, events, interrupt_cli, kill_after_first_checkpoint,
                    resume_cli, run_cli, truncated_copy)
 
@@ -985,3 +986,9 @@ def test_update_and_acting_create_no_tensor_beside_the_parameters(discrete, one_
         b.set_mode(True, wm, actor)
     assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
     assert action.device.type == "cpu" and action.shape == (2, 2)
+
+
+def test_nan_action_stops_the_run_before_the_simulator_fails(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    args = tiny_main_args(checkpoint_every=0)
+    assert_nan_action_stops_the_run(b, args, monkeypatch, capsys)

@@ -15,6 +15,7 @@ import torch
 
 import cvrl as c
 from smoke import (assert_clean_interrupt, assert_cli_error, assert_close_dicts, assert_finite_scalars,
+                   assert_nan_action_stops_the_run,
                    assert_tracks_offline, eval_checkpoint_cli, events, interrupt_cli, kill_after_first_checkpoint,
                    resume_cli, run_cli, truncated_copy)
 
@@ -740,7 +741,7 @@ def test_non_finite_loss_through_the_cli(tmp_path):
     """--model-lr 1e30 blows the world model up at its first updates: one line naming the metric, the frame, the
     update and the last checkpoint, exit code 3, no traceback, the events written. (--log-every 2: the log right after
     the pretrain round at frame 42 catches it, before that round's checkpoint and before a model gone NaN acts NaN,
-    which would break the simulator.)"""
+    which to_env would stop with its own line.)"""
     flags = {**CK, "total_timesteps": 400, "checkpoint_every": 40, "model_lr": 1e30, "log_every": 2,
              "time_limit": 100}
     line = assert_cli_error("cvrl.py", tmp_path, [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + ["--no-mpc"],
@@ -789,3 +790,10 @@ def test_update_and_acting_create_no_tensor_beside_the_parameters(overrides, one
                 action, state, _ = c.policy(agent, state, data["obs"][:, t], data["is_first"][:, t], training, acting)
     assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
     assert action.device.type == "cpu" and action.shape == (2, 2)
+
+
+def test_nan_action_stops_the_run_before_the_simulator_fails(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    args = c.Args(**{**TINY, "time_limit": 40, "prefill": 40}, env_id="cartpole-balance", total_timesteps=120,
+                  eval_every=10 ** 6, eval_episodes=1, log_every=80, mpc=False, checkpoint_every=0)
+    assert_nan_action_stops_the_run(c, args, monkeypatch, capsys)

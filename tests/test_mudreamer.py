@@ -21,6 +21,7 @@ import torch.nn as nn
 
 import mudreamer as m
 from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_close_dicts, assert_cli_error,
+                   assert_nan_action_stops_the_run,
                    assert_finite_scalars, assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay,
                    interrupt_cli, kill_after_first_checkpoint, random_pixel_batch, resume_cli, run_cli,
                    truncated_copy)
@@ -667,3 +668,10 @@ def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys, one_thread
         "error: non-finite losses/reward = nan in the updates logged at frame 40 (update ")
     assert err[0].endswith("; last checkpoint: none"), err
     assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))  # what was written is kept
+
+
+def test_nan_action_stops_the_run_before_the_simulator_fails(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    args = m.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
+                  eval_every=10**6, eval_episodes=1, log_every=40, video_every=0)
+    assert_nan_action_stops_the_run(m, args, monkeypatch, capsys)
