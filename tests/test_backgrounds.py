@@ -39,15 +39,20 @@ def shown(obs, plain):
     return (int(pixels[0, 1]) - 20) // 30, int(pixels[0, 0])
 
 
-@pytest.fixture(scope="module")
-def video_dir(tmp_path_factory):
-    """train/ with clips 0 and 1, eval/ with clip 2."""
-    root = tmp_path_factory.mktemp("videos")
+def write_video_splits(root):
+    """Under the new folder `root`: train/ with clips 0 and 1, eval/ with clip 2 (indexed_clip's frames, lossless).
+    Returns `root` as a str (the --background-dir of the video tests here and in test_minigrid.py)."""
     for split, ids in (("train", (0, 1)), ("eval", (2,))):
         os.makedirs(root / split)
         for i in ids:
             write_clip(root / split / f"clip{i}.mkv", indexed_clip(i))
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    """train/ with clips 0 and 1, eval/ with clip 2."""
+    return write_video_splits(tmp_path_factory.mktemp("videos"))
 
 
 def test_color_rule_replaces_exactly_the_strictly_blue_pixels():

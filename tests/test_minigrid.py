@@ -11,7 +11,7 @@ import pytest
 from common.envs import (DIRECTION_COLORS, MINIGRID_BASE, MINIGRID_IDS, MINIGRID_TRIANGLE, agent_coverage,
                          env_defaults, is_dmc, is_pixel, make_env, make_vector_env, valid_env_ids)
 from smoke import assert_cli_error, assert_finite_scalars, run_cli
-from test_backgrounds import indexed_clip, write_clip
+from test_backgrounds import indexed_clip, write_video_splits
 
 PLAIN, COLOR, SMALL, RANDOM, VIDEO = MINIGRID_IDS  # in MINIGRID_RENDERINGS order
 CELL = 64 / 6  # pixels per grid cell in the observation
@@ -50,12 +50,7 @@ def plain_run():
 @pytest.fixture(scope="module")
 def video_dir(tmp_path_factory):
     """train/ with clips 0 and 1, eval/ with clip 2: constant frames coloured (frame index, 20 + 30 clip, 99)."""
-    root = tmp_path_factory.mktemp("videos")
-    for split, ids in (("train", (0, 1)), ("eval", (2,))):
-        os.makedirs(root / split)
-        for i in ids:
-            write_clip(root / split / f"clip{i}.mkv", indexed_clip(i))
-    return str(root)
+    return write_video_splits(tmp_path_factory.mktemp("videos"))
 
 
 def test_ids_spaces_and_defaults():
