@@ -212,3 +212,34 @@ def assert_nan_action_stops_the_run(module, args, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 3 and len(err) == 1, err
     assert err[0].startswith("error: non-finite action from the policy") and "; last checkpoint: " in err[0], err
+
+
+def progress_after_a_fast_phase(module, phase="prefill", window_s=30.0):
+    """`module.Progress` of 10,000 frames on a fake clock, after 2 s of a fast first `phase` (1000 frames/s) that
+    ends at 2,000 frames: asserts its ETA is 0 and its line says "`phase` ends in 0 s". Returns (the Progress, the
+    clock's one-item list `now` to move time on, its output stream)."""
+    import io
+
+    now = [0.0]
+    out = io.StringIO()
+    p = module.Progress(total=10_000, window_s=window_s, clock=lambda: now[0], out=out)
+    p.set_phase(phase, 2_000)
+    for t in range(1, 3):
+        now[0] = t
+        p.step(1000 * t, 0)
+    assert p.eta() == 0.0 and f"{phase} ends in 0 s" in p.line()
+    return p, now, out
+
+
+def assert_progress_shows(p, out, fps, ups, eta, *texts):
+    """Progress `p` measures `fps` frames/s and `ups` updates/s, its ETA is `eta` seconds, its line holds each of
+    `texts`, and print() writes that line plainly to `out` (not a terminal: no carriage return)."""
+    import pytest
+
+    measured_fps, measured_ups = p.rates()
+    assert measured_fps == pytest.approx(fps) and measured_ups == pytest.approx(ups)
+    assert p.eta() == pytest.approx(eta)
+    for text in texts:
+        assert text in p.line(), (text, p.line())
+    p.print()
+    assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines

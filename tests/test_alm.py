@@ -2,7 +2,6 @@
 ablation flag, and smoke runs through the real command line."""
 
 import glob
-import io
 import json
 import math
 import os
@@ -21,8 +20,9 @@ from alm import (Agent, Args, check_args, critic_loss, main, gaussian_kl, lambda
                  reward_classifier_loss, soft_update, split_transitions, update)
 from alm import act as alm_act
 from common.replay import ReplayBuffer
-from smoke import (assert_clean_interrupt, assert_cli_error, assert_tracks_offline, eval_checkpoint_cli, events,
-                   kill_after_first_checkpoint, resume_cli, truncated_copy)
+from smoke import (assert_clean_interrupt, assert_cli_error, assert_progress_shows, assert_tracks_offline,
+                   eval_checkpoint_cli, events, kill_after_first_checkpoint, progress_after_a_fast_phase, resume_cli,
+                   truncated_copy)
 from smoke import run_cli as smoke_run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -377,25 +377,14 @@ def test_progress_eta_follows_the_current_phase():
     """Fake clock: a fast warm-up (1000 steps/s), then slow training (10 steps/s): the ETA is the training one."""
     import alm
 
-    now = [0.0]
-    out = io.StringIO()
-    p = alm.Progress(total=10_000, window_s=30.0, clock=lambda: now[0], out=out)
-    p.set_phase("warmup", 2_000)
-    for t in range(1, 3):
-        now[0] = t
-        p.step(1000 * t, 0)
-    assert p.eta() == 0.0 and "warmup ends in 0 s" in p.line()
+    p, now, out = progress_after_a_fast_phase(alm, "warmup")
     p.set_phase("train", 10_000)
     for t in range(1, 61):  # 60 s of training at 10 steps/s and 10 updates/s (UTD 1)
         now[0] = 2 + t
         p.step(2000 + 10 * t, 10 * t)
-    fps, ups = p.rates()
-    assert fps == pytest.approx(10.0) and ups == pytest.approx(10.0)
-    assert p.eta() == pytest.approx((10_000 - 2_600) / 10.0)  # the run's average (43 steps/s) would say 172 s
-    assert "ETA 12.3 min" in p.line() and "updates 600 (10.00/s)" in p.line()
     assert alm.fmt_time(float("nan")) == "?" and alm.fmt_time(7 * 3600) == "7.0 h"
-    p.print()
-    assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
+    # ETA: the run's average (43 steps/s) would say 172 s
+    assert_progress_shows(p, out, 10.0, 10.0, (10_000 - 2_600) / 10.0, "ETA 12.3 min", "updates 600 (10.00/s)")
 
 
 CLI_TINY = dict(env_id="InvertedPendulum-v5", learning_starts=80, batch_size=16, hidden_dim=32, model_hidden_dim=32,

@@ -3,7 +3,6 @@ BatchNorm modes, DreamerV2's truncated-normal actor, lambda-returns and slow cri
 
 import dataclasses
 import glob
-import io
 import json
 import math
 import os
@@ -17,9 +16,9 @@ import torch.nn.functional as F
 
 import blast as b
 from smoke import (assert_clean_interrupt, assert_cli_error, assert_close_dicts, assert_finite_scalars,
-                   assert_nan_action_stops_the_run,
-                   assert_tracks_offline, eval_checkpoint_cli, events, interrupt_cli, kill_after_first_checkpoint,
-                   resume_cli, run_cli, truncated_copy)
+                   assert_nan_action_stops_the_run, assert_progress_shows, assert_tracks_offline, eval_checkpoint_cli,
+                   events, interrupt_cli, kill_after_first_checkpoint, progress_after_a_fast_phase, resume_cli,
+                   run_cli, truncated_copy)
 
 TINY = dict(deter=16, hidden=16, stoch=4, classes=4, ar_steps=4, cnn_depth=2, units=16, mlp_layers=1,
             batch_size=4, batch_length=6, imag_horizon=3, prefill=20, pretrain=2, buffer_size=2000, time_limit=60)
@@ -631,14 +630,7 @@ def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
 def test_progress_eta_follows_the_current_phase():
     """Fake clock: a fast prefill (1000 frames/s), a pretrain burst (no frames, 4 updates/s, its ETA counts
     updates), then slow training (10 frames/s): the ETA is the training one, not the run's average."""
-    now = [0.0]
-    out = io.StringIO()
-    p = b.Progress(total=10_000, window_s=30.0, clock=lambda: now[0], out=out)
-    p.set_phase("prefill", 2_000)
-    for t in range(1, 3):
-        now[0] = t
-        p.step(1000 * t, 0)
-    assert p.eta() == 0.0 and "prefill ends in 0 s" in p.line()
+    p, now, out = progress_after_a_fast_phase(b, "prefill")
     p.set_phase("pretrain", 100)
     for t in range(1, 11):  # 10 s of pretraining: 40 of 100 updates
         now[0] = 2 + t
@@ -648,12 +640,8 @@ def test_progress_eta_follows_the_current_phase():
     for t in range(1, 61):  # 60 s of training at 10 frames/s and 2 updates/s
         now[0] = 12 + t
         p.step(2000 + 10 * t, 40 + 2 * t)
-    fps, ups = p.rates()
-    assert fps == pytest.approx(10.0) and ups == pytest.approx(2.0)
-    assert p.eta() == pytest.approx((10_000 - 2_600) / 10.0)  # the run's average (36 frames/s) would say 205 s
-    assert "ETA 12.3 min" in p.line() and "updates 160 (2.00/s)" in p.line()
-    p.print()
-    assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
+    # ETA: the run's average (36 frames/s) would say 205 s
+    assert_progress_shows(p, out, 10.0, 2.0, (10_000 - 2_600) / 10.0, "ETA 12.3 min", "updates 160 (2.00/s)")
 
 
 def test_interrupt_stops_cleanly_with_events_written(tmp_path):

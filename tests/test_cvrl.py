@@ -3,7 +3,6 @@ every Table 2 switch, a CLI smoke run, determinism, --help, bad input, the progr
 
 import dataclasses
 import glob
-import io
 import math
 import os
 import json
@@ -15,9 +14,9 @@ import torch
 
 import cvrl as c
 from smoke import (assert_clean_interrupt, assert_cli_error, assert_close_dicts, assert_finite_scalars,
-                   assert_nan_action_stops_the_run,
-                   assert_tracks_offline, eval_checkpoint_cli, events, interrupt_cli, kill_after_first_checkpoint,
-                   resume_cli, run_cli, truncated_copy)
+                   assert_nan_action_stops_the_run, assert_progress_shows, assert_tracks_offline, eval_checkpoint_cli,
+                   events, interrupt_cli, kill_after_first_checkpoint, progress_after_a_fast_phase, resume_cli,
+                   run_cli, truncated_copy)
 
 TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
             actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
@@ -624,14 +623,7 @@ def test_bad_input_is_one_line_naming_the_flag(tmp_path, argv, needles):
 def test_progress_eta_follows_the_current_phase_and_whole_training_cycles():
     """Fake clock: a fast prefill (1000 frames/s), pretrain updates at 2/s, then training cycles of 10 s of acting
     (100 frames) and 40 s of updates (20): the training ETA is that of whole cycles, also in mid-cycle."""
-    now = [0.0]
-    out = io.StringIO()
-    p = c.Progress(total=10_000, window_s=120.0, clock=lambda: now[0], out=out)
-    p.set_phase("prefill", 2_000)
-    for t in range(1, 3):
-        now[0] = t
-        p.step(1000 * t, 0)
-    assert p.eta() == 0.0 and "prefill ends in 0 s" in p.line()
+    p, now, out = progress_after_a_fast_phase(c, "prefill", window_s=120.0)
     p.set_phase("pretrain", 10)  # ends after 10 updates, at one frame count
     for u in range(1, 5):
         now[0] = 2 + u / 2
@@ -650,12 +642,8 @@ def test_progress_eta_follows_the_current_phase_and_whole_training_cycles():
     for _ in range(5):  # half-way through the acting of the next cycle
         now[0], frames = now[0] + 1, frames + 10
         p.step(frames, updates)
-    fps, ups = p.rates()
-    assert fps == pytest.approx(2.0) and ups == pytest.approx(0.4)  # 100 frames and 20 updates per 50 s
-    assert p.eta() == pytest.approx((10_000 - 2_450) / 2.0)  # acting alone (10 frames/s) would say 755 s
-    assert "ETA 62.9 min" in p.line() and "updates 90 (0.40/s)" in p.line()
-    p.print()
-    assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
+    # 100 frames and 20 updates per 50 s; ETA: acting alone (10 frames/s) would say 755 s
+    assert_progress_shows(p, out, 2.0, 0.4, (10_000 - 2_450) / 2.0, "ETA 62.9 min", "updates 90 (0.40/s)")
 
 
 def test_sigint_stops_cleanly_with_events_written(tmp_path):
