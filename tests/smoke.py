@@ -177,6 +177,19 @@ def fill_pixel_replay(replay, steps, rng):
                    rng.normal(size=n).astype(np.float32), np.full(n, t == 0), np.zeros(n, bool))
 
 
+# The sizes of the tiny runs of both DreamerV3-family scripts' tests (dreamerv3.py, mudreamer.py).
+DREAMER_TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
+                    imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
+
+
+def dreamer_main_args(module, **kw):
+    """`module.Args` (dreamerv3 or mudreamer) for main() of an 80-frame cartpole-balance run with the DREAMER_TINY
+    sizes (40-step episodes, a log every 40 frames, one final evaluation episode, no video), overridden by kw."""
+    return module.Args(**{**DREAMER_TINY, "time_limit": 40, "env_id": "cartpole-balance", "num_envs": 1,
+                          "total_timesteps": 80, "eval_every": 10**6, "eval_episodes": 1, "log_every": 40,
+                          "video_every": 0, **kw})
+
+
 # Bad inputs both DreamerV3-family scripts (dreamerv3.py, mudreamer.py) must refuse in one line: (argv, needles).
 DREAMER_BAD_INPUTS = [
     (["--env-id", "walker-sprint"], ["--env-id", "walker-sprint"]),
@@ -212,6 +225,97 @@ def assert_nan_action_stops_the_run(module, args, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 3 and len(err) == 1, err
     assert err[0].startswith("error: non-finite action from the policy") and "; last checkpoint: " in err[0], err
+
+
+def assert_sigterm_writes_a_checkpoint_then_resume_finishes(script, cwd, flags, min_updates=1,
+                                                            then_without_checkpoints=False):
+    """SIGTERM during [train], before the first periodic checkpoint (`flags` put it past the run's end): the
+    interrupt writes RUN/checkpoint.pt at the frame it stopped (exit code 143, one stderr line naming that frame and
+    the --resume command), with at least `min_updates` updates; --resume RUN/checkpoint.pt (the file form) finishes
+    with the final JSON line; resumed again, the finished run prints its saved summary and trains nothing.
+    `then_without_checkpoints`: the same run again with --checkpoint-every 0, whose line says that none was written."""
+    import glob
+    import shutil
+    import signal
+
+    import torch
+
+    total = flags["total_timesteps"]
+    code, out, err = interrupt_cli(script, cwd, flags, signal.SIGTERM)
+    run_dir = glob.glob(os.path.join(cwd, "runs", "*"))[0]
+    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    frame, updates = ck["loop"]["global_step"], ck["loop"]["updates"]
+    rel = os.path.relpath(run_dir, cwd)
+    assert code == 143 and err.strip().splitlines() == [
+        f"interrupted (SIGTERM) at frame {frame}/{total} after {updates} updates; checkpoint written: --resume {rel} "
+        f"continues from frame {frame}"], err
+    assert 0 < frame < total and updates >= min_updates and ck["replay"]["count"] >= frame // 2
+    resumed = resume_cli(script, cwd, os.path.join(run_dir, "checkpoint.pt"))
+    assert f"resumed at frame {frame}" in resumed["stdout"] and "prefilling" not in resumed["stdout"]
+    final = resumed["final"]
+    assert final["global_step"] == total and final["updates"] > updates and math.isfinite(final["final_eval_return"])
+    again = resume_cli(script, cwd, run_dir)
+    assert again["final"] == final and again["stdout"].strip() == json.dumps(final)  # nothing built or trained
+    if then_without_checkpoints:
+        shutil.rmtree(os.path.join(cwd, "runs"))
+        code, out, err = interrupt_cli(script, cwd, {**flags, "checkpoint_every": 0}, signal.SIGTERM)
+        assert code == 143 and err.strip().endswith("; no checkpoint (--checkpoint-every 0)"), err
+
+
+def assert_interrupt_wrote_no_checkpoint(cwd):
+    """After an interrupt_cli run with --checkpoint-every 0: its one stderr line says that no checkpoint was
+    written, and the run folder has none."""
+    import glob
+
+    line = open(os.path.join(cwd, "err.txt")).read().strip()
+    assert line.endswith("; no checkpoint (--checkpoint-every 0)") and not os.path.exists(glob.glob(
+        os.path.join(cwd, "runs", "*"))[0] + "/checkpoint.pt"), line
+
+
+def cut_the_final_evaluation(module, args, monkeypatch):
+    """`module.main(args)` (in the current folder) with its evaluation cut by an interrupt (SIGTERM's
+    KeyboardInterrupt): asserts exit code 143, then puts the real `evaluate` back for the resume. Returns (the run
+    folder, relative: runs/NAME, the checkpoint's loop state)."""
+    import glob
+
+    import pytest
+    import torch
+
+    evaluate = module.evaluate
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(module, "evaluate", cut)
+    with pytest.raises(SystemExit) as e:
+        module.main(args)
+    assert e.value.code == 143
+    run_dir = glob.glob(os.path.join("runs", "*"))[0]
+    loop = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["loop"]
+    monkeypatch.setattr(module, "evaluate", evaluate)
+    return run_dir, loop
+
+
+def non_finite_loss_run(module, args, metric, monkeypatch, capsys):
+    """`module.main(args)` (in the current folder) with `metric` of every update's metrics made NaN: asserts exit
+    code 3 and that the events written so far are kept; returns the stderr lines (for the caller's exact message)."""
+    import glob
+
+    import pytest
+
+    real_update = module.update
+
+    def bad_update(*a, **k):
+        metrics = real_update(*a, **k)
+        metrics[metric] = metrics[metric] * float("nan")
+        return metrics
+
+    monkeypatch.setattr(module, "update", bad_update)
+    with pytest.raises(SystemExit) as e:
+        module.main(args)
+    assert e.value.code == 3
+    assert glob.glob(os.path.join("runs", "*", "events.out.tfevents.*"))  # what was written is kept
+    return capsys.readouterr().err.strip().splitlines()
 
 
 def progress_after_a_fast_phase(module, phase="prefill", window_s=30.0):

@@ -14,9 +14,10 @@ import torch
 
 import cvrl as c
 from smoke import (assert_clean_interrupt, assert_cli_error, assert_close_dicts, assert_finite_scalars,
-                   assert_nan_action_stops_the_run, assert_progress_shows, assert_tracks_offline, eval_checkpoint_cli,
-                   events, interrupt_cli, kill_after_first_checkpoint, progress_after_a_fast_phase, resume_cli,
-                   run_cli, truncated_copy)
+                   assert_interrupt_wrote_no_checkpoint, assert_nan_action_stops_the_run, assert_progress_shows,
+                   assert_sigterm_writes_a_checkpoint_then_resume_finishes, assert_tracks_offline,
+                   cut_the_final_evaluation, eval_checkpoint_cli, events, kill_after_first_checkpoint,
+                   non_finite_loss_run, progress_after_a_fast_phase, resume_cli, run_cli, truncated_copy)
 
 TINY = dict(stoch=4, deter=16, hidden=16, units=16, cnn_depth=4, proj_dim=16, reward_layers=1, value_layers=1,
             actor_layers=1, batch_size=2, batch_length=8, imag_horizon=3, buffer_size=2000, time_limit=60,
@@ -651,49 +652,19 @@ def test_sigint_stops_cleanly_with_events_written(tmp_path):
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 2, "total_timesteps": 100_000, "eval_every": 10**6,
              "eval_episodes": 1, "log_every": 40, "checkpoint_every": 0}
     assert "prefilling" in assert_clean_interrupt("cvrl.py", tmp_path, flags, signal.SIGINT)
-    line = open(tmp_path / "err.txt").read().strip()
-    assert line.endswith("; no checkpoint (--checkpoint-every 0)") and not os.path.exists(glob.glob(
-        str(tmp_path / "runs" / "*"))[0] + "/checkpoint.pt"), line
+    assert_interrupt_wrote_no_checkpoint(tmp_path)
 
 
 def test_sigterm_before_the_first_checkpoint_writes_one_then_resume_finishes(tmp_path):
-    """SIGTERM during [train], before the first periodic checkpoint: the interrupt writes RUN/checkpoint.pt at the
-    frame it stopped, --resume RUN/checkpoint.pt (the file form) finishes with the final JSON line; resumed again,
-    the finished run prints its saved summary and trains nothing."""
     flags = {**CK, "total_timesteps": 400, "checkpoint_every": 10**6}
-    code, out, err = interrupt_cli("cvrl.py", tmp_path, flags, signal.SIGTERM)
-    run_dir = glob.glob(str(tmp_path / "runs" / "*"))[0]
-    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    frame, updates = ck["loop"]["global_step"], ck["loop"]["updates"]
-    rel = os.path.relpath(run_dir, tmp_path)
-    assert code == 143 and err.strip().splitlines() == [
-        f"interrupted (SIGTERM) at frame {frame}/400 after {updates} updates; checkpoint written: --resume {rel} "
-        f"continues from frame {frame}"], err
-    assert 0 < frame < 400 and updates >= 3 and ck["replay"]["count"] >= frame // 2
-    resumed = resume_cli("cvrl.py", tmp_path, os.path.join(run_dir, "checkpoint.pt"))
-    assert f"resumed at frame {frame}" in resumed["stdout"] and "prefilling" not in resumed["stdout"]
-    final = resumed["final"]
-    assert final["global_step"] == 400 and final["updates"] > updates and math.isfinite(final["final_eval_return"])
-    again = resume_cli("cvrl.py", tmp_path, run_dir)
-    assert again["final"] == final and again["stdout"].strip() == json.dumps(final)  # nothing built or trained
+    assert_sigterm_writes_a_checkpoint_then_resume_finishes("cvrl.py", tmp_path, flags, min_updates=3)
 
 
 def test_resume_of_a_run_cut_in_its_final_evaluation_evaluates_then_finishes(tmp_path, monkeypatch, one_thread):
     """An evaluation cut by an interrupt runs again after --resume: here the final one, with the frames done."""
     monkeypatch.chdir(tmp_path)
-    evaluate = c.evaluate
-
-    def cut(*a, **k):
-        raise KeyboardInterrupt("SIGTERM")
-
-    monkeypatch.setattr(c, "evaluate", cut)
-    with pytest.raises(SystemExit) as e:
-        c.main(c.Args(**{**CK, "total_timesteps": 80, "mpc": False}))
-    assert e.value.code == 143
-    run_dir = glob.glob("runs/*")[0]
-    loop = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["loop"]
+    run_dir, loop = cut_the_final_evaluation(c, c.Args(**{**CK, "total_timesteps": 80, "mpc": False}), monkeypatch)
     assert loop["global_step"] == 80 and loop["eval_step"] == -1 and loop["updates"] == 3 + 2
-    monkeypatch.setattr(c, "evaluate", evaluate)
     final = c.main(dataclasses.replace(c.saved_defaults(["--resume", run_dir]), resume=run_dir))
     assert final["global_step"] == 80 and final["updates"] == loop["updates"] and len(final["eval_returns"]) == 1
 
@@ -705,24 +676,13 @@ def test_track_writes_an_offline_wandb_run(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, one_thread, capsys):
-    real_update = c.update
-
-    def bad_update(*a, **k):
-        metrics = real_update(*a, **k)
-        metrics["losses/reward"] = metrics["losses/reward"] * float("nan")
-        return metrics
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(c, "update", bad_update)
     args = c.Args(**{**TINY, "time_limit": 40, "prefill": 40}, env_id="cartpole-balance", total_timesteps=120,
                   eval_every=10 ** 6, eval_episodes=1, log_every=80, mpc=False, checkpoint_every=40)
-    with pytest.raises(SystemExit) as e:
-        c.main(args)
-    assert e.value.code == 3
+    err = non_finite_loss_run(c, args, "losses/reward", monkeypatch, capsys)
     path = os.path.join(glob.glob("runs/*")[0], "checkpoint.pt")  # written after the pretrain round at frame 40
-    assert capsys.readouterr().err.strip().splitlines() == [
+    assert err == [
         f"error: non-finite losses/reward = nan in the updates logged at frame 80 (update 3); last checkpoint: {path}"]
-    assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))  # what was written is kept
 
 
 def test_non_finite_loss_through_the_cli(tmp_path):

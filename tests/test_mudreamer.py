@@ -11,7 +11,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import signal
 
 import numpy as np
@@ -20,14 +19,14 @@ import torch
 import torch.nn as nn
 
 import mudreamer as m
-from smoke import (DREAMER_BAD_INPUTS, assert_clean_interrupt, assert_close_dicts, assert_cli_error,
-                   assert_nan_action_stops_the_run,
-                   assert_finite_scalars, assert_tracks_offline, eval_checkpoint_cli, events, fill_pixel_replay,
-                   interrupt_cli, kill_after_first_checkpoint, random_pixel_batch, resume_cli, run_cli,
+from smoke import (DREAMER_BAD_INPUTS, DREAMER_TINY, assert_clean_interrupt, assert_cli_error, assert_close_dicts,
+                   assert_finite_scalars, assert_nan_action_stops_the_run,
+                   assert_sigterm_writes_a_checkpoint_then_resume_finishes, assert_tracks_offline,
+                   cut_the_final_evaluation, dreamer_main_args, eval_checkpoint_cli, events, fill_pixel_replay,
+                   kill_after_first_checkpoint, non_finite_loss_run, random_pixel_batch, resume_cli, run_cli,
                    truncated_copy)
 
-TINY = dict(deter=16, units=16, stoch=4, classes=4, cnn_depth=4, mlp_layers=1, batch_size=2, batch_length=8,
-            imag_horizon=3, train_ratio=8, buffer_size=2000, time_limit=60)
+TINY = DREAMER_TINY  # the sizes of every tiny run here
 
 
 def _agent(args, action_dim=2, discrete=False, decoder=True, batch_norm=True, seed=0):
@@ -362,50 +361,18 @@ def test_sigint_stops_cleanly_with_events_written(tmp_path):
 
 
 def test_sigterm_before_the_first_checkpoint_writes_one_then_resume_finishes(tmp_path):
-    """SIGTERM during [train], before the first periodic checkpoint: the interrupt writes RUN/checkpoint.pt at the
-    frame it stopped, --resume RUN/checkpoint.pt (the file form) finishes with the final JSON line; resumed again,
-    the finished run prints its saved summary and trains nothing. With --checkpoint-every 0 the line says so."""
     flags = {**TINY, "env_id": "cartpole-balance", "num_envs": 1, "total_timesteps": 300, "eval_every": 10**6,
              "eval_episodes": 1, "log_every": 40, "video_every": 0, "checkpoint_every": 10**6}
-    code, out, err = interrupt_cli("mudreamer.py", tmp_path, flags, signal.SIGTERM)
-    run_dir = glob.glob(str(tmp_path / "runs" / "*"))[0]
-    ck = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    frame, updates = ck["loop"]["global_step"], ck["loop"]["updates"]
-    rel = os.path.relpath(run_dir, tmp_path)
-    assert code == 143 and err.strip().splitlines() == [
-        f"interrupted (SIGTERM) at frame {frame}/300 after {updates} updates; checkpoint written: --resume {rel} "
-        f"continues from frame {frame}"], err
-    assert 0 < frame < 300 and updates > 0 and ck["replay"]["count"] >= frame // 2
-    resumed = resume_cli("mudreamer.py", tmp_path, os.path.join(run_dir, "checkpoint.pt"))
-    assert f"resumed at frame {frame}" in resumed["stdout"] and "prefilling" not in resumed["stdout"]
-    final = resumed["final"]
-    assert final["global_step"] == 300 and final["updates"] > updates and math.isfinite(final["final_eval_return"])
-    again = resume_cli("mudreamer.py", tmp_path, run_dir)
-    assert again["final"] == final and again["stdout"].strip() == json.dumps(final)  # nothing built or trained
-    shutil.rmtree(tmp_path / "runs")
-    code, out, err = interrupt_cli("mudreamer.py", tmp_path, {**flags, "checkpoint_every": 0}, signal.SIGTERM)
-    assert code == 143 and err.strip().endswith("; no checkpoint (--checkpoint-every 0)"), err
+    assert_sigterm_writes_a_checkpoint_then_resume_finishes("mudreamer.py", tmp_path, flags,
+                                                            then_without_checkpoints=True)
 
 
 def test_resume_of_a_run_cut_in_its_final_evaluation_evaluates_then_finishes(tmp_path, monkeypatch, one_thread):
     """An evaluation cut by an interrupt runs again after --resume: here the final one, with the frames done."""
     monkeypatch.chdir(tmp_path)
-    evaluate = m.evaluate
-
-    def cut(*a, **k):
-        raise KeyboardInterrupt("SIGTERM")
-
-    monkeypatch.setattr(m, "evaluate", cut)
-    args = m.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
-                  eval_every=10**6, eval_episodes=1, log_every=40, video_every=0)
-    with pytest.raises(SystemExit) as e:
-        m.main(args)
-    assert e.value.code == 143
-    run_dir = glob.glob(str(tmp_path / "runs" / "*"))[0]
-    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["loop"]["global_step"] == 80
-    monkeypatch.setattr(m, "evaluate", evaluate)
-    out = m.main(m.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
-                        eval_every=10**6, eval_episodes=1, log_every=40, video_every=0, resume=run_dir))
+    run_dir, loop = cut_the_final_evaluation(m, dreamer_main_args(m), monkeypatch)
+    assert loop["global_step"] == 80
+    out = m.main(dreamer_main_args(m, resume=str(tmp_path / run_dir)))
     assert out["global_step"] == 80 and math.isfinite(out["final_eval_return"]) and len(out["eval_returns"]) == 1
 
 
@@ -649,29 +616,13 @@ def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run(tmp_path, monkeypatch, capsys, one_thread):
-    real_update = m.update
-
-    def bad_update(*a, **k):
-        metrics = real_update(*a, **k)
-        metrics["losses/reward"] = metrics["losses/reward"] * float("nan")
-        return metrics
-
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(m, "update", bad_update)
-    args = m.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
-                  eval_every=10**6, eval_episodes=1, log_every=40, video_every=0)
-    with pytest.raises(SystemExit) as e:
-        m.main(args)
-    assert e.value.code == 3
-    err = capsys.readouterr().err.strip().splitlines()
+    err = non_finite_loss_run(m, dreamer_main_args(m), "losses/reward", monkeypatch, capsys)
     assert len(err) == 1 and err[0].startswith(
         "error: non-finite losses/reward = nan in the updates logged at frame 40 (update ")
     assert err[0].endswith("; last checkpoint: none"), err
-    assert glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))  # what was written is kept
 
 
 def test_nan_action_stops_the_run_before_the_simulator_fails(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.chdir(tmp_path)
-    args = m.Args(**{**TINY, "time_limit": 40}, env_id="cartpole-balance", num_envs=1, total_timesteps=80,
-                  eval_every=10**6, eval_episodes=1, log_every=40, video_every=0)
-    assert_nan_action_stops_the_run(m, args, monkeypatch, capsys)
+    assert_nan_action_stops_the_run(m, dreamer_main_args(m), monkeypatch, capsys)
