@@ -347,3 +347,29 @@ def assert_progress_shows(p, out, fps, ups, eta, *texts):
         assert text in p.line(), (text, p.line())
     p.print()
     assert out.getvalue() == p.line() + "\n"  # not a terminal: plain lines
+
+
+def assert_dreamer_update_and_acting_create_no_tensor_beside_the_parameters(module, args, data, discrete):
+    """GPU safety without a GPU, for dreamerv3 or mudreamer (`module`): under torch.device("meta") every tensor
+    created without device= lands on meta, and an op mixing it with the CPU parameters fails; two updates on `data`
+    (a (B, T) batch of 3 x 16 x 16 frames and 2-dim actions, made one-hot when `discrete`) and three acting steps on
+    its first two streams must run, with finite metrics and actions on the CPU. Adam creates its step counters lazily
+    with torch.tensor() (on the CPU in a CUDA run too: torch's design), so one update comes first."""
+    import torch
+
+    torch.manual_seed(0)
+    nets, opts = module.build_agent(args, (3, 16, 16), 2, discrete, torch.device("cpu"))
+    if discrete:
+        data["action"] = torch.nn.functional.one_hot(data["action"].argmax(-1), 2).float()
+    module.update(*nets.values(), opts, data, args)
+    with torch.device("meta"):
+        for _ in range(2):
+            metrics = module.update(*nets.values(), opts, data, args)
+        module.set_mode(False, nets["wm"], nets["actor"])
+        state = module.initial_state(nets["wm"], nets["actor"], 2, torch.device("cpu"))
+        for t in range(3):
+            action, state = module.policy(nets["wm"], nets["actor"], state, data["obs"][:2, t],
+                                          data["is_first"][:2, t])
+        module.set_mode(True, nets["wm"], nets["actor"])
+    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
+    assert action.device.type == "cpu" and action.shape == (2, 2)

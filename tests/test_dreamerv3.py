@@ -14,11 +14,11 @@ import torch
 
 import dreamerv3 as d
 from smoke import (DREAMER_BAD_INPUTS, DREAMER_TINY, assert_clean_interrupt, assert_cli_error, assert_close_dicts,
-                   assert_finite_scalars, assert_nan_action_stops_the_run,
-                   assert_sigterm_writes_a_checkpoint_then_resume_finishes, assert_tracks_offline,
-                   cut_the_final_evaluation, dreamer_main_args, eval_checkpoint_cli, events, fill_pixel_replay,
-                   kill_after_first_checkpoint, non_finite_loss_run, random_pixel_batch, resume_cli, run_cli,
-                   truncated_copy)
+                   assert_dreamer_update_and_acting_create_no_tensor_beside_the_parameters, assert_finite_scalars,
+                   assert_nan_action_stops_the_run, assert_sigterm_writes_a_checkpoint_then_resume_finishes,
+                   assert_tracks_offline, cut_the_final_evaluation, dreamer_main_args, eval_checkpoint_cli, events,
+                   fill_pixel_replay, kill_after_first_checkpoint, non_finite_loss_run, random_pixel_batch,
+                   resume_cli, run_cli, truncated_copy)
 
 TINY = DREAMER_TINY  # the sizes of every tiny run here
 
@@ -417,27 +417,9 @@ def test_resume_of_a_run_cut_in_its_final_evaluation_evaluates_then_finishes(tmp
 
 @pytest.mark.parametrize("discrete", [False, True])
 def test_update_and_acting_create_no_tensor_beside_the_parameters(discrete, one_thread):
-    """GPU safety without a GPU: under torch.device("meta") every tensor created without device= lands on meta, and
-    an op mixing it with the CPU parameters fails; two updates and a few acting steps must run. Adam creates its
-    step counters lazily with torch.tensor() (on the CPU in a CUDA run too: torch's design), so one update comes first."""
-    torch.manual_seed(0)
     a = d.Args(**{k: v for k, v in TINY.items() if k in d.Args.__dataclass_fields__})
-    nets, opts = d.build_agent(a, (3, 16, 16), 2, discrete, torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    data = random_pixel_batch(2, 4, g)
-    if discrete:
-        data["action"] = torch.nn.functional.one_hot(data["action"].argmax(-1), 2).float()
-    d.update(*nets.values(), opts, data, a)
-    with torch.device("meta"):
-        for _ in range(2):
-            metrics = d.update(*nets.values(), opts, data, a)
-        d.set_mode(False, nets["wm"], nets["actor"])
-        state = d.initial_state(nets["wm"], nets["actor"], 2, torch.device("cpu"))
-        for t in range(3):
-            action, state = d.policy(nets["wm"], nets["actor"], state, data["obs"][:, t], data["is_first"][:, t])
-        d.set_mode(True, nets["wm"], nets["actor"])
-    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
-    assert action.device.type == "cpu" and action.shape == (2, 2)
+    data = random_pixel_batch(2, 4, torch.Generator().manual_seed(0))
+    assert_dreamer_update_and_acting_create_no_tensor_beside_the_parameters(d, a, data, discrete)
 
 
 def test_track_writes_an_offline_wandb_run(tmp_path):

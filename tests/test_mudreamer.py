@@ -20,11 +20,11 @@ import torch.nn as nn
 
 import mudreamer as m
 from smoke import (DREAMER_BAD_INPUTS, DREAMER_TINY, assert_clean_interrupt, assert_cli_error, assert_close_dicts,
-                   assert_finite_scalars, assert_nan_action_stops_the_run,
-                   assert_sigterm_writes_a_checkpoint_then_resume_finishes, assert_tracks_offline,
-                   cut_the_final_evaluation, dreamer_main_args, eval_checkpoint_cli, events, fill_pixel_replay,
-                   kill_after_first_checkpoint, non_finite_loss_run, random_pixel_batch, resume_cli, run_cli,
-                   truncated_copy)
+                   assert_dreamer_update_and_acting_create_no_tensor_beside_the_parameters, assert_finite_scalars,
+                   assert_nan_action_stops_the_run, assert_sigterm_writes_a_checkpoint_then_resume_finishes,
+                   assert_tracks_offline, cut_the_final_evaluation, dreamer_main_args, eval_checkpoint_cli, events,
+                   fill_pixel_replay, kill_after_first_checkpoint, non_finite_loss_run, random_pixel_batch,
+                   resume_cli, run_cli, truncated_copy)
 
 TINY = DREAMER_TINY  # the sizes of every tiny run here
 
@@ -378,26 +378,8 @@ def test_resume_of_a_run_cut_in_its_final_evaluation_evaluates_then_finishes(tmp
 
 @pytest.mark.parametrize("discrete", [False, True])
 def test_update_and_acting_create_no_tensor_beside_the_parameters(discrete, one_thread):
-    """GPU safety without a GPU: under torch.device("meta") every tensor created without device= lands on meta, and
-    an op mixing it with the CPU parameters fails; two updates (decoder on) and a few acting steps must run. Adam
-    creates its step counters lazily with torch.tensor() (on the CPU in a CUDA run too), so one update comes first."""
-    torch.manual_seed(0)
-    a = _tiny_args()
-    nets, opts = m.build_agent(a, (3, 16, 16), 2, discrete, torch.device("cpu"))
-    data = _batch(B=4)
-    if discrete:
-        data["action"] = torch.nn.functional.one_hot(data["action"].argmax(-1), 2).float()
-    m.update(*nets.values(), opts, data, a)
-    with torch.device("meta"):
-        for _ in range(2):
-            metrics = m.update(*nets.values(), opts, data, a)
-        m.set_mode(False, nets["wm"], nets["actor"])
-        state = m.initial_state(nets["wm"], nets["actor"], 2, torch.device("cpu"))
-        for t in range(3):
-            action, state = m.policy(nets["wm"], nets["actor"], state, data["obs"][:2, t], data["is_first"][:2, t])
-        m.set_mode(True, nets["wm"], nets["actor"])
-    assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
-    assert action.device.type == "cpu" and action.shape == (2, 2)
+    """With the decoder on (the default); acting on the first two of the batch's four streams."""
+    assert_dreamer_update_and_acting_create_no_tensor_beside_the_parameters(m, _tiny_args(), _batch(B=4), discrete)
 
 
 
