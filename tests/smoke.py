@@ -373,3 +373,20 @@ def assert_dreamer_update_and_acting_create_no_tensor_beside_the_parameters(modu
         module.set_mode(True, nets["wm"], nets["actor"])
     assert all(v.device.type == "cpu" and torch.isfinite(v) for v in metrics.values())
     assert action.device.type == "cpu" and action.shape == (2, 2)
+
+
+def assert_help_documents_every_hyperparameter(args_cls, capsys, sources):
+    """tyro's --help of `args_cls` (white space folded) names every field as its --flag, and quotes each of
+    `sources` (where a default comes from)."""
+    import dataclasses
+
+    import pytest
+    import tyro
+
+    with pytest.raises(SystemExit):
+        tyro.cli(args_cls, args=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(args_cls):
+        assert f"--{field.name.replace('_', '-')}" in text, field.name
+    for source in sources:
+        assert source in text, source
