@@ -3,6 +3,12 @@
     # DreamerV3 (the reference for dreamerv3.py, mudreamer.py, blast.py), in a clone of danijar/dreamerv3:
     git show 2411f7d:scores/dmc_vision-dreamerv3.json.gz > dmc_vision.json.gz
     python benchmarks/official_curves.py dmc_vision.json.gz finger-spin cheetah-run walker-walk
+    # DreamerV2 (BLAST's base: the same RSSM with discrete latents, actor-critic and one update per 5 policy steps), in
+    # a clone of danijar/dreamerv2:
+    git show 07d906e:scores/dmc-vision-dreamerv2.json > dmc-vision-dreamerv2.json
+    python benchmarks/official_curves.py dmc-vision-dreamerv2.json finger-spin cheetah-run walker-walk --agent dreamer-v2 \
+        --source "DreamerV2 official scores (danijar/dreamerv2 07d906e scores/dmc-vision-dreamerv2.json)" \
+        --frames 30000 60000 90000
     # Dreamer v1 (CVRL's base: the same RSSM, actor-critic and 100-updates-per-1000-frames schedule), in a clone of
     # danijar/dreamer:
     git show 56d4d44:scores/dreamer.json > dreamer.json
@@ -10,9 +16,10 @@
         --source "Dreamer v1 official scores (danijar/dreamer 56d4d44 scores/dreamer.json)" --frames 5000 105000 205000
 
 Each file (not copied here) is a list of runs {task, method, seed, xs: frames, ys: returns} (gzipped or plain JSON).
-DreamerV3's dmc_vision runs have 10 seeds per task, each curve starting at 8,002 frames; Dreamer v1's have 5 seeds,
-evaluated every 100k frames from 5k. Each seed's curve is interpolated linearly at --frames (Dreamer v1's are its own
-evaluation points: nothing interpolated), then the mean, min and max over seeds are printed as CSV rows to append to
+DreamerV3's dmc_vision runs have 10 seeds per task, each curve starting at 8,002 frames; DreamerV2's have 5 seeds,
+evaluated every 30k frames from 30k; Dreamer v1's have 5 seeds, evaluated every 100k frames from 5k. Each seed's curve
+is interpolated linearly at --frames (for DreamerV2 and Dreamer v1 the commands above ask for their own evaluation
+points: nothing interpolated), then the mean, min and max over seeds are printed as CSV rows to append to
 paper_results.csv.
 """
 

@@ -67,14 +67,16 @@ def test_paper_results_file_rows():
 
 
 def test_official_reference_curves(tmp_path):
-    """The official DreamerV3 and Dreamer v1 seeds' early curves (computed by benchmarks/official_curves.py) are
+    """The official DreamerV3, DreamerV2 and Dreamer v1 seeds' early curves (computed by benchmarks/official_curves.py) are
     read as curves, not as the paper's score, and drawn in the panel of its env."""
     papers = plot.paper_results()
     curves = plot.reference_curves(papers, "finger-spin", "plain")
-    assert set(curves) == {("dreamerv3", "10 seeds"), ("dreamer-v1", "5 seeds")}  # (Dreamer v1: CVRL's base)
+    # (DreamerV2: BLAST's base; Dreamer v1: CVRL's)
+    assert set(curves) == {("dreamerv3", "10 seeds"), ("dreamer-v2", "5 seeds"), ("dreamer-v1", "5 seeds")}
     at = {agent: dict(zip(c[0].tolist(), zip(*(x.tolist() for x in c[1:])))) for (agent, _), c in curves.items()}
     assert at["dreamerv3"][10000] == (44.2, 33.0, 66.9) and at["dreamerv3"][20000] == (243.7, 210.3, 284.7)
     assert at["dreamerv3"][30000] == (336.6, 81.2, 448.8)
+    assert at["dreamer-v2"][30000] == (34.9, 5.0, 86.9) and at["dreamer-v2"][60000] == (324.0, 280.6, 414.4)
     assert at["dreamer-v1"][105000] == (8.0, 0.1, 22.3) and at["dreamer-v1"][205000] == (124.8, 0.0, 332.9)
     assert plot.reference_curves(papers, "cartpole-balance", "plain") == {}
     assert plot.lookup(papers, "dreamerv3", "finger-spin", "plain")["table"] == "Table 1"  # the star: the paper's 1M
