@@ -134,15 +134,11 @@ class Args:
     cuda: bool = True
     """use CUDA when available (--no-cuda: the CPU)"""
     precision: str = "fp32"
-    """fp32|bf16: bf16 runs the update's matrix products and convolutions in bfloat16 (torch.autocast); \
-parameters, Gaussians and their KL, tanh-Gaussian log-probs, the InfoNCE logits, lambda-returns, the squared errors, \
-the decoder's output and acting (the MPC planner, the actor) stay float32 (speed: the README's Measured table)"""
+    """fp32|bf16: bf16 runs the update's matrix products and convolutions under bfloat16 autocast, the rest float32"""
     compile: bool = False
-    """torch.compile the update's loss functions, forward and backward (loops unrolled, fixed shapes); the \
-first update compiles them (minutes on a CPU; the console says so); off by default: see the README's Measured table"""
+    """torch.compile the update's loss functions (the first update compiles them: minutes on a CPU)"""
     compile_backend: str = "inductor"
-    """inductor|aot_eager: torch.compile backend of --compile; aot_eager traces forward and backward without \
-generating code (to tell a tracing problem from a code-generation one, and for quick tests)"""
+    """inductor|aot_eager: the backend of --compile (aot_eager traces without generating code: quick, for tests)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "mbrl-without-reconstruction"
@@ -150,22 +146,15 @@ generating code (to tell a tracing problem from a code-generation one, and for q
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """if toggled, record one evaluation episode at every evaluation: a 256x256 mp4 in videos/ (beside the \
-agent's 64x64 view with natural backgrounds) and, 4x smaller, a GIF in TensorBoard"""
+    """if toggled, record one episode at every evaluation: a 256x256 mp4 in videos/ and a GIF in TensorBoard"""
     save_model: bool = False
-    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (the checkpoint format, which \
---eval-checkpoint reads)"""
+    """if toggled, save the agent to runs/{run_name}/{exp_name}.pt at the end (--eval-checkpoint reads it)"""
     checkpoint_every: int = 25_000
-    """frames between checkpoints in runs/{run_name}/checkpoint.pt (written atomically, right after a round of \
-updates, so none during the prefill; also at the end and on Ctrl-C or SIGTERM), with the replay in memory-mapped \
-files in runs/{run_name}/replay/ (disk: the replay's full size); 0: no checkpoints, the replay in memory"""
+    """frames between checkpoints in runs/{run_name}/checkpoint.pt (after updates, at the end, on Ctrl-C); 0: none"""
     resume: Optional[str] = None
-    """continue the run in this run directory (or its checkpoint.pt) from its last checkpoint, in place; every \
-flag defaults to that run's, and only --total-timesteps (to grow it), --precision, --compile, --compile-backend and \
-the logging, evaluation and tracking flags may change"""
+    """continue the run in this run directory (or its checkpoint.pt); its saved flags are the defaults"""
     eval_checkpoint: Optional[str] = None
-    """evaluate the agent saved in this checkpoint file for --eval-episodes episodes (--capture-video: a video in \
-videos/ beside the file), print the JSON line, and stop"""
+    """evaluate the agent in this checkpoint file for --eval-episodes episodes, print the JSON line, and stop"""
     env_id: str = "walker-walk"
     """the environment id (DMC pixel tasks: domain-task)"""
     total_timesteps: int = 5_000_000
