@@ -14,8 +14,8 @@ grey line and the paper's score of the agent (benchmarks/paper_results.csv) a st
 frame budget where it lies inside the plotted range, or at the panel's right edge (with the budget in
 its label) where it does not. Rows of that file whose `table` starts with "official curve" are a published
 learning curve (the official DreamerV3's own seeds, computed from its public score files): drawn in black,
-the mean over its seeds dotted and their min-max band hatched, up to the panel's right edge. The table lists, per group, the mean +- std (ddof 0) of each seed's last
-evaluation, the number of seeds, and the frames of that last evaluation (the smallest over seeds).
+the mean over its seeds dotted and their min-max band hatched, up to the panel's right edge. The table lists, per group, the mean +- std (ddof 0) over seeds of the
+evaluation at the last frame every seed reached, the number of seeds, and that frame.
 """
 
 import argparse
@@ -82,12 +82,15 @@ def curve(runs, band):
 
 
 def final_table(groups):
-    """Rows (agent, env_id, setting, mean, std, seeds, frames) of each seed's last evaluation."""
+    """Rows (agent, env_id, setting, mean, std, seeds, frames): each seed's evaluation at `frames`, the last frame
+    every seed of the group reached (a seed still running does not mix its early return with another's final one;
+    a seed without an evaluation there is interpolated between its neighbours, as in `curve`)."""
     rows = []
     for (agent, env_id), runs in groups.items():
-        last = np.array([r["values"][-1] for r in runs])
+        frames = min(r["steps"][-1] for r in runs)
+        last = np.array([np.interp(frames, r["steps"], r["values"]) for r in runs])
         rows.append(dict(agent=agent, env_id=env_id, setting=runs[0]["setting"], mean=float(last.mean()),
-                         std=float(last.std()), seeds=len(runs), frames=int(min(r["steps"][-1] for r in runs))))
+                         std=float(last.std()), seeds=len(runs), frames=int(frames)))
     return rows
 
 

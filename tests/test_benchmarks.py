@@ -27,7 +27,7 @@ def fake_run(folder, agent, env_id, seed, evals, background="plain"):
     w.close()
 
 
-def test_table_is_the_mean_and_std_of_each_seeds_last_evaluation(tmp_path):
+def test_table_is_the_mean_and_std_over_seeds_at_the_last_frame_all_reached(tmp_path):
     fake_run(tmp_path / "a1", "dreamerv3", "cartpole-balance", 1, [(1000, 100.0), (2000, 300.0)])
     fake_run(tmp_path / "a2", "dreamerv3", "cartpole-balance", 2, [(1000, 200.0), (2000, 700.0)])
     fake_run(tmp_path / "b1", "mudreamer", "cartpole-balance", 1, [(1000, 50.0), (2000, 80.0), (3000, 90.0)])
@@ -41,6 +41,10 @@ def test_table_is_the_mean_and_std_of_each_seeds_last_evaluation(tmp_path):
     assert (mu["mean"], mu["std"], mu["seeds"], mu["frames"]) == (pytest.approx(90.0), 0.0, 1, 3000)
     text = table.read_text()
     assert "| dreamerv3 | cartpole-balance | plain | 500.0 +- 200.0 | 2 | 2000 |" in text
+    fake_run(tmp_path / "b2", "mudreamer", "cartpole-balance", 2, [(1000, 10.0)])  # a seed still running
+    rows = plot.final_table(plot.group(plot.find_runs([str(tmp_path)])))
+    mu = next(r for r in rows if r["agent"] == "mudreamer")  # both seeds at frame 1000, not 90 beside 10
+    assert (mu["mean"], mu["std"], mu["seeds"], mu["frames"]) == (pytest.approx(30.0), pytest.approx(20.0), 2, 1000)
     assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
