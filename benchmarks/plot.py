@@ -14,8 +14,9 @@ grey line and the paper's score of the agent (benchmarks/paper_results.csv) a st
 frame budget where it lies inside the plotted range, or at the panel's right edge (with the budget in
 its label) where it does not. Rows of that file whose `table` starts with "official curve" are a published
 learning curve (the official DreamerV3's own seeds, computed from its public score files): drawn in black,
-the mean over its seeds dotted and their min-max band hatched, up to the panel's right edge. The table lists, per group, the mean +- std (ddof 0) over seeds of the
-evaluation at the last frame every seed reached, the number of seeds, and that frame.
+the mean over its seeds dotted and their min-max band hatched, up to the panel's right edge. The table lists,
+per group, the mean +- std (ddof 0) over seeds of the evaluation at the last frame every seed reached, the number
+of seeds, and that frame.
 """
 
 import argparse

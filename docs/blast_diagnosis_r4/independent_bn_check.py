@@ -1,6 +1,7 @@
 """BatchNorm train-mode vs eval-mode posteriors, with controls (sampling noise, batch companions, which BN).
 
-Run: cd /tmp/blast_inv && OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE nice -n 5 ~/venv/bin/python bn_check.py | tee bn_check.txt
+Run (from the repository root; it was bn_check.py in /tmp/blast_inv when it ran):
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE nice -n 5 python docs/blast_diagnosis_r4/independent_bn_check.py
 Batches: random sets of 16 non-overlapping 32-step windows (as replay.sample draws), target encoder (what acting
 and imagination starts use). Every BatchNorm has momentum 0 here, so no running statistic changes.
 """

@@ -1,6 +1,7 @@
 """Probe of the finger-spin BLAST run (seed 1, code ae4841d) from copies of its final checkpoint and replay.
 
-Run: cd /tmp/blast_inv && OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE nice -n 5 ~/venv/bin/python probe.py | tee probe.txt
+Run (from the repository root; it was probe.py in /tmp/blast_inv when it ran):
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE nice -n 5 python docs/blast_diagnosis_r4/independent_probe.py
 Needs: /tmp/blast_inv/code (git -C /work/main archive ae4841d blast.py common | tar -x -C /tmp/blast_inv/code) and
 /tmp/blast_inv/run/{checkpoint.pt, replay/} (one `cp -r` of the run's checkpoint.pt and replay/).
 Nothing is trained: every BatchNorm gets momentum 0 during the train-mode passes, so the running statistics stay.
