@@ -1379,7 +1379,9 @@ def main(args: Args) -> dict:
                 sps = int((loop.global_step - start_step) / (time.time() - start_time))  # (this process's frames)
                 writer.add_scalar("charts/SPS", sps, loop.global_step)
                 writer.add_scalar("charts/updates", loop.updates, loop.global_step)
-                progress.print(progress.line() + f" | wm loss {loop.last_metrics.get('losses/world_model', np.nan):.2f}")
+                m = loop.last_metrics  # (the decoder's NLL, ~11,300 on 64x64, apart: it would hide the rest)
+                progress.print(progress.line() + f" | kl {m.get('losses/kl', np.nan):.2f} | reward nll "
+                               f"{m.get('losses/reward', np.nan):.3f} | image nll {m.get('losses/image', np.nan):.0f}")
             if loop.next_eval <= loop.global_step < args.total_timesteps:  # (the final one below)
                 evaluation()
             if args.checkpoint_every and loop.next_checkpoint <= loop.global_step < args.total_timesteps:

@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import types
 
@@ -742,6 +743,9 @@ def test_resume_and_eval_checkpoint_cli(tmp_path, monkeypatch, capsys):
                      "--compile", "--compile-backend", "aot_eager")
     assert f"resumed {final['run_dir']} at frame 176 after 13 updates (replay {rows} steps)" in out["stdout"]
     assert "compiling the update (--compile)" in out["stdout"] and "compiled the update in" in out["stdout"]
+    # the console shows the model's terms, the monitoring decoder's NLL (~11,300 nats here) apart from them
+    line = r"\| kl \d+\.\d\d \| reward nll \d+\.\d{3} \| image nll \d{4,}\n"
+    assert re.search(line, out["stdout"]), out["stdout"][-600:]
     resumed = out["final"]
     # the uninterrupted run's count: 2 + (240 - 60) / 2 // 5 = 20 (without the credit 19, without the flag 22)
     assert resumed["global_step"] == 240 and resumed["updates"] == 20
