@@ -149,7 +149,7 @@ def plot(groups, path, band, papers):
             if e != env:
                 continue
             steps, mean, lo, hi = curve(runs, band)
-            line, = ax.plot(steps, mean, label=f"{agent} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+            line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{agent} ({len(runs)} seed{'s' * (len(runs) > 1)})")
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
             setting = runs[0]["setting"]
             paper = lookup(papers, agent, env, setting)
